@@ -1,0 +1,27 @@
+"""Decode stored image bytes to uint8 tensors (C, H, W), the form every stage works in."""
+
+from __future__ import annotations
+
+import torch
+from torchvision.io import ImageReadMode, decode_image
+
+_MODES = {1: ImageReadMode.GRAY, 3: ImageReadMode.RGB}
+
+
+class CorruptSampleError(ValueError):
+    """Stored bytes are not a decodable image."""
+
+
+def decode(data: bytes, channels: int = 3) -> torch.Tensor:
+    """Decode JPEG or PNG ``data`` to a uint8 tensor of shape (channels, H, W).
+
+    Raises ``CorruptSampleError`` for bytes that are not a valid image, so callers can count
+    and skip the sample instead of crashing mid-epoch.
+    """
+    if not data:
+        raise CorruptSampleError("empty image bytes")
+    try:
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        return decode_image(buf, mode=_MODES[channels])
+    except (RuntimeError, ValueError) as e:
+        raise CorruptSampleError(f"cannot decode image: {str(e).splitlines()[0]}") from None

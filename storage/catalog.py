@@ -1,0 +1,125 @@
+"""DuckDB catalog over a store: one in-memory database whose views read the store's files.
+
+Views (each exists once the stage that writes its files has run):
+``samples`` (ingest), ``features`` (build-features, joined with ``samples``), ``cdf`` and
+``cgf`` (tables), ``trials`` (search runs, with a ``search`` column), ``metrics`` (training runs,
+with a ``run`` column).
+
+The catalog is read-only: user SQL may only be queries (``SELECT``, ``WITH``, ``DESCRIBE``,
+``SHOW``, ``EXPLAIN``, ``SUMMARIZE``), and DuckDB's file access is limited to the store.
+"""
+
+from __future__ import annotations
+
+import re
+
+import duckdb
+import pyarrow as pa
+
+from .layout import StoreError, StoreLayout
+
+VIEWS = ("samples", "features", "cdf", "cgf", "trials", "metrics")
+_READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
+_READ_ONLY_KEYWORDS = ("select", "with", "describe", "show", "explain", "summarize", "from", "(")
+
+
+class QueryError(ValueError):
+    """User SQL was rejected or failed; the message says why."""
+
+
+def _lit(path) -> str:
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+def _view_sql(layout: StoreLayout) -> dict[str, str]:
+    views = {}
+    if layout.samples.is_file():
+        views["samples"] = f"SELECT * FROM read_parquet({_lit(layout.samples)})"
+    if layout.feature_parts():
+        parts = _lit(layout.features_dir / "part-*.parquet")
+        # cdf_* are the empirical cdf of each feature over all crops (equation 7).
+        views["features"] = f"""
+            SELECT f.*, s.key, s.source, s.true_label, s.noisy,
+                   cume_dist() OVER (ORDER BY f.loss) AS cdf_loss,
+                   cume_dist() OVER (ORDER BY f.entropy_r) AS cdf_entropy_r
+            FROM read_parquet({parts}) f
+            LEFT JOIN samples s ON s.split = 'train' AND s."index" = f."index"
+        """
+    if layout.cdf_table.is_file():
+        views["cdf"] = f"SELECT * FROM read_parquet({_lit(layout.cdf_table)})"
+    if layout.cgf_table.is_file():
+        views["cgf"] = f"SELECT * FROM read_parquet({_lit(layout.cgf_table)})"
+    if list(layout.searches_dir.glob("*/trials.parquet")):
+        glob = _lit(layout.searches_dir / "*" / "trials.parquet")
+        views["trials"] = (
+            "SELECT regexp_extract(filename, '([^/]+)/trials\\.parquet$', 1) AS search, "
+            f"* EXCLUDE (filename) FROM read_parquet({glob}, filename = true)"
+        )
+    if list(layout.runs_dir.glob("*/metrics.jsonl")):
+        glob = _lit(layout.runs_dir / "*" / "metrics.jsonl")
+        views["metrics"] = (
+            "SELECT regexp_extract(filename, '([^/]+)/metrics\\.jsonl$', 1) AS run, "
+            f"* EXCLUDE (filename) FROM read_json_auto({glob}, filename = true)"
+        )
+    return views
+
+
+def connect(store) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the store's views defined."""
+    layout = StoreLayout(store).require()
+    con = duckdb.connect(":memory:")
+    for name, sql in _view_sql(layout).items():
+        con.execute(f"CREATE VIEW {name} AS {sql}")
+    # From here on DuckDB may read the store and nothing else, and may write nowhere.
+    con.execute(f"SET allowed_directories = [{_lit(layout.root)}]")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+    return con
+
+
+def available_views(store) -> list[str]:
+    return list(_view_sql(StoreLayout(store).require()))
+
+
+def query(store, sql: str, *, con: duckdb.DuckDBPyConnection | None = None) -> pa.Table:
+    """Run one read-only query over the store's views and return it in full as Arrow."""
+    _check_read_only(sql)
+    own = con is None
+    con = con or connect(store)
+    try:
+        return con.execute(sql).to_arrow_table()
+    except duckdb.CatalogException as e:
+        missing = re.search(r"Table with name (\w+) does not exist", str(e))
+        if missing:
+            name = missing.group(1)
+            have = ", ".join(available_views(store)) or "none"
+            hint = _MISSING_HINT.get(name, "")
+            raise QueryError(f"unknown view {name!r} (available: {have}){hint}") from None
+        raise QueryError(str(e).splitlines()[0]) from None
+    except duckdb.Error as e:
+        raise QueryError(str(e).splitlines()[0]) from None
+    finally:
+        if own:
+            con.close()
+
+
+_MISSING_HINT = {
+    "features": "; run `swift-sampler pipeline build-features` first",
+    "cdf": "; run `swift-sampler pipeline build-features` first",
+    "cgf": "; run `swift-sampler pipeline build-features` first",
+    "trials": "; run `swift-sampler search run` first",
+    "metrics": "; run `swift-sampler train` first",
+}
+
+
+def _check_read_only(sql: str) -> None:
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as e:
+        raise QueryError(str(e).splitlines()[0]) from None
+    if len(statements) != 1:
+        raise QueryError(f"expected exactly one SQL statement, got {len(statements)}")
+    kind = statements[0].type.name
+    head = sql.lstrip().lower()
+    if kind not in _READ_ONLY_STATEMENTS and not head.startswith(_READ_ONLY_KEYWORDS):
+        raise QueryError(f"the store is read-only: {kind} statements are refused; use SELECT")

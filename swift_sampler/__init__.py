@@ -1,0 +1,1 @@
+"""swift_sampler."""

@@ -1,0 +1,5 @@
+import sys
+
+from swift_sampler.cli import main
+
+sys.exit(main())

@@ -1,0 +1,109 @@
+"""``swift-sampler``: argument parsing only; every command calls a plain Python function.
+
+Each module in ``swift_sampler.commands`` exposes ``register(sub, groups)`` and adds its
+sub-commands; ``groups`` holds the nested groups (``pipeline``, ``search``, ``plot``, ``bench``).
+Every command prints a one-line JSON summary last; ``--json`` prints only that line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+COMMAND_MODULES = ("ingest", "features", "train", "sampler", "search", "sql", "plot", "demo", "bench")
+GROUPS = {
+    "pipeline": "data stages: ingest, build-features",
+    "search": "learn a sampler: run, show",
+    "plot": "the paper's figures as PNG",
+    "bench": "benchmarks against peers",
+}
+
+
+class UserError(Exception):
+    """A mistake in the command line or its inputs; printed without a traceback."""
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    from storage import LockedError, QueryError, StoreError
+
+    return (UserError, StoreError, QueryError, LockedError, FileNotFoundError, ValueError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="swift-sampler",
+        description="Learn a static data sampler by 10 parameters and train with it.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    groups = {}
+    for name, help_text in GROUPS.items():
+        group = sub.add_parser(name, help=help_text, description=help_text)
+        groups[name] = group.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
+        group.set_defaults(func=lambda args, g=group: g.print_help() or 2)
+    for module in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(f"swift_sampler.commands.{module}")
+        except ModuleNotFoundError as e:
+            if e.name == f"swift_sampler.commands.{module}":
+                continue
+            raise
+        mod.register(sub, groups)
+    return parser
+
+
+def add_json_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print only the JSON summary line")
+
+
+def emit(summary: dict[str, Any], args: argparse.Namespace | None = None, text: str | None = None) -> None:
+    """Print the human-readable ``text`` (unless ``--json``), then the one-line JSON summary."""
+    if text and not getattr(args, "json", False):
+        print(text, flush=True)
+    print(json.dumps(summary, default=_jsonable, allow_nan=False), flush=True)
+
+
+def _jsonable(x: Any) -> Any:
+    if hasattr(x, "item"):
+        return x.item()
+    if hasattr(x, "__fspath__"):
+        return os.fspath(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("swift-sampler")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("SWIFT_SAMPLER_LOG", "WARNING"),
+                        format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except _user_error_types() as e:
+        if os.environ.get("SWIFT_SAMPLER_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
