@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny stores made on the fly (no network, no checked-in data)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Two cores are shared by the suite: keep intra-op threads low so tests stay predictable.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+SHARED_CIFAR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "cifar10", "train")
+
+
+@pytest.fixture(scope="session")
+def digits_store(tmp_path_factory):
+    """Digits with 40% symmetric noise on train/val; read-only for tests (copy to modify)."""
+    from pipeline.ingest import ingest
+
+    store = tmp_path_factory.mktemp("digits") / "store"
+    ingest("digits", store, val_frac=0.2, test_frac=0.2, noise="symmetric:0.4", seed=0,
+           shard_size=400, progress=False)
+    return store
+
+
+@pytest.fixture(scope="session")
+def shared_cifar():
+    path = os.path.abspath(SHARED_CIFAR)
+    if not os.path.isdir(path):
+        pytest.skip("shared CIFAR-10 not found beside the checkout")
+    return path
