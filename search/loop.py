@@ -144,7 +144,7 @@ def _record(number, point, sampler, result: TrialResult, seconds, trial_seed, tr
     finished = [t["score"] for t in trials if t["status"] == "ok"]
     # A diverged fine-tune is recorded with the worst score seen, so the agent learns to avoid it.
     score = float(result.score) if ok else (min(finished) if finished else 0.0)
-    params = dict(zip(PARAMS, (float(x) for x in sampler.to_point_params())))
+    params = {k: float(v) for k, v in sampler.parameters().items()}
     return {
         "trial": number,
         "point": [float(x) for x in point],

@@ -12,12 +12,15 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 TMP_PREFIX = ".tmp-"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 @contextlib.contextmanager
@@ -30,6 +33,8 @@ def atomic_writer(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
     try:
+        # mkstemp creates 0600; give the file the mode a plain open() would (0666 & ~umask).
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -64,15 +69,28 @@ def atomic_write_parquet(path: str | os.PathLike, table: Any, **kwargs: Any) -> 
         pq.write_table(table, f, **kwargs)
 
 
-def remove_stale_temporaries(folder: str | os.PathLike) -> int:
-    """Delete ``.tmp-*`` leftovers of a killed writer; returns how many were removed."""
+def remove_stale_temporaries(folder: str | os.PathLike, *, recursive: bool = True) -> int:
+    """Delete ``.tmp-*`` leftovers of a killed writer (files, and staging folders with their
+    content); returns how many top-level leftovers were removed.
+
+    Call it only while holding the lock of the stage that writes ``folder``: a live writer's
+    temporary file looks the same as a dead one's.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         return 0
+    pattern = TMP_PREFIX + "*"
+    found = sorted(folder.rglob(pattern) if recursive else folder.glob(pattern))
     removed = 0
-    for p in folder.rglob(TMP_PREFIX + "*"):
+    for p in found:
+        if any(parent.name.startswith(TMP_PREFIX) for parent in p.relative_to(folder).parents
+               if parent.name):
+            continue  # inside a staging folder removed with it
         with contextlib.suppress(FileNotFoundError):
-            p.unlink()
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
             removed += 1
     return removed
 

@@ -16,7 +16,7 @@ import re
 import duckdb
 import pyarrow as pa
 
-from .layout import StoreError, StoreLayout
+from .layout import StoreLayout
 
 VIEWS = ("samples", "features", "cdf", "cgf", "trials", "metrics")
 _READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
@@ -87,7 +87,9 @@ def query(store, sql: str, *, con: duckdb.DuckDBPyConnection | None = None) -> p
     own = con is None
     con = con or connect(store)
     try:
-        return con.execute(sql).to_arrow_table()
+        # con.sql gives a relation that converts to Arrow without the DB-API copy.
+        rel = con.sql(sql)
+        return rel.to_arrow_table() if rel is not None else pa.table({})
     except duckdb.CatalogException as e:
         missing = re.search(r"Table with name (\w+) does not exist", str(e))
         if missing:

@@ -75,6 +75,10 @@ class StoreLayout:
         return self.tables_dir / "cgf.parquet"
 
     @property
+    def points_table(self) -> Path:
+        return self.tables_dir / "points.parquet"
+
+    @property
     def tables_meta(self) -> Path:
         return self.tables_dir / "tables.json"
 

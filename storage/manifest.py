@@ -96,7 +96,7 @@ def split_shards(layout: StoreLayout, manifest: dict[str, Any], split: str) -> l
 def verify_shards(layout: StoreLayout, manifest: dict[str, Any]) -> list[str]:
     """Recompute every shard checksum; return one line per problem (empty list: all good)."""
     problems = []
-    for split, info in manifest["splits"].items():
+    for info in manifest["splits"].values():
         for s in info.get("shards", []):
             path = layout.shards_dir / s["file"]
             if not path.is_file():

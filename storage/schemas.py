@@ -78,3 +78,10 @@ TRIALS = pa.schema(
         ("flipped_kept_share", pa.float64()),  # diagnostics only: never shown to the agent
     ]
 )
+
+# tables/points.parquet: the weighted (f1, f2) points behind the cgf/cdf knots (the rows
+# themselves for small stores, one point per cell of a fine grid otherwise), from which the
+# knots of any exact direction of (c1, c2) are computed.
+POINTS = pa.schema(
+    [("transform", pa.string()), ("f1", pa.float64()), ("f2", pa.float64()), ("mass", pa.float64())]
+)

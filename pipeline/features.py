@@ -1,0 +1,475 @@
+"""build-features: score K crops of every training image with a frozen model.
+
+The stage is a chain of generators, one job each:
+``read_shard`` (tar -> index, label, image) -> ``make_crops`` (-> K crops) -> ``batch_crops``
+(-> tensors) -> scoring (``pipeline.scoring``) -> one Parquet part per shard.
+
+Invariants:
+- crop 0 of image ``i`` is ``plain_crop``; crops ``1..K-1`` come from a generator seeded by
+  ``(seed, i)`` alone, so rows never depend on rank, shard order or batch size;
+- ``features/part-{shard:06d}.parquet`` is written atomically, by rank ``shard % world_size``,
+  and carries its provenance (store, checkpoint, K, grad-norm mode, seed) as schema metadata;
+  a part that exists is complete, so a killed run resumes by skipping it;
+- a part whose scores are not all finite is never written: those crops are counted and the run
+  fails at the end naming them (the sampler needs every row, so skipping them is not an option);
+- ``features/features.json`` (``done: true``) is written last, by rank 0, after checking that the
+  parts hold exactly N x K rows with unique ``(index, crop)``.
+Only ``index``, the training label and the image are read from a shard: never the ground truth.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+from storage import (
+    StoreError,
+    StoreLayout,
+    atomic_write_json,
+    atomic_write_parquet,
+    exclusive_lock,
+    num_classes,
+    package_versions,
+    read_manifest,
+    remove_stale_temporaries,
+    split_shards,
+)
+from storage.schemas import FEATURES
+
+from .crops import Crop, apply_crop, crop_policy, plain_crop, sample_crop
+from .decode import CorruptSampleError, decode
+from .scoring import GRAD_NORM_MODES, score_batch
+
+log = logging.getLogger(__name__)
+PROVENANCE_KEY = b"swift_sampler.features"
+PROVENANCE_FIELDS = ("store_id", "checkpoint_sha256", "crops_per_image", "grad_norm", "seed")
+_IMAGE_EXTS = ("jpg", "png")
+
+
+class NonFiniteScoreError(StoreError):
+    """The model produced NaN or infinite scores; nothing was written for those shards."""
+
+
+def read_shard(path: Path, *, channels: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Yield ``(index, label, image uint8 (C, H, W))`` for every sample of one shard tar.
+
+    ``KEY.json`` is not read: it holds the ground truth, which no feature may see. The index
+    comes from the key (``{split}-{index:08d}``), the label from ``KEY.cls``.
+    """
+
+    def finish(key: str, parts: dict[str, bytes]) -> tuple[int, int, torch.Tensor]:
+        image = next((parts[e] for e in _IMAGE_EXTS if e in parts), None)
+        if image is None or "cls" not in parts:
+            raise StoreError(f"{path.name}: sample {key} lacks an image or a .cls label; re-run ingest")
+        try:
+            return int(key.rsplit("-", 1)[1]), int(parts["cls"]), decode(image, channels)
+        except CorruptSampleError as e:
+            raise StoreError(f"{path.name}: sample {key}: {e}; re-run ingest") from None
+        except ValueError:
+            raise StoreError(f"{path.name}: sample {key} has a malformed key or label") from None
+
+    key, parts = None, {}
+    for name, data in tar_members(path, wanted=("cls", *_IMAGE_EXTS)):
+        k, _, ext = name.rpartition("/")[2].partition(".")
+        if k != key:
+            if key is not None:
+                yield finish(key, parts)
+            key, parts = k, {}
+        parts[ext] = data
+    if key is not None:
+        yield finish(key, parts)
+
+
+def tar_members(path: Path, *, wanted: tuple[str, ...]) -> Iterator[tuple[str, bytes]]:
+    """``(name, bytes)`` of the regular members of a ustar file whose extension is ``wanted``.
+
+    Parses the 512-byte headers directly: ``tarfile`` costs ~100 us per member in Python,
+    which made reading the shards slower than scoring small images.
+    """
+    buf = memoryview(path.read_bytes())
+    pos, long_name = 0, None
+    while pos + 512 <= len(buf):
+        h = bytes(buf[pos : pos + 512])
+        if h[0] == 0:  # end-of-archive marker
+            return
+        try:
+            size = int(h[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+            checksum = int(h[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
+        except ValueError:
+            checksum, size = -1, 0
+        if checksum != sum(h) - sum(h[148:156]) + 8 * 32:
+            raise StoreError(f"{path.name}: bad tar header at byte {pos}; the shard is damaged, re-run ingest")
+        pos += 512
+        if pos + size > len(buf):
+            raise StoreError(f"{path.name}: truncated at byte {pos}; the shard is damaged, re-run ingest")
+        kind = h[156:157]
+        if kind == b"L":  # GNU long name: this member's data names the next member
+            long_name = bytes(buf[pos : pos + size]).split(b"\0", 1)[0].decode()
+        elif kind in (b"0", b"\0"):
+            name = long_name or h[0:100].split(b"\0", 1)[0].decode()
+            if h[257:262] == b"ustar" and not long_name and h[345]:
+                name = h[345:500].split(b"\0", 1)[0].decode() + "/" + name
+            long_name = None
+            if name.rpartition(".")[2] in wanted:
+                yield name, bytes(buf[pos : pos + size])
+        pos += -(-size // 512) * 512
+
+
+def crops_for(index: int, height: int, width: int, *, crops_per_image: int, seed: int) -> list[Crop]:
+    """The K crops of image ``index``: the plain view, then K-1 crops seeded by ``(seed, index)``."""
+    rng = np.random.default_rng((seed, index))
+    return [plain_crop(height, width)] + [sample_crop(rng, height, width) for _ in range(crops_per_image - 1)]
+
+
+def make_crops(src: Iterable[tuple[int, int, torch.Tensor]], *, crops_per_image: int, seed: int,
+               out_size: tuple[int, int] | None) -> Iterator[tuple[int, int, Crop, int, torch.Tensor]]:
+    """``(index, label, image)`` -> ``(index, crop_no, crop, label, pixels)``, K per image."""
+    for index, label, image in src:
+        _, h, w = image.shape
+        for k, crop in enumerate(crops_for(index, h, w, crops_per_image=crops_per_image, seed=seed)):
+            yield index, k, crop, label, apply_crop(image, crop, out_size)
+
+
+def batch_crops(src: Iterable[tuple], *, batch_size: int) -> Iterator[dict[str, Any]]:
+    """Group crops into ``{"x": uint8 (B, C, H, W), "index", "crop", "label": int64 (B,), "crops"}``."""
+    buf: list[tuple] = []
+
+    def collate() -> dict[str, Any]:
+        index, crop_no, crops, labels, pixels = zip(*buf)
+        return {"x": torch.stack(pixels), "index": torch.tensor(index), "crop": torch.tensor(crop_no),
+                "label": torch.tensor(labels), "crops": list(crops)}
+
+    for item in src:
+        buf.append(item)
+        if len(buf) == batch_size:
+            yield collate()
+            buf = []
+    if buf:
+        yield collate()
+
+
+def prefetch(src: Iterable, *, depth: int = 3) -> Iterator:
+    """Run ``src`` in a background thread, ``depth`` items ahead: decoding and cropping overlap
+    with the model (torch ops release the GIL). Exceptions are re-raised in the consumer."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        # A consumer that stopped early never drains the queue: poll ``stop`` while blocked.
+        while not stop.is_set():
+            with contextlib.suppress(queue.Full):
+                q.put(item, timeout=0.1)
+                return True
+        return False
+
+    def work() -> None:
+        try:
+            for item in src:
+                if not put(item):
+                    return
+            put(done)
+        except BaseException as e:  # handed to the consumer
+            put(e)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def provenance(manifest: dict, model: nn.Module, *, checkpoint_sha256: str | None,
+               crops_per_image: int, grad_norm: str, seed: int) -> dict[str, Any]:
+    """What makes two feature parts comparable. Without a checkpoint file the model's
+    state-dict digest stands in for its checksum."""
+    return {"store_id": manifest["store_id"],
+            "checkpoint_sha256": checkpoint_sha256 or "state_dict:" + state_dict_sha256(model),
+            "crops_per_image": int(crops_per_image), "grad_norm": grad_norm, "seed": int(seed)}
+
+
+def state_dict_sha256(model: nn.Module) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def part_provenance(path: Path) -> dict[str, Any] | None:
+    meta = pq.read_schema(path).metadata or {}
+    raw = meta.get(PROVENANCE_KEY)
+    return json.loads(raw) if raw else None
+
+
+def score_shard(batches: Iterable[dict[str, Any]], model: nn.Module, *, grad_norm: str,
+                device: torch.device, on_batch: Callable[[int], None] | None = None) -> pa.Table:
+    """Score every batch of one shard and return its rows (schema ``FEATURES``, unsorted)."""
+    cols: dict[str, list] = {n: [] for n in FEATURES.names}
+    for b in batches:
+        x = b["x"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        labels = b["label"].to(device, non_blocking=True)
+        scores = score_batch(model, x, labels, grad_norm=grad_norm, autocast=device.type == "cuda")
+        crops = np.asarray(b["crops"], dtype=np.int64).reshape(-1, 5)
+        cols["index"].append(b["index"].numpy())
+        cols["crop"].append(b["crop"].numpy())
+        for j, name in enumerate(("top", "left", "height", "width", "flip")):
+            cols[name].append(crops[:, j])
+        cols["label"].append(b["label"].numpy())
+        for name in ("loss", "entropy_r", "grad_norm"):
+            cols[name].append(scores[name].float().cpu().numpy())
+        if on_batch:
+            on_batch(len(crops))
+    arrays = [pa.array(np.concatenate(cols[f.name]).astype(f.type.to_pandas_dtype())) for f in FEATURES]
+    return pa.Table.from_arrays(arrays, schema=FEATURES)
+
+
+def _check_model(model: nn.Module, manifest: dict) -> None:
+    head = getattr(model, "head", None)
+    if not isinstance(head, nn.Linear) or not callable(getattr(model, "features", None)):
+        raise ValueError("the model must have .features(x) -> (B, D) and a linear .head (train.models contract)")
+    if head.out_features != num_classes(manifest):
+        raise StoreError(
+            f"the checkpoint predicts {head.out_features} classes but the store has "
+            f"{num_classes(manifest)} ({', '.join(map(str, manifest['classes'][:5]))}...): "
+            "use a checkpoint trained on this store")
+
+
+def output_size(manifest: dict, image_size: int | None) -> tuple[int, int] | None:
+    # The same rule as the training loader, so features score the crops training sees.
+    img = manifest.get("image") or {}
+    h, w = img.get("height"), img.get("width")
+    if h and w and crop_policy(h, w) == "pad" and (image_size is None or image_size == h == w):
+        return None  # pad crops keep the image's own size
+    side = image_size or (224 if not h or crop_policy(h, w) == "rrc" else max(h, w))
+    return (int(side), int(side))
+
+
+def _prepare(layout: StoreLayout, prov: dict, overwrite: bool) -> None:
+    """Refuse features from another checkpoint/config unless ``overwrite``; clean temporaries."""
+    remove_stale_temporaries(layout.features_dir)
+    clash = None
+    if layout.features_meta.is_file():
+        old = json.loads(layout.features_meta.read_text())
+        if {k: old.get(k) for k in PROVENANCE_FIELDS} != prov:
+            clash = f"{layout.features_meta.name} ({_diff(old, prov)})"
+    for part in layout.feature_parts():
+        if clash:
+            break
+        old = part_provenance(part)
+        if old != prov:
+            clash = f"{part.name} ({_diff(old or {}, prov)})"
+    if clash and not overwrite:
+        raise StoreError(
+            f"{layout.features_dir} holds features from another checkpoint or configuration: "
+            f"{clash}; pass overwrite=True (--overwrite) to replace them")
+    if clash:
+        for part in layout.feature_parts():
+            part.unlink()
+        layout.features_meta.unlink(missing_ok=True)
+
+
+def _diff(old: dict, new: dict) -> str:
+    return ", ".join(f"{k}: {old.get(k)!r} != {new[k]!r}" for k in PROVENANCE_FIELDS if old.get(k) != new[k])
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _agree(rank: int, error: BaseException | None) -> None:
+    """Rank 0's setup outcome reaches every rank; all raise if it failed."""
+    dist = _dist()
+    if dist is not None:
+        box = [None if error is None else f"{type(error).__name__}: {error}"]
+        dist.broadcast_object_list(box, src=0)
+        if rank != 0 and box[0]:
+            raise StoreError(f"rank 0 failed to start build-features: {box[0]}")
+    if error is not None:
+        raise error
+
+
+def build_features(store, model: nn.Module, *, crops_per_image: int = 8, grad_norm: str = "last-layer",
+                   seed: int = 0, batch_size: int = 512, rank: int = 0, world_size: int = 1,
+                   checkpoint_sha256: str | None = None, overwrite: bool = False,
+                   image_size: int | None = None, device: str | torch.device | None = None,
+                   quantiles: int | None = None, angles: int | None = None, tables: bool = True,
+                   progress: bool = True, on_part: Callable[[int, Path], None] | None = None) -> dict:
+    """Score K crops of every training image; write ``features/part-*.parquet`` and ``features.json``.
+
+    Args:
+        store: store directory (ingested).
+        model: frozen classifier with ``.features`` and a linear ``.head`` whose class count
+            matches the store; put in eval mode (and moved to ``device``) here.
+        crops_per_image: K >= 1; crop 0 is the plain view.
+        grad_norm: ``"last-layer"`` (exact for the head, nearly free) or ``"full"`` (exact over
+            every parameter, slow).
+        seed: crops 1..K-1 of image i come from ``np.random.default_rng((seed, i))``.
+        rank, world_size: this process's share: shard s is scored by rank ``s % world_size``.
+            With ``world_size > 1`` a ``torch.distributed`` group must be initialised.
+        checkpoint_sha256: checksum of the checkpoint file, recorded for provenance.
+        overwrite: replace features from another checkpoint or configuration instead of refusing.
+        image_size: model input size (default ``model.image_size``); crops are resized to it
+            unless they are pad crops of images of exactly that size.
+        quantiles, angles: passed to ``pipeline.tables.build_store_tables`` when ``tables``.
+        on_part: called as ``on_part(shard, path)`` after each part is written.
+
+    Returns:
+        a summary dict (rows, parts written/skipped, crops/s, ...); on rank 0 only, ``done``.
+
+    Raises:
+        StoreError: no train shards, class-count mismatch, features of another provenance,
+            a shard that does not match the manifest; ``NonFiniteScoreError`` for NaN/inf scores.
+    """
+    t0 = time.perf_counter()
+    layout = StoreLayout(store).require()
+    manifest = read_manifest(layout)
+    shards = split_shards(layout, manifest, "train")
+    if crops_per_image < 1 or batch_size < 1:
+        raise ValueError("crops_per_image and batch_size must be at least 1")
+    if grad_norm not in GRAD_NORM_MODES:
+        raise ValueError(f"grad_norm must be one of {', '.join(GRAD_NORM_MODES)}, got {grad_norm!r}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world of size {world_size}")
+    if world_size > 1 and _dist() is None:
+        raise ValueError("world_size > 1 needs an initialised torch.distributed process group")
+    _check_model(model, manifest)
+    channels = int((manifest.get("image") or {}).get("channels", 3))
+    out_size = output_size(manifest, image_size or getattr(model, "image_size", None))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.eval().to(device).to(memory_format=torch.channels_last)
+    prov = provenance(manifest, model, checkpoint_sha256=checkpoint_sha256,
+                      crops_per_image=crops_per_image, grad_norm=grad_norm, seed=seed)
+    meta = {PROVENANCE_KEY: json.dumps(prov, sort_keys=True).encode()}
+
+    with contextlib.ExitStack() as stack:
+        error = None
+        if rank == 0:
+            try:
+                stack.enter_context(exclusive_lock(layout.lock("features"), "build-features"))
+                _prepare(layout, prov, overwrite)
+            except Exception as e:
+                error = e
+        _agree(rank, error)
+
+        mine = [(s, p, n) for s, (p, n) in enumerate(shards) if s % world_size == rank]
+        todo = [(s, p, n) for s, p, n in mine if not _part(layout, s).is_file()]
+        bar = _progress(sum(n for _, _, n in todo) * crops_per_image, progress and rank == 0)
+        bad: list[tuple[int, int, list[int]]] = []  # (shard, crops, indices)
+        scored, t_score = 0, time.perf_counter()
+        for s, path, count in todo:
+            if not path.is_file():
+                raise StoreError(f"shard {path.name} listed in the manifest is missing; re-run ingest")
+            src = read_shard(path, channels=channels)
+            batches = prefetch(batch_crops(make_crops(src, crops_per_image=crops_per_image, seed=seed,
+                                                      out_size=out_size), batch_size=batch_size))
+            table = score_shard(batches, model, grad_norm=grad_norm, device=device, on_batch=bar.update)
+            if table.num_rows != count * crops_per_image:
+                raise StoreError(f"{path.name} holds {table.num_rows // crops_per_image} samples, "
+                                 f"the manifest says {count}; re-run ingest")
+            _check_labels(table, manifest, path)
+            scored += table.num_rows
+            finite = np.ones(table.num_rows, bool)
+            for name in ("loss", "entropy_r", "grad_norm"):
+                finite &= np.isfinite(table[name].to_numpy())
+            if not finite.all():
+                idx = np.unique(table["index"].to_numpy()[~finite])
+                bad.append((s, int((~finite).sum()), idx.tolist()))
+                log.error("shard %d: %d crops with non-finite scores; part not written", s, (~finite).sum())
+                continue
+            table = table.sort_by([("index", "ascending"), ("crop", "ascending")]).replace_schema_metadata(meta)
+            atomic_write_parquet(_part(layout, s), table)
+            if on_part:
+                on_part(s, _part(layout, s))
+        bar.close()
+        seconds = time.perf_counter() - t_score
+
+        dist = _dist()
+        if dist is not None:
+            everyone: list = [None] * world_size
+            dist.all_gather_object(everyone, bad)
+            bad = [b for rank_bad in everyone for b in rank_bad]
+            dist.barrier()
+        if bad:
+            crops = sum(c for _, c, _ in bad)
+            indices = sorted(i for _, _, idx in bad for i in idx)
+            raise NonFiniteScoreError(
+                f"{crops} crops of {len(indices)} images had NaN or infinite scores (indices "
+                f"{indices[:20]}{' ...' if len(indices) > 20 else ''}); their shards "
+                f"{sorted(s for s, _, _ in bad)} were not written. The checkpoint is probably "
+                "diverged: check it, then run again (finished shards are kept)")
+        summary = {"store": str(layout.root), "rank": rank, "world_size": world_size,
+                   "parts_written": len(todo), "parts_skipped": len(mine) - len(todo),
+                   "crops_scored": scored, "crops_per_s": scored / seconds if seconds > 0 else None,
+                   "grad_norm": grad_norm, "crops_per_image": crops_per_image}
+        if rank != 0:
+            return summary
+        summary.update(_finish(layout, manifest, shards, prov))
+        if tables:
+            summary["tables"] = _build_tables(layout, quantiles=quantiles, angles=angles)
+        summary["seconds"] = time.perf_counter() - t0
+        return summary
+
+
+def _part(layout: StoreLayout, shard: int) -> Path:
+    return layout.features_dir / f"part-{shard:06d}.parquet"
+
+
+def _check_labels(table: pa.Table, manifest: dict, path: Path) -> None:
+    labels = table["label"].to_numpy()
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes(manifest)):
+        raise StoreError(f"{path.name}: labels outside 0..{num_classes(manifest) - 1}; re-run ingest")
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="crop", unit_scale=True, desc="build-features", disable=not enabled)
+
+
+def _finish(layout: StoreLayout, manifest: dict, shards: list, prov: dict) -> dict:
+    """Check the union of the parts (N x K rows, unique (index, crop)), then write features.json."""
+    parts = [_part(layout, s) for s in range(len(shards))]
+    missing = [p.name for p in parts if not p.is_file()]
+    if missing:
+        raise StoreError(f"feature parts missing after the run: {', '.join(missing[:5])}; run again to resume")
+    k = prov["crops_per_image"]
+    n = sum(count for _, count in shards)
+    ids = pq.read_table(parts, columns=["index", "crop"])
+    keys = ids["index"].to_numpy().astype(np.int64) * k + ids["crop"].to_numpy()
+    if len(keys) != n * k or len(np.unique(keys)) != len(keys):
+        raise StoreError(f"feature parts hold {len(keys)} rows ({len(np.unique(keys))} unique "
+                         f"(index, crop)), expected {n} x {k}; rerun with --overwrite")
+    info = {**prov, "images": n, "rows": n * k, "parts": len(parts), "done": True,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": package_versions()}
+    atomic_write_json(layout.features_meta, info)
+    return {"images": n, "rows": n * k, "done": True}
+
+
+def _build_tables(layout: StoreLayout, *, quantiles: int | None, angles: int | None) -> dict:
+    from .tables import build_store_tables
+
+    kwargs = {k: v for k, v in (("quantiles", quantiles), ("angles", angles)) if v is not None}
+    return build_store_tables(layout.root, **kwargs)

@@ -1,0 +1,227 @@
+"""The sampler: ``tau = H(T(c1*cdf(loss) + c2*cdf(E^r)))`` (PAPER.md §3.2, equations 4-10).
+
+``H`` is piecewise linear through ``(e_s, v_s)``, ``s = 0..4``, with ``e0 = 0``, ``e4 = 1``.
+Where endpoints repeat (``e1 == e2``) ``H`` jumps and takes the value of the last repeated
+endpoint (it is right-continuous), in NumPy and torch alike.
+
+The search sees a sampler as a point ``z`` of [0,1]^10 (``to_point``/``from_point``):
+``z[0:3]`` -> ``e1..e3`` (sorted, so any point is feasible), ``z[3:8]`` -> ``v0..v4``,
+``z[8:10]`` -> ``c = 2*z - 1``. ``from_point(to_point(s))`` equals ``s`` up to float rounding
+of ``c`` (``(c+1)/2*2-1``); a sorted point maps back to itself the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .tables import KINDS, FeatureTables
+
+# One declaration of every bound (cf. scikit-learn's ``_parameter_constraints``).
+PARAMETERS = ("e1", "e2", "e3", "v0", "v1", "v2", "v3", "v4", "c1", "c2")  # point order
+BOUNDS: dict[str, tuple[float, float]] = {
+    **{f"e{s}": (0.0, 1.0) for s in (1, 2, 3)},  # and e0 = 0 <= e1 <= e2 <= e3 <= e4 = 1
+    **{f"v{s}": (0.0, 1.0) for s in range(5)},
+    "c1": (-1.0, 1.0),
+    "c2": (-1.0, 1.0),
+}
+TRANSFORMS = KINDS  # "cgf" (grad-norm weighted, eq. 10) or "cdf" (uniform weights, ablation)
+SEGMENTS = 4
+
+
+class SamplerError(ValueError):
+    """A sampler's parameters or tables are invalid; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """Ten numbers, a transform and the tables that give ``T``.
+
+    Attributes:
+        endpoints: (e0, e1, e2, e3, e4) with e0 = 0 <= e1 <= e2 <= e3 <= e4 = 1.
+        values: (v0, ..., v4), each in [0, 1].
+        c1, c2: coefficients of cdf(loss) and cdf(E^r), each in [-1, 1].
+        transform: "cgf" or "cdf".
+        tables: ``FeatureTables`` (full, or the sampler's subset); may be None only when
+            ``c1 == c2 == 0`` (then ``t = 1`` for every crop and no table is needed).
+    """
+
+    endpoints: tuple[float, ...]
+    values: tuple[float, ...]
+    c1: float
+    c2: float
+    transform: str = "cgf"
+    tables: FeatureTables | None = None
+
+    def __post_init__(self) -> None:
+        e = tuple(float(x) for x in self.endpoints)
+        v = tuple(float(x) for x in self.values)
+        object.__setattr__(self, "endpoints", e)
+        object.__setattr__(self, "values", v)
+        object.__setattr__(self, "c1", float(self.c1))
+        object.__setattr__(self, "c2", float(self.c2))
+        check_parameters(self.parameters(), endpoints=e, values=v)
+        if self.transform not in TRANSFORMS:
+            raise SamplerError(f"transform: unknown {self.transform!r} (expected one of {TRANSFORMS})")
+        if self.tables is None:
+            if not (self.c1 == 0 and self.c2 == 0):
+                raise SamplerError("tables: missing; a sampler with c != (0, 0) needs the feature tables")
+        elif not isinstance(self.tables, FeatureTables):
+            raise SamplerError(f"tables: expected FeatureTables, got {type(self.tables).__name__}")
+
+    def parameters(self) -> dict[str, float]:
+        """The 10 numbers by name (``PARAMETERS`` order)."""
+        e, v = self.endpoints, self.values
+        named = {f"e{s}": e[s] for s in (1, 2, 3) if s < len(e)}
+        named.update({f"v{s}": x for s, x in enumerate(v)})
+        named.update(c1=self.c1, c2=self.c2)
+        return named
+
+    # -- tau -------------------------------------------------------------------------------
+    def t_from_cdf(self, f1, f2) -> np.ndarray:
+        """cdf features -> ``t = T(c1*f1 + c2*f2)`` (float64)."""
+        if self.c1 == 0 and self.c2 == 0:
+            return np.ones(np.broadcast_shapes(np.shape(f1), np.shape(f2)))
+        return self.tables.transform(f1, f2, self.c1, self.c2, self.transform)
+
+    def tau_from_cdf(self, f1, f2) -> np.ndarray:
+        """Precomputed cdf(loss), cdf(E^r) (float arrays in [0, 1]) -> tau in [0, 1], float64."""
+        return self.h(self.t_from_cdf(f1, f2))
+
+    def tau(self, loss, entropy_r) -> np.ndarray:
+        """Raw loss and E^r (float32/64 arrays of one shape) -> tau in [0, 1], float64."""
+        if self.c1 == 0 and self.c2 == 0:
+            return self.h(np.ones(np.broadcast_shapes(np.shape(loss), np.shape(entropy_r))))
+        tab = self.tables
+        return self.tau_from_cdf(tab.feature_cdf("loss", loss), tab.feature_cdf("entropy_r", entropy_r))
+
+    def h(self, t) -> np.ndarray:
+        """The piecewise-linear H of equation 8 at ``t`` in [0, 1]."""
+        return np.interp(np.asarray(t, dtype=np.float64), self.endpoints, self.values)
+
+    def tau_torch(self, loss, entropy_r, *, dtype=None):
+        """torch twin of ``tau`` (same numbers); runs on the device of ``loss``.
+
+        Args:
+            loss, entropy_r: tensors of one shape (any float dtype, any device).
+            dtype: compute dtype (default float64; float32 is faster on a GPU, ~1e-6 off).
+
+        Returns:
+            tau as a tensor of ``dtype`` on the same device.
+        """
+        import torch
+
+        dtype = dtype or torch.float64
+        dev = loss.device
+        if self.c1 == 0 and self.c2 == 0:
+            t = torch.ones(torch.broadcast_shapes(loss.shape, entropy_r.shape), dtype=dtype, device=dev)
+            return _interp_torch(t, self.endpoints, self.values)
+        tab = self.tables
+        levels = tab.levels
+        f1 = _interp_torch(loss.to(dtype), tab.cdf_knots["loss"], levels, left=0.0)
+        f2 = _interp_torch(entropy_r.to(dtype), tab.cdf_knots["entropy_r"], levels, left=0.0)
+        theta = _direction(self.c1, self.c2)
+        knots = tab.exact_knots(self.transform, theta)
+        if knots is not None:
+            t = _angle_t_torch(f1, f2, theta, knots, levels)
+        else:
+            a0, a1, lam = tab.neighbours(self.c1, self.c2)
+            t = (1 - lam) * _angle_t_torch(f1, f2, a0, tab._held(self.transform, a0, self.c1, self.c2), levels)
+            if lam > 0:
+                t = t + lam * _angle_t_torch(f1, f2, a1, tab._held(self.transform, a1, self.c1, self.c2), levels)
+        return _interp_torch(t, self.endpoints, self.values)
+
+    # -- the search's view -----------------------------------------------------------------
+    def to_point(self) -> np.ndarray:
+        """(10,) float64 point of [0,1]^10 (see the module docstring)."""
+        e, v = self.endpoints, self.values
+        return np.array([e[1], e[2], e[3], *v, (self.c1 + 1) / 2, (self.c2 + 1) / 2], dtype=np.float64)
+
+    @classmethod
+    def from_point(cls, z, tables: FeatureTables | None, transform: str = "cgf") -> Sampler:
+        """The sampler of point ``z`` (shape (10,), each in [0, 1]); endpoints get sorted."""
+        z = np.asarray(z, dtype=np.float64)
+        if z.shape != (len(PARAMETERS),):
+            raise SamplerError(f"point: expected shape ({len(PARAMETERS)},), got {z.shape}")
+        for name, x in zip(PARAMETERS, z):
+            if not (0.0 <= x <= 1.0):
+                raise SamplerError(f"point: {name} coordinate {x!r} outside [0, 1]")
+        e = np.sort(z[0:3])
+        c1, c2 = (2 * z[8:10] - 1).clip(-1, 1)
+        return cls((0.0, *e.tolist(), 1.0), tuple(z[3:8].tolist()), float(c1), float(c2), transform, tables)
+
+    def with_tables(self, tables: FeatureTables | None) -> Sampler:
+        return Sampler(self.endpoints, self.values, self.c1, self.c2, self.transform, tables)
+
+    def embedded(self) -> Sampler:
+        """The same sampler holding only its tables subset (for a sampler file)."""
+        if self.tables is None:
+            return self
+        return self.with_tables(self.tables.subset(self.c1, self.c2, (self.transform,)))
+
+
+def check_parameters(params: dict[str, float], *, endpoints=None, values=None) -> None:
+    """Raise ``SamplerError`` naming the first parameter that breaks ``BOUNDS`` or the order."""
+    if endpoints is not None and len(endpoints) != SEGMENTS + 1:
+        raise SamplerError(f"endpoints: expected {SEGMENTS + 1} values e0..e4, got {len(endpoints)}")
+    if values is not None and len(values) != SEGMENTS + 1:
+        raise SamplerError(f"values: expected {SEGMENTS + 1} values v0..v4, got {len(values)}")
+    for name in PARAMETERS:
+        if name not in params:
+            raise SamplerError(f"{name}: missing")
+        x = params[name]
+        lo, hi = BOUNDS[name]
+        if not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x) or not lo <= x <= hi:
+            raise SamplerError(f"{name}: {x!r} is outside [{lo}, {hi}]")
+    if endpoints is not None and (endpoints[0] != 0.0 or endpoints[-1] != 1.0):
+        raise SamplerError(f"endpoints: e0 must be 0 and e4 must be 1, got {endpoints[0]!r}, {endpoints[-1]!r}")
+    e = [0.0, params["e1"], params["e2"], params["e3"], 1.0]
+    for s in range(1, 4):
+        if e[s] > e[s + 1]:
+            raise SamplerError(f"e{s}: endpoints must be sorted (e{s}={e[s]!r} > e{s + 1}={e[s + 1]!r})")
+
+
+def uniform_sampler(tables: FeatureTables | None = None, transform: str = "cgf") -> Sampler:
+    """tau = 1 for every crop (all values 1): the filter then keeps candidates uniformly."""
+    return Sampler((0.0, 0.25, 0.5, 0.75, 1.0), (1.0,) * 5, 0.0, 0.0, transform, tables)
+
+
+UNIFORM = uniform_sampler()
+
+
+def _direction(c1: float, c2: float) -> float:
+    from .tables import direction
+
+    return direction(c1, c2)
+
+
+def _interp_torch(x, xp, fp, left=None):
+    """``np.interp`` in torch with the same tie rule (last repeated knot wins at the knot)."""
+    import torch
+
+    xp = torch.as_tensor(np.asarray(xp, dtype=np.float64), dtype=x.dtype, device=x.device)
+    fp = torch.as_tensor(np.asarray(fp, dtype=np.float64), dtype=x.dtype, device=x.device)
+    n = xp.numel()
+    i = torch.searchsorted(xp, x.contiguous(), right=True)  # knots <= x
+    lo = (i - 1).clamp(0, n - 1)
+    hi = i.clamp(0, n - 1)
+    x0, x1, y0, y1 = xp[lo], xp[hi], fp[lo], fp[hi]
+    span = x1 - x0
+    frac = torch.where(span > 0, (x - x0) / torch.where(span > 0, span, torch.ones_like(span)),
+                       torch.zeros_like(x))
+    out = y0 + frac * (y1 - y0)
+    out = torch.where(i == 0, torch.full_like(out, float(fp[0]) if left is None else left), out)
+    return torch.where(i >= n, fp[-1].expand_as(out), out)
+
+
+def _angle_t_torch(f1, f2, theta: float, knots, levels):
+    from .tables import unit
+
+    u1, u2 = unit(theta)
+    return _interp_torch(u1 * f1 + u2 * f2, knots, levels, left=0.0)
+
+
+__all__ = ["BOUNDS", "PARAMETERS", "SEGMENTS", "TRANSFORMS", "UNIFORM", "Sampler", "SamplerError",
+           "check_parameters", "uniform_sampler"]

@@ -1,0 +1,216 @@
+"""``best_sampler.json``: a self-contained, versioned sampler file (DESIGN.md, "Sampler file").
+
+Layout (JSON, parsed as data only)::
+
+    {"format": "swift-sampler/sampler", "version": 1,
+     "parameters": {"e1": .., "e2": .., "e3": .., "v0": .., ..., "v4": .., "c1": .., "c2": ..},
+     "transform": "cgf" | "cdf", "features": ["loss", "entropy_r"],
+     "tables": {"quantiles": Q, "angle_count": A, "rows": n,
+                "cdf": {"loss": [Q+1 floats], "entropy_r": [Q+1 floats]},
+                "angles": [radians...], "knots": [[Q+1 floats] per angle]},
+     "provenance": {"store_id": .., "features_checkpoint_sha256": .., "search": ..,
+                    "trial": .., "score": ..}}
+
+Floats are written by ``json`` (shortest repr), so a load returns bit-identical numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from storage import StoreLayout, atomic_write_text, read_manifest
+from storage.schemas import FEATURE_NAMES
+
+from .sampler import PARAMETERS, TRANSFORMS, Sampler, SamplerError
+from .tables import FeatureTables, TablesError
+
+FORMAT = "swift-sampler/sampler"
+VERSION = 1
+PROVENANCE_FIELDS = ("store_id", "features_checkpoint_sha256", "search", "trial", "score")
+
+
+class SamplerFileError(SamplerError):
+    """A sampler file is unreadable, malformed, foreign or useless; the message names the field."""
+
+
+def sampler_to_dict(sampler: Sampler, provenance: dict | None = None) -> dict[str, Any]:
+    s = sampler.embedded()
+    tab = s.tables
+    tables = None
+    if tab is not None:
+        tables = {
+            "quantiles": tab.quantiles, "angle_count": tab.angle_count, "rows": tab.rows,
+            "cdf": {f: tab.cdf_knots[f].tolist() for f in FEATURE_NAMES},
+            "angles": tab.angles.tolist(),
+            "knots": tab.knots[s.transform].tolist() if s.transform in tab.knots else [],
+        }
+    prov = {k: (provenance or {}).get(k) for k in PROVENANCE_FIELDS}
+    prov.update({k: v for k, v in (provenance or {}).items() if k not in prov})
+    return {
+        "format": FORMAT, "version": VERSION,
+        "parameters": s.parameters(), "transform": s.transform, "features": list(FEATURE_NAMES),
+        "tables": tables, "provenance": prov,
+    }
+
+
+def save_sampler(path: str | os.PathLike, sampler: Sampler, provenance: dict | None = None) -> Path:
+    """Write ``sampler`` (with its tables subset) and ``provenance`` to ``path`` atomically."""
+    text = json.dumps(sampler_to_dict(sampler, provenance), indent=1, allow_nan=False) + "\n"
+    atomic_write_text(path, text)
+    return Path(path)
+
+
+def load_sampler(path: str | os.PathLike, *, check_zero: bool = True) -> tuple[Sampler, dict]:
+    """Read and validate a sampler file.
+
+    Returns:
+        ``(sampler, provenance)``; the sampler holds the embedded tables subset.
+
+    Raises:
+        SamplerFileError: unreadable JSON, wrong format/version, or any bad field (named).
+    """
+    try:
+        doc = json.loads(Path(path).read_text(), parse_constant=_no_constant)
+    except OSError as e:
+        raise SamplerFileError(f"cannot read sampler file {path}: {e.strerror}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SamplerFileError(f"{path} is not valid JSON: {e}") from None
+    sampler, prov = sampler_from_dict(doc, where=str(path))
+    if check_zero:
+        check_not_all_zero(sampler)
+    return sampler, prov
+
+
+def sampler_from_dict(doc: Any, *, where: str = "sampler") -> tuple[Sampler, dict]:
+    if not isinstance(doc, dict):
+        raise SamplerFileError(f"{where}: expected a JSON object")
+    if doc.get("format") != FORMAT:
+        raise SamplerFileError(f"{where}: format must be {FORMAT!r}, got {doc.get('format')!r}")
+    if doc.get("version") != VERSION:
+        raise SamplerFileError(f"{where}: version {doc.get('version')!r} is not supported (expected {VERSION})")
+    params = doc.get("parameters")
+    if not isinstance(params, dict):
+        raise SamplerFileError(f"{where}: parameters: expected an object with {', '.join(PARAMETERS)}")
+    unknown = sorted(set(params) - set(PARAMETERS))
+    if unknown:
+        raise SamplerFileError(f"{where}: parameters: unknown {unknown} (expected {', '.join(PARAMETERS)})")
+    transform = doc.get("transform")
+    if transform not in TRANSFORMS:
+        raise SamplerFileError(f"{where}: transform: unknown {transform!r} (expected one of {TRANSFORMS})")
+    if doc.get("features") != list(FEATURE_NAMES):
+        raise SamplerFileError(f"{where}: features: expected {list(FEATURE_NAMES)}, got {doc.get('features')!r}")
+    prov = doc.get("provenance")
+    if not isinstance(prov, dict):
+        raise SamplerFileError(f"{where}: provenance: expected an object")
+    try:
+        tables = _tables_from_dict(doc.get("tables"), transform, where)
+        endpoints = (0.0, params.get("e1"), params.get("e2"), params.get("e3"), 1.0)
+        values = tuple(params.get(f"v{s}") for s in range(5))
+        from .sampler import check_parameters
+
+        check_parameters(params)
+        sampler = Sampler(endpoints, values, params["c1"], params["c2"], transform, tables)
+    except (SamplerError, TablesError, TypeError) as e:
+        raise SamplerFileError(f"{where}: {e}") from None
+    if tables is None and not (sampler.c1 == 0 and sampler.c2 == 0):
+        raise SamplerFileError(f"{where}: tables: missing")
+    return sampler, prov
+
+
+def _tables_from_dict(t: Any, transform: str, where: str) -> FeatureTables | None:
+    if t is None:
+        return None
+    if not isinstance(t, dict):
+        raise SamplerFileError(f"{where}: tables: expected an object")
+    for key in ("quantiles", "angle_count", "rows", "cdf", "angles", "knots"):
+        if key not in t:
+            raise SamplerFileError(f"{where}: tables.{key}: missing")
+    for key in ("quantiles", "angle_count", "rows"):
+        if not isinstance(t[key], int) or isinstance(t[key], bool):
+            raise SamplerFileError(f"{where}: tables.{key}: expected an integer, got {t[key]!r}")
+    cdf = t["cdf"]
+    if not isinstance(cdf, dict) or set(cdf) != set(FEATURE_NAMES):
+        raise SamplerFileError(f"{where}: tables.cdf: expected knots of {list(FEATURE_NAMES)}")
+    q1 = t["quantiles"] + 1
+    arrays = {f: _floats(cdf[f], f"tables.cdf.{f}", where, (q1,)) for f in FEATURE_NAMES}
+    angles = _floats(t["angles"], "tables.angles", where, None)
+    knots = _floats(t["knots"], "tables.knots", where, (angles.size, q1)) if angles.size else np.empty((0, q1))
+    try:
+        return FeatureTables(t["quantiles"], t["angle_count"], arrays, angles, {transform: knots}, t["rows"])
+    except TablesError as e:
+        raise SamplerFileError(f"{where}: {e}") from None
+
+
+def _floats(x: Any, field: str, where: str, shape) -> np.ndarray:
+    try:
+        a = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise SamplerFileError(f"{where}: {field}: expected numbers") from None
+    if shape is None:
+        if a.ndim != 1:
+            raise SamplerFileError(f"{where}: {field}: expected a list of numbers")
+    elif a.shape != shape:
+        raise SamplerFileError(f"{where}: {field}: expected shape {shape}, got {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise SamplerFileError(f"{where}: {field}: non-finite value")
+    return a
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not allowed")
+
+
+def check_provenance(provenance: dict, store, allow_foreign: bool = False) -> None:
+    """Refuse a sampler whose tables came from another store or other features.
+
+    Compares ``store_id`` with the store's manifest and ``features_checkpoint_sha256`` with
+    ``features/features.json`` (when the store has features). ``allow_foreign`` skips both.
+    """
+    if allow_foreign:
+        return
+    layout = StoreLayout(store).require()
+    manifest = read_manifest(layout)
+    mine = manifest.get("store_id")
+    theirs = provenance.get("store_id")
+    if theirs != mine:
+        raise SamplerFileError(
+            f"provenance.store_id: the sampler was built on store {theirs!r}, this store is {mine!r}; "
+            "pass --allow-foreign-tables to use it anyway")
+    if layout.features_meta.is_file():
+        sha = json.loads(layout.features_meta.read_text()).get("checkpoint_sha256")
+        if provenance.get("features_checkpoint_sha256") != sha:
+            raise SamplerFileError(
+                "provenance.features_checkpoint_sha256: the sampler was built from features of "
+                f"checkpoint {provenance.get('features_checkpoint_sha256')!r}, the store's features come "
+                f"from {sha!r}; pass --allow-foreign-tables to use it anyway")
+
+
+def check_not_all_zero(sampler: Sampler, store=None, *, grid: int = 129) -> None:
+    """Refuse a sampler whose tau is 0 on every feature row of ``store`` (or on a grid).
+
+    Without a store the check runs on a ``grid x grid`` lattice of (cdf loss, cdf E^r).
+    """
+    if max(sampler.values) <= 0:
+        raise SamplerFileError("values: all v0..v4 are 0, so tau is 0 for every crop; nothing would be trained")
+    if store is not None:
+        from .tables import read_feature_columns
+
+        cols = read_feature_columns(store, ("loss", "entropy_r"))
+        tau = sampler.tau(cols["loss"], cols["entropy_r"])
+        where = f"every feature row of {store}"
+    else:
+        u = np.linspace(0.0, 1.0, grid)
+        f1, f2 = np.meshgrid(u, u)
+        tau = sampler.tau_from_cdf(f1, f2)
+        where = f"a {grid}x{grid} grid of (cdf loss, cdf E^r)"
+    if not np.any(tau > 0):
+        raise SamplerFileError(f"tau is 0 on {where}: the sampler would keep no crop; choose another sampler")
+
+
+__all__ = ["FORMAT", "PROVENANCE_FIELDS", "VERSION", "SamplerFileError", "check_not_all_zero",
+           "check_provenance", "load_sampler", "sampler_from_dict", "sampler_to_dict", "save_sampler"]

@@ -1,0 +1,41 @@
+"""Search agents speaking ask/tell over the cube [0,1]^dim.
+
+    agent = create_agent("gp-ucb", dim=10, seed=0, initial_points=[uniform_point])
+    for _ in range(40):
+        z = agent.ask()
+        agent.tell(z, evaluate(z))
+
+Proposals are a deterministic function of (seed, arguments, history of tells): replaying the
+stored history into a fresh agent resumes a search exactly (see ``Agent``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ._base import Agent
+from ._gp_ucb import GPUCBAgent
+from ._random import RandomAgent
+
+AGENTS: dict[str, type[Agent]] = {cls.name: cls for cls in (GPUCBAgent, RandomAgent)}
+
+
+def create_agent(
+    name: str, *, dim: int = 10, seed: int = 0, initial_points: Sequence[Any] = (), **kwargs: Any
+) -> Agent:
+    """Create the agent called ``name`` (one of ``AGENTS``) with validated arguments.
+
+    Raises:
+        ValueError: unknown name, unknown keyword, or an invalid argument.
+    """
+    if name not in AGENTS:
+        raise ValueError(f"unknown agent {name!r}; choose one of: {', '.join(sorted(AGENTS))}")
+    try:
+        agent = AGENTS[name](dim=dim, seed=seed, initial_points=tuple(initial_points), **kwargs)
+    except TypeError as e:
+        raise ValueError(f"agent {name!r}: {e}") from None
+    return agent.check_params()
+
+
+__all__ = ["AGENTS", "Agent", "GPUCBAgent", "RandomAgent", "create_agent"]

@@ -1,0 +1,82 @@
+"""Oversample-and-filter: Efraimidis-Spirakis inclusion frequencies vs exact probabilities."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from pipeline.filter import FilterStats, es_keys, filter_candidates, select, select_torch
+
+
+def inclusion_exact(tau, keep):
+    """P(i among the first ``keep`` draws) of sequential sampling without replacement ~ tau."""
+    tau = np.asarray(tau, float)
+    p = np.zeros(len(tau))
+    for order in itertools.permutations(range(len(tau)), keep):
+        prob, left = 1.0, tau.sum()
+        for i in order:
+            prob *= tau[i] / left
+            left -= tau[i]
+        p[list(order)] += prob
+    return p
+
+
+def test_first_pick_and_inclusion_frequencies():
+    tau = np.array([0.05, 0.2, 1.0, 0.5, 0.0, 0.8])
+    rng = np.random.default_rng(0)
+    draws = 20000
+    first = np.zeros(len(tau))
+    kept = np.zeros(len(tau))
+    for _ in range(draws):
+        keys = es_keys(tau, rng)
+        first[np.argmax(keys)] += 1
+    for _ in range(draws):
+        kept[select(tau, 3, rng)] += 1
+    pos = tau > 0
+    assert chisquare(first[pos], draws * tau[pos] / tau.sum()).pvalue > 1e-3
+    expected = inclusion_exact(tau, 3)
+    assert kept[4] == 0
+    np.testing.assert_allclose(kept / draws, expected, atol=0.015)
+
+
+def test_uniform_tau_keeps_uniformly():
+    rng = np.random.default_rng(1)
+    kept = np.zeros(8)
+    for _ in range(8000):
+        kept[select(np.ones(8), 4, rng)] += 1
+    assert chisquare(kept).pvalue > 1e-3
+
+
+def test_short_batch_keeps_only_positive():
+    tau = np.array([0.0, 0.3, 0.0, 0.0, 0.9, 0.0])
+    idx = select(tau, 3, np.random.default_rng(0))
+    assert idx.tolist() == [1, 4]
+    stats = FilterStats()
+    groups = [[{"tau": t, "i": i} for i, t in enumerate(tau)], [{"tau": 1.0, "i": i} for i in range(6)]]
+    out = list(filter_candidates(iter(groups), keep_ratio=0.5, seed=0, stats=stats))
+    assert [c["i"] for c in out[0]] == [1, 4] and len(out[1]) == 3
+    assert stats.short_batches == 1 and stats.kept_fraction == 5 / 12
+
+
+def test_stage_same_seed_same_result_and_columns():
+    batch = {"tau": np.linspace(0, 1, 16), "x": torch.arange(16), "name": [str(i) for i in range(16)]}
+    a = next(filter_candidates(iter([batch]), seed=3))
+    b = next(filter_candidates(iter([batch]), seed=3))
+    assert a["x"].tolist() == b["x"].tolist() and len(a["name"]) == 8
+    assert a["name"] == [str(i) for i in a["x"].tolist()] and 0 not in a["x"].tolist()
+
+
+def test_torch_select():
+    g = torch.Generator().manual_seed(0)
+    tau = torch.tensor([0.0, 1.0, 2.0, 0.0, 3.0])
+    counts = torch.zeros(5)
+    for _ in range(2000):
+        counts[select_torch(tau, 2, g)] += 1
+    assert counts[0] == 0 and counts[3] == 0
+    np.testing.assert_allclose(counts.numpy() / 2000, inclusion_exact(tau.numpy(), 2), atol=0.04)
+    with pytest.raises(ValueError):
+        select(np.array([-1.0]), 1, np.random.default_rng(0))

@@ -1,0 +1,290 @@
+"""The training loop (after nanoGPT's ``train.py``: read it top to bottom).
+
+``train(config) -> summary`` trains a model on a store's train split and, when the config has a
+``name``, writes ``STORE/runs/NAME/``: ``config.json`` (resolved configuration), ``metrics.jsonl``
+(one line per epoch), ``checkpoint.pt`` (atomic, every epoch) and ``summary.json``. ``fit``
+returns the model as well. Under torchrun every rank trains (DDP) and rank 0 alone writes.
+
+Determinism (CPU): the model is initialised from ``seed``; crops and order come from
+``(seed, epoch, rank, worker)``; the learning rate is a pure function of progress. Resuming
+from the checkpoint of epoch ``e`` therefore continues exactly as if never stopped, and the
+final weights equal an uninterrupted run's (tested).
+
+A non-finite loss stops the run with ``TrainingDiverged``: the checkpoint of the last good
+epoch stays in place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from storage import (
+    StoreError,
+    StoreLayout,
+    atomic_write_json,
+    atomic_write_text,
+    exclusive_lock,
+    read_manifest,
+)
+
+from .checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
+from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from .evaluate import noise_diagnostics, predict_batches
+from .loader import BatchFilter, CropStage, create_loader
+from .models import create_model
+from .presets import TrainConfig
+from .schedules import lr_at
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(ValueError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class SamplerHook:
+    """How a sampler enters the loop: loader stages plus a per-epoch diagnostic.
+
+    ``candidates_per_image`` crop-samples per image, chosen by ``crop_stage`` (None: random
+    crops) and reduced to the batch size by ``batch_filter`` inside the loader workers.
+    ``step_filter(batch) -> batch`` runs in the training process instead, before the step
+    (the ``online`` mode, which needs a forward pass of a frozen model, on the GPU when present).
+    A filter may set ``batch["candidates"]`` (int, crops it chose from) so that the epoch's
+    ``kept_fraction`` can be logged.
+    """
+
+    candidates_per_image: int = 2
+    crop_stage: CropStage | None = None
+    batch_filter: BatchFilter | None = None
+    step_filter: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    describe: dict[str, Any] | None = None  # recorded in config.json
+
+
+@dataclass
+class FitResult:
+    model: nn.Module
+    summary: dict[str, Any]
+
+
+def train(config: TrainConfig, *, sampler: SamplerHook | None = None,
+          on_epoch_end: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Train as ``config`` says; return the summary dict (also ``summary.json``)."""
+    return fit(config, sampler=sampler, on_epoch_end=on_epoch_end).summary
+
+
+def fit(config: TrainConfig, *, sampler: SamplerHook | None = None,
+        on_epoch_end: Callable[[dict[str, Any]], None] | None = None) -> FitResult:
+    """``train``, returning the trained model (unwrapped, on its device) with the summary.
+
+    Args:
+        config: resolved ``TrainConfig``.
+        sampler: optional sampler stage (``SamplerHook``); None trains with uniform sampling.
+        on_epoch_end: called on every rank with each epoch's metrics dict after the checkpoint
+            is written (tests use it to interrupt a run).
+
+    Raises:
+        StoreError: no train shards, a run folder that exists without ``resume``.
+        CheckpointError: ``init`` or the run's checkpoint does not fit the model or store.
+        TrainingDiverged: non-finite loss.
+    """
+    t_start = time.perf_counter()
+    dist = init_distributed(config.device)
+    device = dist.device
+    layout = StoreLayout(config.store)
+    manifest = read_manifest(layout)
+    image = manifest.get("image", {})
+    in_chans = int(image.get("channels") or 3)
+    num_classes = len(manifest["classes"])
+
+    init_ckpt = load_checkpoint(config.init) if config.init else None
+    model_name = config.model
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed % 2**32)
+
+    hook = sampler or SamplerHook(candidates_per_image=1)
+    loader, ds = create_loader(
+        layout.root, "train", batch_size=config.batch_size, train=True, seed=config.seed,
+        rank=dist.rank, world_size=dist.world_size, num_workers=config.workers,
+        shuffle_buffer=config.shuffle_buffer, image_size=config.image_size,
+        candidates_per_image=hook.candidates_per_image if hook.batch_filter else 1,
+        crop_stage=hook.crop_stage, batch_filter=hook.batch_filter,
+        pin_memory=device.type == "cuda")
+    val = None
+    if config.val_split and manifest["splits"].get(config.val_split, {}).get("shards"):
+        val, _ = create_loader(layout.root, config.val_split, batch_size=max(256, config.batch_size),
+                               train=False, rank=dist.rank, world_size=dist.world_size,
+                               num_workers=min(config.workers, 1), image_size=ds.image_size,
+                               pin_memory=device.type == "cuda")
+
+    model = create_model(model_name, num_classes, in_chans, ds.image_size)
+    if init_ckpt is not None:
+        load_weights(model, init_ckpt, where=f"--init {config.init}")
+    model = model.to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                nesterov=config.nesterov, weight_decay=config.weight_decay)
+
+    run_dir = layout.run(config.name) if config.name else None
+    ckpt_path = run_dir / "checkpoint.pt" if run_dir else None
+    start_epoch, history = 0, []
+    if run_dir is not None:
+        if ckpt_path.is_file() and not config.resume:
+            raise StoreError(f"run {config.name!r} already exists in {layout.root}; pass --resume "
+                             "to continue it or choose another --name")
+        if config.resume and ckpt_path.is_file():
+            ckpt = load_checkpoint(ckpt_path)
+            if ckpt.get("store_id") != manifest["store_id"]:
+                raise CheckpointError(f"{ckpt_path} belongs to another store (store_id differs)")
+            load_weights(model, ckpt, where=str(ckpt_path))
+            optimizer.load_state_dict(ckpt["optimizer"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            start_epoch = int(ckpt["epoch"]) + 1
+            history = _read_metrics(run_dir / "metrics.jsonl", before=start_epoch)
+
+    ddp_model = model
+    if dist.distributed:
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    amp = device.type == "cuda" if config.amp is None else config.amp
+    steps = len(loader)
+    resolved = {**config.to_json(), "model": model_name, "image_size": ds.image_size,
+                "num_classes": num_classes, "in_chans": in_chans, "world_size": dist.world_size,
+                "device": str(device), "amp": amp, "steps_per_epoch": steps,
+                "store_id": manifest["store_id"],
+                "sampler": hook.describe if sampler is not None else None}
+
+    with ExitStack() as stack:
+        if run_dir is not None and dist.is_main:
+            stack.enter_context(exclusive_lock(layout.lock(f"run-{config.name}"), f"run {config.name}"))
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(run_dir / "config.json", resolved)
+        metrics: dict[str, Any] = history[-1] if history else {}
+        for epoch in range(start_epoch, config.epochs):
+            metrics = _train_epoch(ddp_model, loader, ds, optimizer, config, dist, epoch, steps,
+                                   amp, hook)
+            if val is not None:
+                metrics.update(_validate(model, val, dist, amp))
+            history.append(metrics)
+            if run_dir is not None and dist.is_main:
+                _write_metrics(run_dir / "metrics.jsonl", history)
+                if config.save_checkpoints or epoch == config.epochs - 1:
+                    save_checkpoint(ckpt_path, model, epoch=epoch, optimizer=optimizer.state_dict(),
+                                    sched={"name": config.schedule, "epoch": epoch, "steps": steps},
+                                    rng={"torch": torch.get_rng_state()},
+                                    store_id=manifest["store_id"], config=resolved)
+            barrier(dist)
+            if on_epoch_end is not None:
+                on_epoch_end(metrics)
+        summary = {
+            "command": "train", "run": config.name, "run_dir": str(run_dir) if run_dir else None,
+            "checkpoint": str(ckpt_path) if ckpt_path else None, "model": model_name,
+            "epochs": config.epochs, "start_epoch": start_epoch, "world_size": dist.world_size,
+            "device": str(device), "seconds": round(time.perf_counter() - t_start, 3),
+            **{k: metrics.get(k) for k in ("loss", "accuracy", "val_accuracy", "val_loss",
+                                           "images_per_s", "kept_fraction", "flipped_kept_share")},
+            "skipped": sum(m.get("skipped", 0) for m in history),
+        }
+        if run_dir is not None and dist.is_main:
+            atomic_write_json(run_dir / "summary.json", summary)
+    return FitResult(model.eval(), summary)
+
+
+def _train_epoch(model: nn.Module, loader, ds, optimizer, config: TrainConfig, dist: DistInfo,
+                 epoch: int, steps: int, amp: bool, hook: SamplerHook) -> dict[str, Any]:
+    model.train()
+    ds.set_epoch(epoch)
+    device = dist.device
+    sums = torch.zeros(5, dtype=torch.float64)  # loss*n, correct, n, candidates, skipped
+    kept_index: list[np.ndarray] = []
+    t0 = time.perf_counter()
+    bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
+               disable=not (config.progress and dist.is_main), dynamic_ncols=True)
+    lr = config.lr
+    for step, batch in enumerate(bar):
+        # The schedule is a pure function of progress in epochs (nanoGPT's get_lr).
+        lr = lr_at(epoch + step / steps, schedule=config.schedule, lr=config.lr,
+                   epochs=config.epochs, milestones=config.milestones, gamma=config.gamma,
+                   warmup=config.warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if hook.step_filter is not None:
+            batch = hook.step_filter(batch)
+        x = batch["image"].to(device, non_blocking=True)
+        if config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = batch["label"].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        # One reduce per step decides for every rank at once whether the loss is finite, so no
+        # rank stops while another waits in the next gradient all-reduce.
+        step_loss = all_reduce_sum(loss.detach().double().cpu().reshape(1), dist).item()
+        if not math.isfinite(step_loss):
+            raise TrainingDiverged(
+                f"loss became {step_loss} at epoch {epoch + 1}, step {step + 1} (lr {lr:.4g}); "
+                "the last good checkpoint is kept; lower --lr or check the data")
+        optimizer.step()
+        n = y.shape[0]
+        sums += torch.tensor([loss.item() * n, (logits.argmax(1) == y).sum().item(), n,
+                              float(batch.get("candidates", n)), len(batch.get("skipped", ()))],
+                             dtype=torch.float64)
+        if hook.batch_filter is not None or hook.step_filter is not None:
+            kept_index.append(batch["index"].numpy())
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
+    seconds = time.perf_counter() - t0
+    total = all_reduce_sum(sums, dist)
+    n = max(total[2].item(), 1.0)
+    metrics: dict[str, Any] = {
+        "epoch": epoch, "loss": total[0].item() / n, "accuracy": total[1].item() / n, "lr": lr,
+        "images_per_s": total[2].item() / max(seconds, 1e-9), "seconds": round(seconds, 3),
+        "skipped": int(total[4].item()),
+    }
+    if kept_index:
+        metrics["kept_fraction"] = total[2].item() / max(total[3].item(), 1.0)
+        # Diagnostics only: ground truth looked up by index, outside the loader.
+        diag = noise_diagnostics(config.store, "train", np.concatenate(kept_index))
+        if diag is not None:
+            metrics["flipped_kept_share"] = diag["flipped_share"]
+    return metrics
+
+
+def _validate(model: nn.Module, loader, dist: DistInfo, amp: bool) -> dict[str, Any]:
+    out = predict_batches(model, loader, dist.device, amp=amp)
+    logits = torch.from_numpy(out["logits"])
+    labels = torch.from_numpy(out["label"])
+    loss = F.cross_entropy(logits, labels, reduction="sum").item() if len(labels) else 0.0
+    correct = (logits.argmax(1) == labels).sum().item() if len(labels) else 0
+    total = all_reduce_sum(torch.tensor([loss, correct, len(labels)], dtype=torch.float64), dist)
+    n = max(total[2].item(), 1.0)
+    return {"val_loss": total[0].item() / n, "val_accuracy": total[1].item() / n}
+
+
+def _read_metrics(path: Path, *, before: int) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("epoch", 0) < before]
+
+
+def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+    # Rewritten whole each epoch (small): a resumed run drops lines of epochs it redoes.
+    atomic_write_text(path, "".join(json.dumps(m, allow_nan=False) + "\n" for m in history))
