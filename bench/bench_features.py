@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import time
@@ -73,16 +74,17 @@ def time_build(store, model, args, device):
     sync(device)
     t0 = time.perf_counter()
     s = build_features(store, model, crops_per_image=args.crops_per_image, seed=args.seed,
-                       batch_size=args.batch_size, device=device, tables=False, progress=False)
+                       batch_size=args.batch_size, device=device, tables=False, progress=False,
+                       workers=args.workers)
     sync(device)
     return s["rows"] / (time.perf_counter() - t0)
 
 
-def time_scores(model, x, y, mode, device):
+def time_scores(model, x, y, mode, device, batch_size):
     sync(device)
     t0 = time.perf_counter()
-    for i in range(0, len(x), 64):
-        score_batch(model, x[i : i + 64], y[i : i + 64], grad_norm=mode, autocast=False)
+    for i in range(0, len(x), batch_size):
+        score_batch(model, x[i : i + batch_size], y[i : i + batch_size], grad_norm=mode, autocast=False)
     sync(device)
     return len(x) / (time.perf_counter() - t0)
 
@@ -98,6 +100,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--full-crops", type=int, default=256)
+    p.add_argument("--workers", type=int, help="decoding processes (default: build_features' default)")
     p.add_argument("--out", help="write the JSON result here too")
     args = p.parse_args()
 
@@ -117,12 +120,13 @@ def main() -> None:
     x = torch.cat([b["x"] for b in batches])[: args.full_crops].to(device).contiguous(
         memory_format=torch.channels_last)
     y = torch.cat([b["label"] for b in batches])[: args.full_crops].to(device)
-    last = [time_scores(model, x, y, "last-layer", device) for _ in range(args.repeats)]
-    full = [time_scores(model, x, y, "full", device) for _ in range(args.repeats)]
+    last = [time_scores(model, x, y, "last-layer", device, args.batch_size) for _ in range(args.repeats)]
+    full = [time_scores(model, x, y, "full", device, args.batch_size) for _ in range(args.repeats)]
     result = {
         "store": str(layout.root), "device": str(device), "model": getattr(model, "model_name", args.model),
         "parameters": sum(p.numel() for p in model.parameters()), "torch_threads": torch.get_num_threads(),
-        "crops": sum(len(b["x"]) for b in batches), "batch_size": args.batch_size,
+        "crops": sum(len(b["x"]) for b in batches), "batch_size": args.batch_size, "workers": args.workers,
+        "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
         "build_crops_per_s": statistics.median(build), "bare_crops_per_s": statistics.median(bare),
         "build_over_bare": statistics.median(ratios), "build_over_bare_runs": ratios,
         "score_last_layer_crops_per_s": statistics.median(last),

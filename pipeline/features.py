@@ -22,8 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import queue
-import threading
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -144,13 +143,14 @@ def make_crops(src: Iterable[tuple[int, int, torch.Tensor]], *, crops_per_image:
 
 
 def batch_crops(src: Iterable[tuple], *, batch_size: int) -> Iterator[dict[str, Any]]:
-    """Group crops into ``{"x": uint8 (B, C, H, W), "index", "crop", "label": int64 (B,), "crops"}``."""
+    """Group crops into ``{"x": uint8 (B, C, H, W), "index", "crop", "label": int64 (B,),
+    "crops": int64 (B, 5) = (top, left, height, width, flip)}``."""
     buf: list[tuple] = []
 
     def collate() -> dict[str, Any]:
         index, crop_no, crops, labels, pixels = zip(*buf)
         return {"x": torch.stack(pixels), "index": torch.tensor(index), "crop": torch.tensor(crop_no),
-                "label": torch.tensor(labels), "crops": list(crops)}
+                "label": torch.tensor(labels), "crops": torch.tensor(crops, dtype=torch.int64)}
 
     for item in src:
         buf.append(item)
@@ -161,40 +161,51 @@ def batch_crops(src: Iterable[tuple], *, batch_size: int) -> Iterator[dict[str, 
         yield collate()
 
 
-def prefetch(src: Iterable, *, depth: int = 3) -> Iterator:
-    """Run ``src`` in a background thread, ``depth`` items ahead: decoding and cropping overlap
-    with the model (torch ops release the GIL). Exceptions are re-raised in the consumer."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
+class ShardCrops(torch.utils.data.IterableDataset):
+    """Batches of crops of whole shards, for a ``DataLoader`` (``batch_size=None``).
 
-    def put(item: Any) -> bool:
-        # A consumer that stopped early never drains the queue: poll ``stop`` while blocked.
-        while not stop.is_set():
-            with contextlib.suppress(queue.Full):
-                q.put(item, timeout=0.1)
-                return True
-        return False
+    Worker ``w`` of ``W`` reads shards ``w, w + W, ...``; a batch never spans two shards, so a
+    shard's rows do not depend on the number of workers. Every batch carries ``"shard"``; after
+    the last batch of a shard comes ``{"shard": s, "end": True}``. Errors come back as
+    ``{"error": message}`` so the caller raises them with their own message.
+    """
 
-    def work() -> None:
+    def __init__(self, shards: list[tuple[int, Path]], *, channels: int, crops_per_image: int,
+                 seed: int, out_size: tuple[int, int] | None, batch_size: int) -> None:
+        self.shards, self.channels, self.k = shards, channels, crops_per_image
+        self.seed, self.out_size, self.batch_size = seed, out_size, batch_size
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        mine = self.shards if info is None else self.shards[info.id :: info.num_workers]
         try:
-            for item in src:
-                if not put(item):
-                    return
-            put(done)
-        except BaseException as e:  # handed to the consumer
-            put(e)
+            for s, path in mine:
+                if not path.is_file():
+                    raise StoreError(f"shard {path.name} listed in the manifest is missing; re-run ingest")
+                src = read_shard(path, channels=self.channels)
+                crops = make_crops(src, crops_per_image=self.k, seed=self.seed, out_size=self.out_size)
+                for batch in batch_crops(crops, batch_size=self.batch_size):
+                    yield {**batch, "shard": s, "end": False}
+                yield {"shard": s, "end": True}
+        except StoreError as e:
+            yield {"error": str(e)}
 
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    try:
-        while (item := q.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join()
+
+def iter_shard_batches(shards: list[tuple[int, Path]], *, workers: int, **kwargs: Any) -> Iterator[dict[str, Any]]:
+    """``ShardCrops`` through a ``DataLoader`` with ``workers`` processes (0: in this process).
+
+    Decoding and cropping are Python-heavy: worker processes keep them off the GIL of the
+    process that runs the model, and overlap them with it.
+    """
+    dataset = ShardCrops(shards, **kwargs)
+    workers = min(workers, len(shards))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
+                                         prefetch_factor=4 if workers else None,
+                                         persistent_workers=False)
+    for batch in loader:
+        if "error" in batch:
+            raise StoreError(batch["error"])
+        yield batch
 
 
 def provenance(manifest: dict, model: nn.Module, *, checkpoint_sha256: str | None,
@@ -222,26 +233,27 @@ def part_provenance(path: Path) -> dict[str, Any] | None:
     return json.loads(raw) if raw else None
 
 
-def score_shard(batches: Iterable[dict[str, Any]], model: nn.Module, *, grad_norm: str,
-                device: torch.device, on_batch: Callable[[int], None] | None = None) -> pa.Table:
-    """Score every batch of one shard and return its rows (schema ``FEATURES``, unsorted)."""
-    cols: dict[str, list] = {n: [] for n in FEATURES.names}
-    for b in batches:
-        x = b["x"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        labels = b["label"].to(device, non_blocking=True)
-        scores = score_batch(model, x, labels, grad_norm=grad_norm, autocast=device.type == "cuda")
-        crops = np.asarray(b["crops"], dtype=np.int64).reshape(-1, 5)
-        cols["index"].append(b["index"].numpy())
-        cols["crop"].append(b["crop"].numpy())
-        for j, name in enumerate(("top", "left", "height", "width", "flip")):
-            cols[name].append(crops[:, j])
-        cols["label"].append(b["label"].numpy())
-        for name in ("loss", "entropy_r", "grad_norm"):
-            cols[name].append(scores[name].float().cpu().numpy())
-        if on_batch:
-            on_batch(len(crops))
-    arrays = [pa.array(np.concatenate(cols[f.name]).astype(f.type.to_pandas_dtype())) for f in FEATURES]
-    return pa.Table.from_arrays(arrays, schema=FEATURES)
+def score_rows(batch: dict[str, Any], model: nn.Module, *, grad_norm: str,
+               device: torch.device) -> dict[str, np.ndarray]:
+    """Score one batch of ``batch_crops``; return its rows as NumPy columns of ``FEATURES``."""
+    x = batch["x"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    labels = batch["label"].to(device, non_blocking=True)
+    scores = score_batch(model, x, labels, grad_norm=grad_norm, autocast=device.type == "cuda")
+    crops = batch["crops"].numpy()
+    cols = {"index": batch["index"].numpy(), "crop": batch["crop"].numpy(), "label": batch["label"].numpy()}
+    for j, name in enumerate(("top", "left", "height", "width", "flip")):
+        cols[name] = crops[:, j]
+    for name in ("loss", "entropy_r", "grad_norm"):
+        cols[name] = scores[name].float().cpu().numpy()
+    return cols
+
+
+def assemble(batches: list[dict[str, np.ndarray]]) -> pa.Table:
+    """Rows of several scored batches as one table (schema ``FEATURES``, sorted by index, crop)."""
+    arrays = [pa.array(np.concatenate([b[f.name] for b in batches]).astype(f.type.to_pandas_dtype()))
+              for f in FEATURES]
+    table = pa.Table.from_arrays(arrays, schema=FEATURES)
+    return table.sort_by([("index", "ascending"), ("crop", "ascending")])
 
 
 def _check_model(model: nn.Module, manifest: dict) -> None:
@@ -316,7 +328,8 @@ def build_features(store, model: nn.Module, *, crops_per_image: int = 8, grad_no
                    checkpoint_sha256: str | None = None, overwrite: bool = False,
                    image_size: int | None = None, device: str | torch.device | None = None,
                    quantiles: int | None = None, angles: int | None = None, tables: bool = True,
-                   progress: bool = True, on_part: Callable[[int, Path], None] | None = None) -> dict:
+                   workers: int | None = None, progress: bool = True,
+                   on_part: Callable[[int, Path], None] | None = None) -> dict:
     """Score K crops of every training image; write ``features/part-*.parquet`` and ``features.json``.
 
     Args:
@@ -334,6 +347,8 @@ def build_features(store, model: nn.Module, *, crops_per_image: int = 8, grad_no
         image_size: model input size (default ``model.image_size``); crops are resized to it
             unless they are pad crops of images of exactly that size.
         quantiles, angles: passed to ``pipeline.tables.build_store_tables`` when ``tables``.
+        workers: decoding/cropping processes (default: one per spare CPU core, at most 8;
+            0 decodes in this process).
         on_part: called as ``on_part(shard, path)`` after each part is written.
 
     Returns:
@@ -356,6 +371,8 @@ def build_features(store, model: nn.Module, *, crops_per_image: int = 8, grad_no
     if world_size > 1 and _dist() is None:
         raise ValueError("world_size > 1 needs an initialised torch.distributed process group")
     _check_model(model, manifest)
+    if workers is None:
+        workers = min(8, max(0, (os.cpu_count() or 1) - 1))
     channels = int((manifest.get("image") or {}).get("channels", 3))
     out_size = output_size(manifest, image_size or getattr(model, "image_size", None))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -378,29 +395,26 @@ def build_features(store, model: nn.Module, *, crops_per_image: int = 8, grad_no
         todo = [(s, p, n) for s, p, n in mine if not _part(layout, s).is_file()]
         bar = _progress(sum(n for _, _, n in todo) * crops_per_image, progress and rank == 0)
         bad: list[tuple[int, int, list[int]]] = []  # (shard, crops, indices)
+        counts = {s: n for s, _, n in todo}
+        pending: dict[int, list[dict[str, np.ndarray]]] = {s: [] for s, _, _ in todo}
         scored, t_score = 0, time.perf_counter()
-        for s, path, count in todo:
-            if not path.is_file():
-                raise StoreError(f"shard {path.name} listed in the manifest is missing; re-run ingest")
-            src = read_shard(path, channels=channels)
-            batches = prefetch(batch_crops(make_crops(src, crops_per_image=crops_per_image, seed=seed,
-                                                      out_size=out_size), batch_size=batch_size))
-            table = score_shard(batches, model, grad_norm=grad_norm, device=device, on_batch=bar.update)
-            if table.num_rows != count * crops_per_image:
-                raise StoreError(f"{path.name} holds {table.num_rows // crops_per_image} samples, "
-                                 f"the manifest says {count}; re-run ingest")
-            _check_labels(table, manifest, path)
-            scored += table.num_rows
-            finite = np.ones(table.num_rows, bool)
-            for name in ("loss", "entropy_r", "grad_norm"):
-                finite &= np.isfinite(table[name].to_numpy())
-            if not finite.all():
-                idx = np.unique(table["index"].to_numpy()[~finite])
-                bad.append((s, int((~finite).sum()), idx.tolist()))
-                log.error("shard %d: %d crops with non-finite scores; part not written", s, (~finite).sum())
+        batches = iter_shard_batches([(s, p) for s, p, _ in todo], workers=workers, channels=channels,
+                                     crops_per_image=crops_per_image, seed=seed, out_size=out_size,
+                                     batch_size=batch_size)
+        for batch in batches:
+            s = batch["shard"]
+            if not batch["end"]:
+                pending[s].append(score_rows(batch, model, grad_norm=grad_norm, device=device))
+                bar.update(len(batch["x"]))
                 continue
-            table = table.sort_by([("index", "ascending"), ("crop", "ascending")]).replace_schema_metadata(meta)
-            atomic_write_parquet(_part(layout, s), table)
+            table = assemble(pending.pop(s)) if pending[s] else FEATURES.empty_table()
+            scored += table.num_rows
+            problem = _check_part(table, counts[s] * crops_per_image, manifest, shards[s][0])
+            if problem is not None:
+                bad.append((s, *problem))
+                log.error("shard %d: %d crops with non-finite scores; part not written", s, problem[0])
+                continue
+            atomic_write_parquet(_part(layout, s), table.replace_schema_metadata(meta))
             if on_part:
                 on_part(s, _part(layout, s))
         bar.close()
@@ -437,10 +451,21 @@ def _part(layout: StoreLayout, shard: int) -> Path:
     return layout.features_dir / f"part-{shard:06d}.parquet"
 
 
-def _check_labels(table: pa.Table, manifest: dict, path: Path) -> None:
+def _check_part(table: pa.Table, rows: int, manifest: dict, path: Path) -> tuple[int, list[int]] | None:
+    """Raise on a shard that does not match the manifest; return (crops, indices) of
+    non-finite scores, or None when every score is finite."""
+    if table.num_rows != rows:
+        raise StoreError(f"{path.name} yields {table.num_rows} crops, expected {rows} from the "
+                         "manifest's sample count; the shard is damaged, re-run ingest")
     labels = table["label"].to_numpy()
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes(manifest)):
         raise StoreError(f"{path.name}: labels outside 0..{num_classes(manifest) - 1}; re-run ingest")
+    finite = np.ones(table.num_rows, bool)
+    for name in ("loss", "entropy_r", "grad_norm"):
+        finite &= np.isfinite(table[name].to_numpy())
+    if finite.all():
+        return None
+    return int((~finite).sum()), np.unique(table["index"].to_numpy()[~finite]).tolist()
 
 
 def _progress(total: int, enabled: bool):

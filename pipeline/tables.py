@@ -22,7 +22,15 @@ Building: ``f`` is binned into a ``bins x bins`` grid whose edges follow the qua
 even mix of the uniform and the weighted marginals (so no column holds more than ``2/bins`` of
 either mass); each occupied cell becomes one point at its weighted centroid, and per angle the
 points are sorted by ``G``. Up to ``bins**2`` rows the rows themselves are the points (exact).
-Angle ``a + pi`` reuses the sort of ``a`` reversed.
+Angle ``a + pi`` reuses the sort of ``a`` reversed. Tied raw values (more than 1/Q of the rows
+on one value, e.g. a loss of exactly 0) map to one exact cdf value; each such tie group gets a
+grid column of its own and its cells' points sit on the tied value exactly, so a tie is never
+split or blended with its neighbours (a blended tie can be off by its whole mass).
+
+Fast evaluation: ``Piecewise`` holds any of these functions (T, H, and their composition
+``H(T(G))``) as right-continuous line segments; ``Piecewise.fast`` evaluates it in float32
+through a table of up to 2**20 bucket lines, falling back to ``searchsorted`` only in buckets that
+hold a breakpoint.
 """
 
 from __future__ import annotations
@@ -36,17 +44,10 @@ import numpy as np
 import pyarrow as pa
 
 from storage import StoreError, StoreLayout, atomic_write_json, atomic_write_parquet
-from storage.schemas import CDF, CGF, FEATURE_NAMES
+from storage.schemas import CDF, CGF, FEATURE_NAMES, POINTS
 
 KINDS = ("cgf", "cdf")
 _FINE = 1 << 16  # resolution of the 1-D marginals used to place the grid edges
-# tables/points.parquet: the weighted points (rows or grid-cell centroids) behind the knots.
-POINTS = pa.schema([("transform", pa.string()), ("f1", pa.float64()), ("f2", pa.float64()),
-                    ("mass", pa.float64())])
-
-
-def points_path(layout: StoreLayout):
-    return layout.tables_dir / "points.parquet"
 
 
 class TablesError(StoreError):
@@ -131,6 +132,16 @@ class FeatureTables:
         if knots is None:
             raise TablesError(f"no cdf knots for feature {name!r} (have {sorted(self.cdf_knots)})")
         return np.interp(np.asarray(raw, dtype=np.float64), knots, self.levels, left=0.0)
+
+    def cdf_function(self, name: str) -> Piecewise:
+        """``feature_cdf`` of ``name`` as a ``Piecewise`` (cached; ``.fast`` for float32)."""
+        key = ("cdf", name)
+        if key not in self._cache:
+            knots = self.cdf_knots.get(name)
+            if knots is None:
+                raise TablesError(f"no cdf knots for feature {name!r} (have {sorted(self.cdf_knots)})")
+            self._cache[key] = Piecewise.from_knots(knots, self.levels, left=0.0)
+        return self._cache[key]
 
     def neighbours(self, c1: float, c2: float) -> tuple[float, float, float]:
         """Grid angles ``a_j, a_{j+1}`` around the direction of ``c`` and the blend weight."""
@@ -257,7 +268,7 @@ def _knots_at(x: np.ndarray, y: np.ndarray, m: np.ndarray, theta: float, quantil
     """Knots of G at ``theta`` and at ``theta + pi`` (same sort, reversed)."""
     u1, u2 = unit(theta)
     g = u1 * x + u2 * y
-    order = np.argsort(g, kind="stable")
+    order = np.argsort(g)  # ties need no order: a knot is a value of G, not a row
     gs, ms = g[order], m[order]
     return (weighted_knots(gs, ms, quantiles, presorted=True),
             weighted_knots(-gs[::-1], ms[::-1], quantiles, presorted=True))
@@ -299,35 +310,75 @@ def weighted_knots(values: np.ndarray, weights: np.ndarray | None, quantiles: in
     return np.asarray(v[np.minimum(pos, v.size - 1)], dtype=np.float64)
 
 
-def _grid_edges(f: np.ndarray, w: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
-    """Map from the fine 1-D grid to ``bins`` columns of at most ~2/bins of either mass."""
+def atoms(knots: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """cdf values that a whole tie group of raw values maps to: the repeated knots' levels.
+
+    A raw value carrying more than 1/Q of the rows repeats among the knots; every row holding it
+    gets the same ``f`` (the level of its last repeated knot), exactly, as a float.
+    """
+    runs = np.flatnonzero(np.append(knots[1:] != knots[:-1], True))
+    lengths = np.diff(np.append(-1, runs))
+    return levels[runs[lengths > 1]]
+
+
+def _columns(f: np.ndarray, w: np.ndarray, bins: int, tied: np.ndarray):
+    """Column of each row on one axis: a tie group (value in ``tied``) gets a column of its own;
+    the other rows fill ``bins`` columns of at most ~2/bins of either mass (uniform, weighted).
+
+    Returns:
+        (col int64 (n,), ncols, value (ncols,) float64: the tied value, NaN for a plain column).
+    """
     fine = np.minimum((f * _FINE).astype(np.int64), _FINE - 1)
-    uni = np.bincount(fine, minlength=_FINE).astype(np.float64)
-    wt = np.bincount(fine, weights=w, minlength=_FINE)
-    mix = np.cumsum(0.5 * uni / uni.sum() + 0.5 * wt / wt.sum())
-    return np.minimum((mix * bins - 1e-9).astype(np.int64).clip(0), bins - 1), fine
+    tied = np.unique(tied)
+    tfine = np.minimum((tied * _FINE).astype(np.int64), _FINE - 1)
+    tfine, first = np.unique(tfine, return_index=True)  # one tie group per fine cell at most
+    tied = tied[first]
+    lut_val = np.full(_FINE, np.nan)
+    lut_val[tfine] = tied
+    lut_id = np.zeros(_FINE, dtype=np.int64)
+    lut_id[tfine] = np.arange(tied.size)
+    is_tied = f == lut_val[fine]  # NaN never compares equal: plain fine cells give False
+    plain = ~is_tied
+    uni = np.bincount(fine[plain], minlength=_FINE).astype(np.float64)
+    wt = np.bincount(fine[plain], weights=w[plain], minlength=_FINE)
+    mix = np.cumsum(0.5 * uni / max(uni.sum(), 1.0) + 0.5 * wt / max(wt.sum(), 1e-300))
+    lut = np.minimum((mix * bins - 1e-9).astype(np.int64).clip(0), bins - 1)
+    col = lut[fine]
+    col[is_tied] = bins + lut_id[fine[is_tied]]
+    value = np.concatenate([np.full(bins, np.nan), tied])
+    return col, bins + tied.size, value
 
 
-def _points(f1: np.ndarray, f2: np.ndarray, w: np.ndarray, bins: int) -> dict[str, np.ndarray]:
-    """Weighted points that stand for the rows: the rows themselves, or grid-cell centroids."""
+def _points(f1: np.ndarray, f2: np.ndarray, w: np.ndarray, bins: int,
+            tied1: np.ndarray, tied2: np.ndarray) -> dict[str, np.ndarray]:
+    """Weighted points that stand for the rows: the rows themselves, or one point per grid cell.
+
+    A cell's point sits at its weighted centroid, except along an axis where the cell is one tie
+    group: there it sits at the tied value exactly, so the tied rows' G equals the point's G
+    bit for bit and the tie is kept whole (``tied1``/``tied2``: the tied cdf values, ``atoms``).
+    """
     n = f1.size
     if n <= bins * bins:
         return {"cgf": np.stack([f1, f2, w]), "cdf": np.stack([f1, f2, np.ones(n)])}
-    lut1, fine1 = _grid_edges(f1, w, bins)
-    cell = lut1[fine1]
-    del fine1
-    lut2, fine2 = _grid_edges(f2, w, bins)
-    cell *= bins
-    cell += lut2[fine2]
-    del fine2
-    size = bins * bins
+    col1, n1, val1 = _columns(f1, w, bins, tied1)
+    col2, n2, val2 = _columns(f2, w, bins, tied2)
+    cell = col1
+    cell *= n2
+    cell += col2
+    del col2
+    size = n1 * n2
     out = {}
     for kind, weight in (("cgf", w), ("cdf", None)):
         mass = np.bincount(cell, weights=weight, minlength=size).astype(np.float64)
         s1 = np.bincount(cell, weights=f1 if weight is None else f1 * weight, minlength=size)
         s2 = np.bincount(cell, weights=f2 if weight is None else f2 * weight, minlength=size)
-        keep = mass > 0
-        out[kind] = np.stack([s1[keep] / mass[keep], s2[keep] / mass[keep], mass[keep]])
+        keep = np.flatnonzero(mass > 0)
+        m = mass[keep]
+        x, y = s1[keep] / m, s2[keep] / m
+        t1, t2 = val1[keep // n2], val2[keep % n2]
+        x = np.where(np.isnan(t1), x, t1)
+        y = np.where(np.isnan(t2), y, t2)
+        out[kind] = np.stack([x, y, m])
     return out
 
 
@@ -366,7 +417,8 @@ def build_tables(loss, entropy_r, grad_norm, *, quantiles: int = 1024, angles: i
     probe = FeatureTables(quantiles, angles, cdf_knots, np.empty(0), {}, n)
     f1 = probe.feature_cdf("loss", arrays["loss"])
     f2 = probe.feature_cdf("entropy_r", arrays["entropy_r"])
-    points = _points(f1, f2, w, bins)
+    lv = probe.levels
+    points = _points(f1, f2, w, bins, atoms(cdf_knots["loss"], lv), atoms(cdf_knots["entropy_r"], lv))
     del f1, f2
     knots = {kind: np.empty((angles, quantiles + 1)) for kind in KINDS}
     half = angles // 2 if angles % 2 == 0 else None
@@ -380,6 +432,142 @@ def build_tables(loss, entropy_r, grad_norm, *, quantiles: int = 1024, angles: i
     grid = np.array([grid_angle(j, angles) for j in range(angles)])
     return FeatureTables(quantiles, angles, cdf_knots, grid, knots, n, points)
 
+
+# -- fast evaluation -----------------------------------------------------------------------
+_LUT_BUCKETS = (1 << 12, 1 << 20)  # table sizes: 4k lines (32 KiB) .. 1M lines (8 MiB)
+_LUT_MARGIN = 1 / 16  # buckets within this fraction of a breakpoint take the exact path
+_LUT_RISE = 1e2  # |slope * x| above this loses float32 precision: exact path too
+EPS32 = 2.0 ** -21  # float32 G of a tied crop lands within 3.4e-7 of its float64 knot (rounding bound)
+
+
+@dataclass(frozen=True, eq=False)
+class Piecewise:
+    """A right-continuous piecewise-linear function of one variable (the shape of T, H, H(T)).
+
+    On ``[starts[i], starts[i+1])`` it is ``values[i] + (x - starts[i]) * slopes[i]``; below
+    ``starts[0]`` it is ``left``; from ``starts[-1]`` on it is ``values[-1]`` (``slopes[-1] == 0``).
+    Jumps sit at ``starts`` (the value there is the right limit), as ``np.interp`` does with
+    repeated knots.
+
+    Attributes:
+        starts: (m,) float64, strictly increasing, m >= 1.
+        values, slopes: (m,) float64.
+        left: value below ``starts[0]``.
+    """
+
+    starts: np.ndarray
+    values: np.ndarray
+    slopes: np.ndarray
+    left: float
+    _lut: dict = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_lut", {})
+
+    @classmethod
+    def from_knots(cls, xp, fp, left: float | None = None) -> Piecewise:
+        """``np.interp(x, xp, fp, left=left)`` as a ``Piecewise`` (xp non-decreasing, repeats allowed)."""
+        xp = np.asarray(xp, dtype=np.float64)
+        fp = np.asarray(fp, dtype=np.float64)
+        last = np.flatnonzero(np.append(xp[1:] != xp[:-1], True))  # last of each run of repeats
+        starts, values = xp[last], fp[last]
+        nxt = np.minimum(last + 1, xp.size - 1)
+        span = xp[nxt] - xp[last]
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            slopes = (fp[nxt] - fp[last]) / span
+        # A segment too short for a finite slope is a jump: its start value holds on it.
+        slopes[~np.isfinite(slopes)] = 0.0
+        return cls(starts, values, slopes, float(fp[0] if left is None else left))
+
+    def __call__(self, x) -> np.ndarray:
+        """Exact evaluation in float64 (any shape)."""
+        x = np.asarray(x, dtype=np.float64)
+        i = np.searchsorted(self.starts, x, side="right") - 1
+        j = np.maximum(i, 0)
+        out = self.values[j] + (x - self.starts[j]) * self.slopes[j]
+        out[i < 0] = self.left
+        return out
+
+    def then(self, h: Piecewise) -> Piecewise:
+        """``h(self(x))`` as a ``Piecewise``; ``self`` must be non-decreasing (a cdf/cgf)."""
+        s, v, k = self.starts, self.values, self.slopes
+        ends = v[:-1] + k[:-1] * np.diff(s)  # left limits at starts[1:]
+        t = v.copy()  # self at each breakpoint
+        xs, ts = [s], [t]
+        for e in h.starts:
+            inside = np.flatnonzero((v[:-1] < e) & (e < ends) & (k[:-1] > 0))
+            x = s[inside] + (e - v[inside]) / k[inside]
+            low = x <= s[inside]  # rounding put the crossing on the start: T there is e
+            t[inside[low]] = e
+            keep = ~low & (x < s[inside + 1])
+            xs.append(x[keep])
+            ts.append(np.full(int(keep.sum()), e))
+        x = np.concatenate(xs)
+        t = np.concatenate(ts)
+        order = np.argsort(x, kind="stable")
+        x, t = x[order], t[order]
+        first = np.append(True, x[1:] != x[:-1])
+        x, t = x[first], t[first]
+        seg = np.searchsorted(s, x, side="right") - 1
+        hseg = np.maximum(np.searchsorted(h.starts, t, side="right") - 1, 0)
+        below = np.searchsorted(h.starts, t, side="right") == 0
+        hval = np.where(below, h.left, h.values[hseg] + (t - h.starts[hseg]) * h.slopes[hseg])
+        hk = np.where(below, 0.0, h.slopes[hseg])
+        return Piecewise(x, hval, hk * k[seg], float(h(np.array([self.left]))[0]))
+
+    def fast(self, x, *, eps: float = 0.0) -> np.ndarray:
+        """float32 evaluation at ``x + eps`` (any shape; float32 result, ~1e-6 off ``__call__``).
+
+        A table of 4k..1M buckets holds the line of every bucket that no breakpoint touches; the
+        crops in other buckets (and NaN) go through the exact ``searchsorted`` path. ``eps``
+        counts G values a few float32 ulps below a tied knot as tied.
+        """
+        x = np.asarray(x)
+        shape = x.shape
+        x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+        lo, inv, table = self._table(eps)
+        d = np.subtract(x, np.float32(lo), dtype=np.float32)
+        out = np.multiply(d, np.float32(inv), dtype=np.float32)
+        np.clip(out, 0, table.size - 1, out=out)
+        z = table[out.astype(np.int32)]
+        np.multiply(z.imag, d, out=out)
+        out += z.real
+        del z, d
+        bad = np.flatnonzero(np.isnan(out))
+        if bad.size:
+            out[bad] = self(x[bad].astype(np.float64) + eps)
+        return out.reshape(shape)
+
+    def _table(self, eps: float):
+        if eps not in self._lut:
+            u = self.starts - eps
+            lo, hi = float(u[0]), float(u[-1])
+            m = _buckets(u)
+            table = np.full(m, np.nan + 1j * np.nan, dtype=np.complex64)
+            inv = m / (hi - lo) if hi > lo else 0.0
+            if hi > lo:
+                w = (hi - lo) / m
+                edges = lo + np.arange(m + 1) * w
+                touched = (np.searchsorted(u, edges[1:] + _LUT_MARGIN * w, side="right")
+                           - np.searchsorted(u, edges[:-1] - _LUT_MARGIN * w, side="left")) > 0
+                i = np.searchsorted(u, 0.5 * (edges[:-1] + edges[1:]), side="right") - 1
+                reach = np.maximum(np.abs(edges[:-1] - lo), np.abs(edges[1:] - lo))
+                clean = ~touched & (np.abs(self.slopes[i]) * reach <= _LUT_RISE)
+                # value = values[i] + (x - u[i]) * slope = (values[i] - (u[i] - lo) * slope) + d * slope
+                table[clean] = ((self.values[i] - (u[i] - lo) * self.slopes[i])
+                                + 1j * self.slopes[i])[clean]
+            self._lut[eps] = (lo, inv, table)
+        return self._lut[eps]
+
+
+
+def _buckets(u: np.ndarray) -> int:
+    """Table size that leaves ~95% of the gaps between breakpoints at least 32 buckets wide."""
+    gaps = np.diff(u)
+    if gaps.size == 0 or u[-1] <= u[0]:
+        return _LUT_BUCKETS[0]
+    want = 32 * (u[-1] - u[0]) / max(float(np.quantile(gaps, 0.05)), 1e-300)
+    return int(2 ** np.clip(np.ceil(np.log2(want)), *np.log2(_LUT_BUCKETS)))
 
 def read_feature_columns(store, columns=("loss", "entropy_r", "grad_norm")) -> dict[str, np.ndarray]:
     """Feature columns of every part of the store as NumPy arrays (via pyarrow.dataset)."""
@@ -434,7 +622,7 @@ def build_store_tables(store, *, quantiles: int = 1024, angles: int = 720, bins:
     }, schema=POINTS)
     atomic_write_parquet(layout.inside(layout.cdf_table), cdf)
     atomic_write_parquet(layout.inside(layout.cgf_table), cgf)
-    atomic_write_parquet(layout.inside(points_path(layout)), points)
+    atomic_write_parquet(layout.inside(layout.points_table), points)
     meta = {
         "store_id": info.get("store_id"),
         "features_checkpoint_sha256": info.get("checkpoint_sha256"),
@@ -474,12 +662,12 @@ def load_tables(store) -> FeatureTables:
         knots[kind] = sel.reshape(a, q + 1)
     angles = np.array([grid_angle(j, a) for j in range(a)])
     points = None
-    if points_path(layout).is_file():
-        pts = pq.read_table(points_path(layout))
+    if layout.points_table.is_file():
+        pts = pq.read_table(layout.points_table)
         pk = pts["transform"].to_numpy(zero_copy_only=False)
         points = {k: np.stack([pts[c].to_numpy()[pk == k] for c in ("f1", "f2", "mass")]) for k in KINDS}
     return FeatureTables(q, a, cdf_knots, angles, knots, int(meta["rows"]), points)
 
 
-__all__ = ["KINDS", "POINTS", "FeatureTables", "TablesError", "build_store_tables", "build_tables",
+__all__ = ["EPS32", "KINDS", "FeatureTables", "Piecewise", "TablesError", "build_store_tables", "build_tables",
            "direction", "grid_angle", "load_tables", "read_feature_columns", "weighted_knots"]

@@ -1,1 +1,41 @@
-"""search."""
+"""search: the outer loop of the Swift Sampler (PAPER.md §3.3-3.4, Algorithm 1).
+
+    from search import FinetuneObjective, FinetuneSettings, run_search
+    objective = FinetuneObjective(store, "STORE/runs/w_share/checkpoint.pt", FinetuneSettings(epochs=5))
+    summary = run_search(store, "ss", objective, make_sampler, settings=..., steps=40)
+
+``agents`` (GP-UCB, random; ask/tell over [0,1]^10), ``space`` (the cube), ``objective`` (the
+inner loop: fine-tune ``w_share`` with a sampler, score top-1 on val) and ``loop`` (resumable
+``run_search`` writing ``STORE/searches/NAME``). The objective imports torch and the trainer;
+it is loaded on first use so that agents and the loop stay light.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .agents import AGENTS, create_agent
+from .loop import (
+    TrialResult,
+    best_so_far,
+    best_trial,
+    read_settings,
+    read_trials,
+    run_search,
+    summarize,
+)
+
+_LAZY = {"FinetuneObjective", "FinetuneSettings", "check_search_inputs"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from . import objective
+
+        return getattr(objective, name)
+    raise AttributeError(f"module 'search' has no attribute {name!r}")
+
+
+__all__ = ["AGENTS", "FinetuneObjective", "FinetuneSettings", "TrialResult", "best_so_far",
+           "best_trial", "check_search_inputs", "create_agent", "read_settings", "read_trials",
+           "run_search", "summarize"]

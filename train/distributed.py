@@ -73,6 +73,21 @@ def broadcast_object(obj, info: DistInfo):
     return box[0]
 
 
+def average_buffers(model: torch.nn.Module, info: DistInfo) -> None:
+    """Average floating-point buffers (BatchNorm running statistics) over ranks.
+
+    DDP keeps parameters identical but lets each rank update its own running statistics after
+    the last forward of an epoch; averaging them makes every rank hold the same model for
+    validation and checkpoints (and uses every rank's data, unlike copying rank 0's).
+    """
+    if not info.distributed:
+        return
+    for buf in model.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf)
+            buf /= info.world_size
+
+
 def barrier(info: DistInfo) -> None:
     if info.distributed:
         dist.barrier()

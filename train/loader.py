@@ -42,6 +42,7 @@ import itertools
 import json
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
@@ -290,6 +291,8 @@ class ShardDataset(IterableDataset):
         return steps // w + (1 if worker < steps % w else 0)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        # torchvision warns on every decode call; once per worker is enough (and costs less).
+        warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities")
         info = get_worker_info()
         worker = info.id if info is not None else 0
         skipped: list[str] = []

@@ -42,7 +42,7 @@ from storage import (
 )
 
 from .checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
-from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from .distributed import DistInfo, all_reduce_sum, average_buffers, barrier, init_distributed
 from .evaluate import noise_diagnostics, predict_batches
 from .loader import BatchFilter, CropStage, create_loader
 from .models import create_model
@@ -178,6 +178,7 @@ def fit(config: TrainConfig, *, sampler: SamplerHook | None = None,
         for epoch in range(start_epoch, config.epochs):
             metrics = _train_epoch(ddp_model, loader, ds, optimizer, config, dist, epoch, steps,
                                    amp, hook)
+            average_buffers(model, dist)
             if val is not None:
                 metrics.update(_validate(model, val, dist, amp))
             history.append(metrics)

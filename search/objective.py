@@ -1,0 +1,314 @@
+"""The inner loop (PAPER.md §3.4): fine-tune ``w_share`` with a candidate sampler, score on val.
+
+``P(tau)`` is approximated by loading ``w_share`` (the checkpoint the features were built
+from), fine-tuning it for ``E_f`` epochs with the sampler in the loader's 2x oversample-and-
+filter stage (features looked up in the feature store: no extra forward passes), and taking
+top-1 on the val split, labels as they are (noisy where noise was injected, as in the paper).
+
+Choices (measured on digits; see ``bench/bench_trial.py``):
+
+- The fine-tune uses ``w_share``'s recipe (model, momentum, weight decay, batch size) with a
+  *cosine* schedule from ``lr_fraction`` x ``w_share``'s peak lr (default 0.25) to 0: a short,
+  smaller-step run from a converged point, which moves the weights toward what the sampler's
+  data distribution favours without the jump of a full-lr restart, and ends annealed so the
+  score does not depend on where in a cycle the run stopped.
+- ``repeats`` fine-tunes with different seeds and averages their scores: the objective's noise
+  falls by ``sqrt(repeats)`` at ``repeats`` times the cost.
+- Trial ``n`` uses seed ``seed + n`` (repeat ``r``: ``(seed + n) * repeats + r``), so a resumed
+  search re-runs a cut-off trial exactly.
+
+Every rank runs the objective under torchrun (the trainer wraps the model in DDP); the val
+score is summed over ranks, so every rank returns the same ``TrialResult``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.sampler import Sampler
+from pipeline.sampler_file import SamplerFileError, check_not_all_zero
+from storage import StoreError, StoreLayout, read_manifest, sha256_file
+from train.checkpoint import CheckpointError, load_checkpoint
+from train.distributed import DistInfo, all_reduce_sum, init_distributed
+from train.evaluate import noise_diagnostics, predict_batches
+from train.loader import create_loader
+from train.presets import resolve_config
+from train.schedules import SCHEDULES
+from train.trainer import SamplerHook, TrainingDiverged, fit
+
+from .loop import TrialResult
+
+log = logging.getLogger(__name__)
+FEATURE_MODES = ("store", "online")
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """How one trial fine-tunes ``w_share`` (all of it goes into ``search.json``).
+
+    Attributes:
+        epochs: E_f, fine-tune epochs per trial (>= 1).
+        lr: peak learning rate; None: ``lr_fraction`` x the checkpoint's peak lr.
+        lr_fraction: used when ``lr`` is None.
+        schedule: one of ``train.schedules.SCHEDULES`` (default cosine to 0).
+        warmup: linear warm-up in epochs (cosine only).
+        batch_size: per rank; None: the checkpoint's.
+        repeats: fine-tunes per trial with different seeds; the score is their mean.
+        features: "store" (features from the feature store) or "online" (scored by w_share).
+    """
+
+    epochs: int = 5
+    lr: float | None = None
+    lr_fraction: float = 0.25
+    schedule: str = "cosine"
+    warmup: float = 0.0
+    batch_size: int | None = None
+    repeats: int = 1
+    features: str = "store"
+
+    def check(self) -> FinetuneSettings:
+        if int(self.epochs) < 1:
+            raise ValueError(f"--finetune-epochs must be >= 1, got {self.epochs}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"--finetune-lr must be positive, got {self.lr}")
+        if not 0 < self.lr_fraction <= 10:
+            raise ValueError(f"lr_fraction must be in (0, 10], got {self.lr_fraction}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.batch_size is not None and int(self.batch_size) < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if int(self.repeats) < 1:
+            raise ValueError(f"--repeats must be >= 1, got {self.repeats}")
+        if self.features not in FEATURE_MODES:
+            raise ValueError(f"features must be one of {', '.join(FEATURE_MODES)}, got {self.features!r}")
+        return self
+
+
+def check_search_inputs(store: str | Path, checkpoint: str | Path) -> dict[str, Any]:
+    """Refuse a checkpoint that is not the one the store's features were built from.
+
+    Returns:
+        ``{"store_id", "features_checkpoint_sha256", "checkpoint": meta dict}``.
+
+    Raises:
+        StoreError: no features/tables yet, features of another checkpoint, class or channel
+            count mismatch; ``CheckpointError`` for an unreadable checkpoint.
+    """
+    layout = StoreLayout(store).require()
+    manifest = read_manifest(layout)
+    if not layout.features_meta.is_file():
+        raise StoreError(f"{layout.root} has no features (features/features.json missing); run "
+                         "`swift-sampler pipeline build-features --checkpoint CKPT` first")
+    feats = json.loads(layout.features_meta.read_text())
+    if not feats.get("done"):
+        raise StoreError(f"features of {layout.root} are unfinished; run build-features again to finish")
+    if not layout.tables_meta.is_file():
+        raise StoreError(f"{layout.root} has no tables (tables/tables.json missing); run "
+                         "`swift-sampler pipeline build-features` again to build them")
+    ckpt = load_checkpoint(checkpoint)
+    classes = len(manifest["classes"])
+    channels = int((manifest.get("image") or {}).get("channels") or 3)
+    if int(ckpt["num_classes"]) != classes or int(ckpt["in_chans"]) != channels:
+        raise CheckpointError(
+            f"{checkpoint} was trained for {ckpt['num_classes']} classes x {ckpt['in_chans']} "
+            f"channels but the store has {classes} classes x {channels} channels; pass the "
+            "w_share checkpoint trained on this store")
+    sha = sha256_file(checkpoint)
+    if feats.get("checkpoint_sha256") != sha:
+        raise StoreError(
+            f"the store's features were built from checkpoint sha256 {feats.get('checkpoint_sha256')}, "
+            f"but {checkpoint} has sha256 {sha}; pass the checkpoint the features came from "
+            "(w_share), or rebuild the features from this one with build-features --overwrite")
+    if ckpt.get("store_id") not in (None, manifest["store_id"]):
+        log.warning("%s was trained on another store (store_id %s); using it as w_share anyway",
+                    checkpoint, ckpt.get("store_id"))
+    meta = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "rng")}
+    return {"store_id": manifest["store_id"], "features_checkpoint_sha256": sha, "checkpoint": meta}
+
+
+class FinetuneObjective:
+    """``objective(sampler, seed) -> TrialResult``: fine-tune ``w_share``, score top-1 on val.
+
+    Args:
+        store: store directory with features and tables built from ``checkpoint``.
+        checkpoint: ``w_share`` (``runs/NAME/checkpoint.pt``).
+        settings: ``FinetuneSettings``.
+        workers: loader workers per rank; device: None (cuda when present) or a torch device.
+        val_split: split scored.
+        hook_factory: builds the loader's sampler stage, called as ``hook_factory(store,
+            sampler, features=, seed=, model=) -> SamplerHook``; default
+            ``train.sampling.create_sampler_hook``.
+    """
+
+    def __init__(self, store: str | Path, checkpoint: str | Path, settings: FinetuneSettings | None = None,
+                 *, workers: int = 2, device: str | None = None, val_split: str = "val",
+                 hook_factory: Callable[..., SamplerHook] | None = None) -> None:
+        self.hook_factory = hook_factory
+        self.store = str(StoreLayout(store).require().root)
+        self.checkpoint = str(checkpoint)
+        self.settings = (settings or FinetuneSettings()).check()
+        self.info = check_search_inputs(store, checkpoint)
+        self.workers, self.device, self.val_split = workers, device, val_split
+        manifest = read_manifest(StoreLayout(store))
+        if not (manifest["splits"].get(val_split) or {}).get("shards"):
+            raise StoreError(f"store {self.store} has no {val_split!r} split to score the trials on")
+        meta = self.info["checkpoint"]
+        recipe = meta.get("config") or {}
+        s = self.settings
+        self.recipe = {
+            "model": meta["model_name"],
+            "image_size": int(meta["image_size"]),
+            "epochs": int(s.epochs),
+            "batch_size": int(s.batch_size or recipe.get("batch_size") or 128),
+            "lr": float(s.lr if s.lr is not None else s.lr_fraction * float(recipe.get("lr", 0.1))),
+            "schedule": s.schedule,
+            "warmup": float(s.warmup),
+            "momentum": float(recipe.get("momentum", 0.9)),
+            "nesterov": bool(recipe.get("nesterov", True)),
+            "weight_decay": float(recipe.get("weight_decay", 5e-4)),
+            "label_smoothing": float(recipe.get("label_smoothing", 0.0)),
+            "repeats": int(s.repeats),
+            "features": s.features,
+        }
+        self._frozen = None  # w_share for online features, loaded on first use
+
+    def describe(self) -> dict[str, Any]:
+        """The resolved fine-tune recipe (what defines the objective; goes into search.json)."""
+        return {**self.recipe, "val_split": self.val_split}
+
+    # -- one fine-tune --------------------------------------------------------------------
+    def finetune(self, sampler: Sampler, seed: int) -> tuple[torch.nn.Module, dict[str, Any]]:
+        """Fine-tune ``w_share`` once with ``sampler``; returns ``(model, info)``.
+
+        ``info``: ``epochs`` run, mean ``kept_fraction`` and ``flipped_kept_share`` over epochs
+        (NaN without a filter stage / without noise ground truth).
+
+        Raises:
+            TrainingDiverged: the loss became non-finite.
+        """
+        r = self.recipe
+        config = resolve_config(
+            self.store, name=None, model=r["model"], epochs=r["epochs"], batch_size=r["batch_size"],
+            lr=r["lr"], schedule=r["schedule"], warmup=r["warmup"], momentum=r["momentum"],
+            nesterov=r["nesterov"], weight_decay=r["weight_decay"],
+            label_smoothing=r["label_smoothing"], seed=int(seed), workers=self.workers,
+            image_size=r["image_size"], val_split="", init=self.checkpoint, device=self.device,
+            save_checkpoints=False, progress=False)
+        epochs: list[dict[str, Any]] = []
+        result = fit(config, sampler=self._hook(sampler, seed), on_epoch_end=epochs.append)
+
+        def mean(key: str) -> float:
+            vals = [m[key] for m in epochs if m.get(key) is not None]
+            return float(np.mean(vals)) if vals else math.nan
+
+        return result.model, {"epochs": len(epochs), "kept_fraction": mean("kept_fraction"),
+                              "flipped_kept_share": mean("flipped_kept_share")}
+
+    def score(self, model: torch.nn.Module, split: str | None = None) -> dict[str, float]:
+        """Top-1 of ``model`` on ``split`` (default the val split), summed over ranks.
+
+        Returns ``top1`` (against the split's labels, what the search optimises) and, for
+        diagnostics only, ``true_top1`` (against the original labels; NaN without noise).
+        """
+        split = split or self.val_split
+        dist = _dist(self.device)
+        loader, _ = create_loader(self.store, split, batch_size=max(256, self.recipe["batch_size"]),
+                                  train=False, rank=dist.rank, world_size=dist.world_size,
+                                  num_workers=min(self.workers, 1), image_size=self.recipe["image_size"],
+                                  pin_memory=dist.device.type == "cuda")
+        out = predict_batches(model, loader, dist.device)
+        pred = out["logits"].argmax(1) if len(out["label"]) else np.zeros(0, np.int64)
+        correct = float((pred == out["label"]).sum())
+        diag = noise_diagnostics(self.store, split, out["index"], pred) if len(pred) else None
+        true_correct = math.nan
+        if diag is not None:
+            true_correct = ((diag["clean_accuracy"] or 0.0) * diag["n_clean"]
+                            + (diag["flipped_true_accuracy"] or 0.0) * diag["n_flipped"])
+        total = all_reduce_sum(torch.tensor([correct, float(len(pred)), true_correct],
+                                            dtype=torch.float64), dist)
+        n = max(total[1].item(), 1.0)
+        return {"top1": total[0].item() / n, "true_top1": total[2].item() / n, "count": int(total[1].item())}
+
+    # -- the objective --------------------------------------------------------------------
+    def __call__(self, sampler: Sampler, seed: int) -> TrialResult:
+        reps = self.recipe["repeats"]
+        scores, true_scores, kept, flipped, epochs = [], [], [], [], 0
+        t0 = time.perf_counter()
+        try:
+            check_not_all_zero(sampler, self.store)
+        except SamplerFileError as e:  # nothing would be trained: the worst possible sampler
+            return TrialResult(score=math.nan, epochs=0, error=str(e))
+        for r in range(reps):
+            try:
+                model, info = self.finetune(sampler, int(seed) * reps + r)
+            except TrainingDiverged as e:
+                return TrialResult(score=math.nan, epochs=epochs, error=str(e))
+            epochs += info["epochs"]
+            s = self.score(model)
+            scores.append(s["top1"])
+            true_scores.append(s["true_top1"])
+            kept.append(info["kept_fraction"])
+            flipped.append(info["flipped_kept_share"])
+        return TrialResult(
+            score=float(np.mean(scores)), epochs=epochs, kept_fraction=_nanmean(kept),
+            flipped_kept_share=_nanmean(flipped),
+            extra={"scores": scores, "true_top1": _nanmean(true_scores),
+                   "seconds": time.perf_counter() - t0})
+
+    def _hook(self, sampler: Sampler, seed: int) -> SamplerHook | None:
+        create_sampler_hook = self.hook_factory
+        if create_sampler_hook is None:
+            try:
+                from train.sampling import create_sampler_hook
+            except ModuleNotFoundError as e:
+                if e.name != "train.sampling":
+                    raise
+                if _constant_tau(sampler):
+                    return None  # uniform sampling needs no filter stage
+                raise StoreError("this installation lacks the oversample-and-filter stage "
+                                 "(train.sampling); only the uniform sampler can be fine-tuned") from None
+        model = None
+        if self.recipe["features"] == "online":
+            if self._frozen is None:
+                from train.checkpoint import load_model
+
+                self._frozen, _ = load_model(self.checkpoint, _dist(self.device).device)
+            model = self._frozen
+        return create_sampler_hook(self.store, sampler, features=self.recipe["features"],
+                                   seed=int(seed), model=model)
+
+
+def _constant_tau(sampler: Sampler) -> bool:
+    # tau does not depend on the features (all values equal, or c = 0 so that t = 1): every
+    # crop has the same weight and the filter would keep a uniform half.
+    v = sampler.values
+    return (len(set(v)) == 1 and v[0] > 0) or (sampler.c1 == 0 and sampler.c2 == 0 and v[-1] > 0)
+
+
+def _nanmean(values: list[float]) -> float:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(vals)) if vals else math.nan
+
+
+def _dist(device: str | None) -> DistInfo:
+    return init_distributed(device)
+
+
+def settings_from_dict(d: dict[str, Any]) -> FinetuneSettings:
+    names = {f.name for f in dataclasses.fields(FinetuneSettings)}
+    return FinetuneSettings(**{k: v for k, v in d.items() if k in names}).check()
+
+
+__all__ = ["FEATURE_MODES", "FinetuneObjective", "FinetuneSettings", "check_search_inputs",
+           "settings_from_dict"]

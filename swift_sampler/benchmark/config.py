@@ -1,0 +1,143 @@
+"""Settings of the noisy-CIFAR benchmark: one frozen dataclass, named presets, the methods.
+
+Resolution order (later wins): dataclass defaults < preset < explicit options, as for training.
+The sizes of ``cpu-quick`` were chosen from a timing run on a two-core machine so that the
+default methods finish within an hour; README/results.md state them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.noise import parse_noise
+
+# Order of the results table. ``ss-cdf`` and ``ss-random`` are the paper's ablations (Fig. 3).
+METHODS = ("uniform", "clean", "oracle-mask", "small-loss", "cleanlab", "ss", "ss-cdf", "ss-random")
+DEFAULT_METHODS = METHODS[:6]
+# Searches behind the ss methods: (search name, agent, transform).
+SEARCHES = {"ss": ("ss", "gp-ucb", "cgf"), "ss-cdf": ("ss-cdf", "gp-ucb", "cdf"),
+            "ss-random": ("ss-random", "random", "cgf")}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Everything a benchmark run depends on (written to ``OUT/bench.json``).
+
+    Data: ``limit`` images of the source, split per class into ``val_frac`` / ``test_frac`` /
+    the rest for train; noise on train and val only; the test split stays clean.
+    Training: every method trains ``model`` for ``epochs`` epochs of ``N_train // batch_size``
+    steps with the ``train_preset`` recipe (same lr, schedule, batch size).
+    Search: ``steps`` trials (E_o) of ``finetune_epochs`` (E_f) fine-tune epochs each, features
+    from ``crops_per_image`` crops. cleanlab: ``cleanlab_folds``-fold cross-validation.
+    """
+
+    data: str
+    out: str
+    preset: str = "cpu-quick"
+    noise: str = "symmetric:0.4"
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    seeds: int = 1
+    verify_ranks: int = 0
+    train_preset: str = "cpu-quick"
+    model: str = "tiny-cnn"
+    limit: int | None = 35000
+    val_frac: float = 5 / 35
+    test_frac: float = 10 / 35
+    epochs: int = 12
+    batch_size: int = 128
+    lr: float = 0.1
+    steps: int = 16
+    finetune_epochs: int = 2
+    crops_per_image: int = 4
+    cleanlab_folds: int = 3
+    workers: int = 2
+    shard_size: int = 5000
+    progress: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["methods"] = list(self.methods)
+        return d
+
+    def definition(self) -> dict[str, Any]:
+        """The settings that define the results (a resumed run must match them)."""
+        d = self.to_json()
+        for key in ("out", "methods", "seeds", "verify_ranks", "workers", "progress"):
+            d.pop(key)
+        return d
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # tiny-cnn on 20,000 noisy train / 5,000 noisy val / 10,000 clean test images, 12 epochs
+    # one-cycle at batch 128 (the recipe the End-to-end issue measured); sizes in the module
+    # docstring of swift_sampler.benchmark.
+    "cpu-quick": dict(train_preset="cpu-quick", model="tiny-cnn", limit=35000, val_frac=5 / 35,
+                      test_frac=10 / 35, epochs=12, batch_size=128, lr=0.1, steps=16,
+                      finetune_epochs=2, crops_per_image=4, cleanlab_folds=3),
+    # The paper's CIFAR recipe (§4.1) on the full shared set: ResNet-18, 80 epochs, lr 0.1 x0.1
+    # at epoch 40, batch 128, wd 1e-3; E_o = 40, E_f = 5 (§4). 35,000 / 5,000 / 10,000. GPU.
+    "paper": dict(train_preset="paper-cifar", model="resnet18", limit=None, val_frac=0.1,
+                  test_frac=0.2, epochs=80, batch_size=128, lr=0.1, steps=40, finetune_epochs=5,
+                  crops_per_image=8, cleanlab_folds=5, workers=8),
+    # Seconds-scale smoke run (tests): 300 images, 1 epoch, 2 trials, 2 folds.
+    "tiny": dict(train_preset="cpu-quick", model="tiny-cnn", limit=300, val_frac=0.2,
+                 test_frac=0.2, epochs=1, batch_size=32, lr=0.05, steps=2, finetune_epochs=1,
+                 crops_per_image=2, cleanlab_folds=2, workers=0, shard_size=100),
+}
+
+
+def resolve_bench(data: str, out: str, *, preset: str = "cpu-quick", **options: Any) -> BenchConfig:
+    """Defaults < ``PRESETS[preset]`` < ``options`` (``None`` values do not override).
+
+    Raises:
+        ValueError: unknown preset, method or option; a value out of range.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown bench preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(BenchConfig)}
+    unknown = set(options) - fields
+    if unknown:
+        raise ValueError(f"unknown bench option(s): {', '.join(sorted(unknown))}")
+    values = {**PRESETS[preset], **{k: v for k, v in options.items() if v is not None}}
+    if Path(data).is_dir():  # one spelling per folder, so a resumed run matches bench.json
+        data = str(Path(data).resolve())
+    if isinstance(values.get("methods"), str):
+        values["methods"] = parse_methods(values["methods"])
+    config = BenchConfig(data=str(data), out=str(out), preset=preset, **values)
+    check(config)
+    return config
+
+
+def parse_methods(text: str) -> tuple[str, ...]:
+    """``"uniform,ss"`` -> ("uniform", "ss") in table order; ``all`` means every method."""
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    if names == ["all"]:
+        return METHODS
+    bad = [m for m in names if m not in METHODS]
+    if bad or not names:
+        raise ValueError(f"unknown method(s) {', '.join(bad) or '(none given)'}; choose from "
+                         f"{', '.join(METHODS)} (comma-separated) or all")
+    return tuple(m for m in METHODS if m in names)
+
+
+def check(c: BenchConfig) -> None:
+    parse_noise(c.noise)
+    for name in ("seeds", "epochs", "batch_size", "steps", "finetune_epochs", "crops_per_image"):
+        if int(getattr(c, name)) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
+    if c.cleanlab_folds < 2:
+        raise ValueError(f"cleanlab needs at least 2 folds, got {c.cleanlab_folds}")
+    if c.verify_ranks < 0 or c.verify_ranks == 1:
+        raise ValueError(f"--verify-ranks must be 0 or >= 2 (a rank correlation needs two "
+                         f"samplers), got {c.verify_ranks}")
+    if c.verify_ranks and c.verify_ranks > c.steps:
+        raise ValueError(f"--verify-ranks {c.verify_ranks} exceeds the {c.steps} search trials")
+    if c.verify_ranks and "ss" not in c.methods:
+        raise ValueError("--verify-ranks retrains samplers of the ss search; add ss to --methods")
+    if c.limit is not None and c.limit < 1:
+        raise ValueError(f"--limit must be positive, got {c.limit}")
+    if not c.lr > 0:
+        raise ValueError(f"--lr must be positive, got {c.lr}")

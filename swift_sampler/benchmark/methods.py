@@ -1,0 +1,162 @@
+"""The methods of the benchmark, one function each: ``method(run: SeedRun) -> result dict``.
+
+Every method trains the same model with the same recipe and epochs (``SeedRun.train``); what
+differs is the data it trains on:
+
+- ``uniform``: the noisy train split, uniform sampling (this run is also ``w_share``);
+- ``clean``: the clean-label twin (ground truth): the ceiling for any method;
+- ``oracle-mask``: per-image weight 1 where the label is right, 0 where it was flipped (the
+  oracle reads ground truth, which is what makes it an oracle), through the 2x
+  oversample-and-filter stage: the ceiling for any sampler;
+- ``small-loss``: weight 0 for the known noise rate's share of highest-loss images under
+  ``w_share`` (loss of crop 0, the plain view, from the feature store), 1 for the rest;
+- ``cleanlab``: ``cleanlab.filter.find_label_issues`` on out-of-sample predicted probabilities
+  from k-fold cross-validation (k models of this recipe, each trained on k-1 folds for the
+  same number of passes over its data), flagged images weighted 0, retrained;
+- ``ss`` (and the ablations ``ss-cdf``, ``ss-random``): see ``swift_sampler.benchmark.ss``.
+
+A result holds ``test_top1`` (clean test), ``val_top1`` (noisy val), ``seconds`` (this
+method's own work), ``train_runs`` (its training cost in units of one full training run) and
+method-specific diagnostics.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow.dataset as pads
+
+from storage import StoreLayout
+
+from .context import SeedRun
+from .stores import ground_truth, known_noise_rate
+from .weights import subset_hook, weights_hook
+
+
+def _result(run: SeedRun, model, summary: dict[str, Any], *, components: tuple[str, ...],
+            train_runs: float, **extra: Any) -> dict[str, Any]:
+    return {**run.scores(model), "seconds": run.seconds(*components), "train_runs": train_runs,
+            "kept_fraction": summary.get("kept_fraction"),
+            "flipped_kept_share": summary.get("flipped_kept_share"), **extra}
+
+
+def uniform(run: SeedRun) -> dict[str, Any]:
+    model, summary = run.w_share()
+    return _result(run, model, summary, components=("run:uniform",), train_runs=1.0)
+
+
+def clean(run: SeedRun) -> dict[str, Any]:
+    model, summary = run.train("clean", store=run.clean)
+    return _result(run, model, summary, components=("run:clean",), train_runs=1.0)
+
+
+def oracle_mask(run: SeedRun) -> dict[str, Any]:
+    flipped = ground_truth(run.noisy)["noisy"]  # oracle: reads ground truth by design
+    weights = (~flipped).astype(np.float64)
+    hook = weights_hook(weights, describe={"method": "oracle-mask"})
+    model, summary = run.train("oracle-mask", hook=hook)
+    return _result(run, model, summary, components=("run:oracle-mask",), train_runs=1.0,
+                   dropped=int(flipped.sum()))
+
+
+def crop0_loss(store) -> np.ndarray:
+    """Loss of the plain view (crop 0) of every train image under ``w_share``, float64 ``(N,)``."""
+    layout = StoreLayout(store)
+    table = pads.dataset([str(p) for p in layout.feature_parts()], format="parquet").to_table(
+        columns=["index", "loss"], filter=pads.field("crop") == 0)
+    index = table.column("index").to_numpy()
+    loss = np.full(int(index.max()) + 1, np.nan)
+    loss[index] = table.column("loss").to_numpy()
+    if np.isnan(loss).any():
+        raise ValueError(f"{layout.features_dir} lacks crop 0 of some images; rebuild the features")
+    return loss
+
+
+def small_loss_weights(loss: np.ndarray, rate: float) -> np.ndarray:
+    """Weights ``(N,)``: 0 for the ``round(rate * N)`` highest losses (ties: lower index
+    dropped first), 1 for the rest."""
+    loss = np.asarray(loss, dtype=np.float64)
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"noise rate must be in [0, 1), got {rate}")
+    weights = np.ones(loss.size)
+    drop = int(round(rate * loss.size))
+    if drop:
+        weights[np.argsort(-loss, kind="stable")[:drop]] = 0.0
+    return weights
+
+
+def small_loss(run: SeedRun) -> dict[str, Any]:
+    run.ensure_features()
+    rate = known_noise_rate(run.noisy)
+    weights = small_loss_weights(crop0_loss(run.noisy), rate)
+    drop = int((weights == 0).sum())
+    hook = weights_hook(weights, describe={"method": "small-loss", "rate": rate})
+    model, summary = run.train("small-loss", hook=hook)
+    flipped = ground_truth(run.noisy)["noisy"]  # diagnostics only
+    return _result(run, model, summary, components=("run:small-loss",), train_runs=1.0,
+                   rate=rate, dropped=drop, **_detection(weights == 0, flipped))
+
+
+def cleanlab(run: SeedRun) -> dict[str, Any]:
+    from cleanlab.filter import find_label_issues
+    from sklearn.model_selection import StratifiedKFold
+
+    from train.evaluate import predict
+
+    k = run.config.cleanlab_folds
+    labels = ground_truth(run.noisy)["label"]  # the training labels (noisy), as a user has them
+    n, classes = labels.size, int(labels.max()) + 1
+    probs = np.full((n, classes), np.nan, dtype=np.float64)
+    folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=run.seed)
+    # Same recipe on k-1 folds: the same number of passes over the fold's images, so the
+    # epochs (of N // B steps each) shrink by (k-1)/k.
+    epochs = max(1, round(run.config.epochs * (k - 1) / k))
+    components = []
+    for f, (_, held) in enumerate(folds.split(np.zeros(n), labels)):
+        keep = np.ones(n, dtype=bool)
+        keep[held] = False
+        name = f"cleanlab-fold{f}"
+        model, _ = run.train(name, hook=subset_hook(keep, describe={"method": "cleanlab", "fold": f}),
+                             epochs=epochs)
+        with run.timed(f"predict:{name}"):
+            logits = predict(run.noisy, model, "train", workers=run.config.workers)["logits"]
+        components += [f"run:{name}", f"predict:{name}"]
+        z = logits[held].astype(np.float64)
+        z -= z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        probs[held] = p / p.sum(axis=1, keepdims=True)
+    with run.timed("cleanlab:find_label_issues"):
+        issues = find_label_issues(labels, probs, n_jobs=1)
+    components.append("cleanlab:find_label_issues")
+    hook = weights_hook((~issues).astype(np.float64), describe={"method": "cleanlab", "folds": k})
+    model, summary = run.train("cleanlab", hook=hook)
+    components.append("run:cleanlab")
+    flipped = ground_truth(run.noisy)["noisy"]  # diagnostics only
+    return _result(run, model, summary, components=tuple(components),
+                   train_runs=1.0 + k * epochs / run.config.epochs, folds=k, fold_epochs=epochs,
+                   dropped=int(issues.sum()), **_detection(issues, flipped))
+
+
+def _detection(dropped: np.ndarray, flipped: np.ndarray) -> dict[str, float | None]:
+    """Diagnostics: how the dropped images match the flipped ones (precision, recall)."""
+    hit = int((dropped & flipped).sum())
+    return {"drop_precision": hit / int(dropped.sum()) if dropped.any() else None,
+            "drop_recall": hit / int(flipped.sum()) if flipped.any() else None}
+
+
+def ss_method(name: str):
+    def method(run: SeedRun) -> dict[str, Any]:
+        from .ss import swift_sampler
+
+        return swift_sampler(run, name)
+
+    method.__name__ = name.replace("-", "_")
+    return method
+
+
+METHOD_FUNCTIONS = {
+    "uniform": uniform, "clean": clean, "oracle-mask": oracle_mask, "small-loss": small_loss,
+    "cleanlab": cleanlab, "ss": ss_method("ss"), "ss-cdf": ss_method("ss-cdf"),
+    "ss-random": ss_method("ss-random"),
+}

@@ -1,0 +1,136 @@
+"""``results.json`` and ``results.md``: per-method accuracy over seeds, gap shares, costs, times.
+
+Shares of the gaps are computed on the means over seeds:
+``sampler gap = (m - uniform) / (oracle-mask - uniform)`` and
+``full gap = (m - uniform) / (clean - uniform)``; None when a term is missing or the gap is 0.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import METHODS, BenchConfig
+
+
+def spread(values: list[float | None]) -> dict[str, Any]:
+    """``{"mean", "std" (sample std, None below two values), "n", "values"}``; None skipped."""
+    vals = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return {"mean": None, "std": None, "n": 0, "values": []}
+    return {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else None,
+            "n": len(vals), "values": vals}
+
+
+def gap_share(m: float | None, low: float | None, high: float | None) -> float | None:
+    """``(m - low) / (high - low)``; None when a term is missing or ``high == low``."""
+    if m is None or low is None or high is None or abs(high - low) < 1e-12:
+        return None
+    return (m - low) / (high - low)
+
+
+def aggregate(config: BenchConfig, seeds: dict[int, dict[str, dict[str, Any]]],
+              verify: dict[int, dict[str, Any]], data: dict[str, Any], shared: dict[str, list[float]],
+              figures: dict[str, Any], command: str) -> dict[str, Any]:
+    """The ``results.json`` document from the per-seed method results."""
+    methods: dict[str, Any] = {}
+    for m in METHODS:
+        rows = [seeds[s][m] for s in sorted(seeds) if m in seeds[s]]
+        if not rows:
+            continue
+        entry = {"test_top1": spread([r["test_top1"] for r in rows]),
+                 "val_top1": spread([r["val_top1"] for r in rows]),
+                 "seconds": spread([r["seconds"] for r in rows]),
+                 "train_runs": spread([r.get("train_runs") for r in rows])["mean"],
+                 "per_seed": rows}
+        if "search_cost_runs" in rows[0]:
+            entry["search_cost_runs"] = spread([r["search_cost_runs"] for r in rows])["mean"]
+            entry["search_epochs"] = spread([r["search_epochs"] for r in rows])["mean"]
+        methods[m] = entry
+    mean = {m: e["test_top1"]["mean"] for m, e in methods.items()}
+    for m, e in methods.items():
+        e["sampler_gap_recovered"] = gap_share(mean[m], mean.get("uniform"), mean.get("oracle-mask"))
+        e["full_gap_recovered"] = gap_share(mean[m], mean.get("uniform"), mean.get("clean"))
+    doc: dict[str, Any] = {"benchmark": "noisy-cifar", "command": command, "config": config.to_json(),
+                           "data": data, "methods": methods,
+                           "shared_seconds": {k: spread(v) for k, v in shared.items()},
+                           **figures}
+    if verify:
+        rows = [verify[s] for s in sorted(verify)]
+        doc["verify_ranks"] = {"per_seed": rows, "sr": spread([r["sr"] for r in rows]),
+                               "tr": spread([r["tr"] for r in rows])}
+    return doc
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """The results table (and the rank check, and the figures) as Markdown."""
+    c, data = doc["config"], doc["data"]
+    counts = data.get("counts", {})
+    realised = (data.get("noise") or {}).get("realised", {})
+    lines = [
+        "# Noisy CIFAR-10: Swift Sampler against peers on one training budget", "",
+        f"Command: `{doc['command']}`", "",
+        f"Preset `{c['preset']}`: {c['model']}, {counts.get('train', '?'):,} noisy train / "
+        f"{counts.get('val', '?'):,} noisy val / {counts.get('test', '?'):,} clean test images; "
+        f"noise `{c['noise']}` (realised on train {_pct(realised.get('train'))}%); every method "
+        f"trains {c['epochs']} epochs at batch {c['batch_size']}, lr {c['lr']:g} "
+        f"(`{c['train_preset']}` recipe), equal optimiser steps; search {c['steps']} trials x "
+        f"{c['finetune_epochs']} fine-tune epochs, {c['crops_per_image']} crops per image; "
+        f"cleanlab {c['cleanlab_folds']}-fold; {c['seeds']} seed(s), mean ± std.", "",
+        "| method | clean-test top-1 | sampler gap recovered | full gap recovered | "
+        "training cost (runs) | search cost (runs) | wall time |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m, e in doc["methods"].items():
+        t = e["test_top1"]
+        acc = _pct(t["mean"]) + (f" ± {100 * t['std']:.2f}" if t["std"] is not None else "")
+        lines.append(f"| {m} | {acc} | {_share(e['sampler_gap_recovered'])} | "
+                     f"{_share(e['full_gap_recovered'])} | {_num(e['train_runs'])} | "
+                     f"{_num(e.get('search_cost_runs'))} | {_duration(e['seconds']['mean'])} |")
+    lines += [
+        "", "Sampler gap recovered: (method − uniform) / (oracle-mask − uniform); full gap: "
+        "(method − uniform) / (clean − uniform), on the means. Training cost: optimiser steps "
+        "of the method in units of one training run (search fine-tunes included); search cost: "
+        "the search's fine-tune epochs / epochs of one run. Wall time: the method's own work; "
+        "the uniform run doubles as w_share for small-loss and ss.",
+    ]
+    shared = {k: v["mean"] for k, v in doc.get("shared_seconds", {}).items() if v["mean"] is not None}
+    if shared:
+        lines.append("Shared stages: " + ", ".join(f"{k} {_duration(v)}" for k, v in shared.items()) + ".")
+    if "verify_ranks" in doc:
+        v = doc["verify_ranks"]
+        lines += ["", "## Inner-loop check (appendix A.1.1)", "",
+                  "The last searched samplers of `ss`, retrained from scratch and scored on val.", "",
+                  "| seed | samplers | SR (Spearman) | TR (from-scratch rank of the fine-tune top-1) |",
+                  "|---|---|---|---|"]
+        for s, r in enumerate(v["per_seed"]):
+            lines.append(f"| {s} | {r['samplers']} | {_num(r['sr'], 2)} | {r['tr']} |")
+    if doc.get("figures"):
+        lines += ["", "## Figures", ""]
+        lines += [f"![{Path(p).stem}]({p})" for p in doc["figures"]]
+    for note in doc.get("figures_missing", []):
+        lines.append(f"- not drawn: {note}")
+    return "\n".join(lines) + "\n"
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.2f}"
+
+
+def _share(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.0f}%"
+
+
+def _num(x: float | None, digits: int = 1) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

@@ -1,0 +1,152 @@
+"""Run the benchmark: seeds x methods, resumable, then figures and the report.
+
+``OUT/`` holds ``bench.json`` (the settings; a rerun with other settings is refused),
+``seed-S/{noisy,clean}`` (the stores, with runs, features and searches inside),
+``seed-S/methods/METHOD.json`` (one finished method: a rerun skips it),
+``seed-S/verify-ranks.json``, ``figures/*.png``, ``results.json`` and ``results.md``.
+Methods may be added on a rerun (``--methods``), and so may seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from storage import StoreError, atomic_write_text
+
+from .config import SEARCHES, BenchConfig
+from .context import SeedRun
+from .methods import METHOD_FUNCTIONS
+from .report import aggregate, markdown
+from .stores import prepare_stores, write_json
+
+
+def run_benchmark(config: BenchConfig, *, log: Callable[[str], None] = print,
+                  command: str = "") -> dict[str, Any]:
+    """Run every (seed, method) not yet done; write figures, ``results.json``, ``results.md``.
+
+    Returns a summary: paths, per-method mean test top-1, seconds.
+    """
+    t0 = time.perf_counter()
+    out = Path(config.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    _check_settings(out / "bench.json", config)
+    write_json(out / "bench.json", config.definition())
+    seeds: dict[int, dict[str, dict[str, Any]]] = {}
+    verify: dict[int, dict[str, Any]] = {}
+    shared: dict[str, list[float]] = {"features": []}
+    data: dict[str, Any] = {}
+    runs: dict[int, SeedRun] = {}
+    for seed in range(config.seeds):
+        folder = out / f"seed-{seed}"
+        log(f"[seed {seed}] data: {config.data} -> {folder}")
+        stores = prepare_stores(config, folder, seed)
+        if seed == 0:
+            data = {"counts": stores["counts"], "noise": stores["noise"]}
+        run = runs[seed] = SeedRun(config, seed, folder, stores["noisy"], stores["clean"], log=log)
+        seeds[seed] = {}
+        for method in config.methods:
+            seeds[seed][method] = _method(run, method, folder / "methods" / f"{method}.json", log)
+        if config.verify_ranks:
+            verify[seed] = _verify(run, config.verify_ranks, folder / "verify-ranks.json", log)
+        if "features" in run.times:
+            shared["features"].append(run.times["features"])
+    figures = draw_figures(runs[0], out / "figures", config.methods)
+    doc = aggregate(config, seeds, verify, data, shared, figures, command)
+    doc["seconds"] = round(time.perf_counter() - t0, 1)
+    write_json(out / "results.json", doc)
+    atomic_write_text(out / "results.md", markdown(doc))
+    return {"out": str(out), "results": str(out / "results.json"), "table": str(out / "results.md"),
+            "test_top1": {m: e["test_top1"]["mean"] for m, e in doc["methods"].items()},
+            "figures": doc.get("figures", []), "seconds": doc["seconds"]}
+
+
+def _method(run: SeedRun, method: str, path: Path, log) -> dict[str, Any]:
+    if path.is_file():
+        result = json.loads(path.read_text())
+        log(f"[seed {run.seed}] {method:<11} done before: test top-1 {result['test_top1']:.2%}")
+        return result
+    log(f"[seed {run.seed}] {method:<11} running ...")
+    t0 = time.perf_counter()
+    result = {"method": method, "seed": run.seed, **METHOD_FUNCTIONS[method](run)}
+    result["wall_s"] = round(time.perf_counter() - t0, 1)  # this call only (shared stages too)
+    write_json(path, result)
+    log(f"[seed {run.seed}] {method:<11} test top-1 {result['test_top1']:.2%}  "
+        f"(val {result['val_top1']:.2%}, {result['seconds'] / 60:.1f} min)")
+    return result
+
+
+def _verify(run: SeedRun, m: int, path: Path, log) -> dict[str, Any]:
+    from .ss import verify_ranks
+
+    if path.is_file():
+        doc = json.loads(path.read_text())
+        if doc["samplers"] >= min(m, run.config.steps):
+            return doc
+    log(f"[seed {run.seed}] verify-ranks: training the last {m} samplers of ss from scratch ...")
+    doc = verify_ranks(run, m)
+    write_json(path, doc)
+    sr = "n/a" if doc["sr"] is None else f"{doc['sr']:.2f}"
+    log(f"[seed {run.seed}] verify-ranks SR {sr}, TR {doc['tr']} ({doc['samplers']} samplers)")
+    return doc
+
+
+def draw_figures(run: SeedRun, folder: Path, methods: tuple[str, ...]) -> dict[str, Any]:
+    """Figures 1(a), 1(b), 2(b) and 3 of seed 0 into ``folder``; paths relative to its parent.
+
+    A figure whose inputs are missing (no features, no search) is listed in
+    ``figures_missing`` with the reason, as is one whose plotting module is not installed.
+    """
+    from storage import StoreLayout
+
+    layout = StoreLayout(run.noisy)
+    drawn: list[Path] = []
+    missing: list[str] = []
+
+    def attempt(what: str, module: str, call: Callable[[Any], Any]) -> None:
+        try:
+            import importlib
+
+            mod = importlib.import_module(f"swift_sampler.figures.{module}")
+        except ModuleNotFoundError as e:
+            missing.append(f"{what}: module {e.name} not available")
+            return
+        paths = call(mod)
+        drawn.extend(Path(p) for p in (paths if isinstance(paths, (list, tuple)) else [paths]))
+
+    if layout.features_meta.is_file():
+        attempt("noise density (Fig. 1a)", "noise_density",
+                lambda mod: mod.plot_noise_density(run.noisy, out=folder / "noise_density.png"))
+    else:
+        missing.append("noise density (Fig. 1a): no features (run small-loss or ss)")
+    best = layout.search(SEARCHES["ss"][0]) / "best_sampler.json"
+    if "ss" in methods and best.is_file():
+        attempt("sampler (Fig. 1b, 2b)", "sampler",
+                lambda mod: mod.plot_sampler(best, run.noisy, out_dir=folder))
+    else:
+        missing.append("sampler (Fig. 1b, 2b): no ss search")
+    names = [SEARCHES[m][0] for m in SEARCHES
+             if m in methods and (layout.search(SEARCHES[m][0]) / "trials.parquet").is_file()]
+    if names:
+        attempt("search curves (Fig. 3)", "search",
+                lambda mod: mod.plot_search(run.noisy, names, out=folder / "search.png"))
+    else:
+        missing.append("search curves (Fig. 3): no search")
+    root = folder.parent
+    return {"figures": [str(p.resolve().relative_to(root)) if p.resolve().is_relative_to(root) else str(p)
+                        for p in drawn],
+            "figures_missing": missing}
+
+
+def _check_settings(path: Path, config: BenchConfig) -> None:
+    if not path.is_file():
+        return
+    stored, now = json.loads(path.read_text()), json.loads(json.dumps(config.definition()))
+    diff = sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
+    if diff:
+        details = "; ".join(f"{k}: stored {stored.get(k)!r}, now {now.get(k)!r}" for k in diff)
+        raise StoreError(f"{path.parent} holds a benchmark with other settings ({details}); "
+                         "rerun with those settings to resume it, or choose another --out")

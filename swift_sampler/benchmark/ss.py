@@ -1,0 +1,136 @@
+"""Swift Sampler in the benchmark: search on the noisy val split, retrain from scratch.
+
+``swift_sampler(run, "ss")`` runs Algorithm 1 (GP-UCB, T = cgf) from ``w_share`` with the
+store's features, then trains the benchmark's recipe from scratch with the best sampler in the
+2x oversample-and-filter stage. ``ss-cdf`` (T = cdf) and ``ss-random`` (random agent) are the
+paper's ablations (Fig. 3). The search is ``STORE/searches/NAME``, resumable like
+``swift-sampler search run`` (same settings, so either can resume the other).
+
+``verify_ranks(run, m)`` is the inner-loop check of PAPER.md appendix A.1.1: the last ``m``
+samplers of the ``ss`` search are trained from scratch; SR is Spearman's rank correlation of
+their fine-tune scores with their from-scratch val scores, TR the from-scratch rank of the
+fine-tune top-1. Only val scores enter; the test split is not looked at.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.sampler import Sampler, uniform_sampler
+from pipeline.sampler_file import load_sampler
+from pipeline.tables import load_tables
+
+from .config import SEARCHES
+from .context import SeedRun
+
+
+def _sampler_hook(run: SeedRun, sampler: Sampler):
+    from train.sampling import create_sampler_hook
+
+    return create_sampler_hook(run.noisy, sampler, features="store", seed=run.seed)
+
+
+def run_search(run: SeedRun, name: str, agent: str, transform: str) -> dict[str, Any]:
+    """Run (or resume) search ``name``; return ``search.loop.summarize``'s dict + epochs."""
+    from search.agents import create_agent
+    from search.loop import read_trials
+    from search.loop import run_search as loop
+    from search.objective import FinetuneObjective, FinetuneSettings
+
+    c = run.config
+    run.ensure_features()
+    w_share = run.checkpoint("uniform")
+    objective = FinetuneObjective(run.noisy, w_share, FinetuneSettings(epochs=c.finetune_epochs),
+                                  workers=c.workers)
+    tables = load_tables(run.noisy)
+    start = uniform_sampler(tables, transform).to_point()
+    params = create_agent(agent, seed=run.seed, initial_points=[start]).get_params()
+    info = objective.info
+    # The settings `swift-sampler search run` records, so the CLI can resume this search too.
+    settings = {"store_id": info["store_id"], "checkpoint_sha256": info["features_checkpoint_sha256"],
+                "transform": transform, "finetune": objective.describe(),
+                "agent_params": {k: v for k, v in params.items() if k not in ("seed", "initial_points")}}
+
+    def make_sampler(z) -> Sampler:
+        return Sampler.from_point(z, tables, transform)
+
+    def on_trial(row: dict[str, Any], progress: dict[str, Any]) -> None:
+        best = progress["best"]["score"] if progress["best"] else float("nan")
+        run.log(f"  {name} trial {row['trial'] + 1}/{c.steps}: val {row['score']:.2%} "
+                f"(best {best:.2%}, kept {row['kept_fraction']:.0%}, {row['seconds']:.0f}s, "
+                f"ETA {progress['eta_s'] / 60:.0f} min)")
+
+    with run.timed(f"search:{name}"):
+        summary = loop(run.noisy, name, objective, make_sampler, settings=settings, steps=c.steps,
+                       agent=agent, seed=run.seed, initial_points=(start,),
+                       provenance={"store_id": info["store_id"],
+                                   "features_checkpoint_sha256": info["features_checkpoint_sha256"]},
+                       on_trial=on_trial)
+    trials = read_trials(Path(summary["trials_path"]))[: c.steps]
+    return {**summary, "epochs": int(sum(t["epochs"] for t in trials))}
+
+
+def swift_sampler(run: SeedRun, method: str) -> dict[str, Any]:
+    """Search (``SEARCHES[method]``), then train from scratch with the best sampler."""
+    name, agent, transform = SEARCHES[method]
+    found = run_search(run, name, agent, transform)
+    sampler, _ = load_sampler(found["best_sampler"])
+    model, summary = run.train(method, hook=_sampler_hook(run, sampler))
+    epochs = run.config.epochs
+    return {**run.scores(model), "seconds": run.seconds(f"search:{name}", f"run:{method}"),
+            "train_runs": 1.0 + found["epochs"] / epochs,
+            "search_epochs": found["epochs"], "search_cost_runs": found["epochs"] / epochs,
+            "search": {k: found[k] for k in ("search", "trials", "failed", "best_trial", "best_score",
+                                             "best_sampler")},
+            "sampler": sampler.parameters() | {"transform": sampler.transform},
+            "kept_fraction": summary.get("kept_fraction"),
+            "flipped_kept_share": summary.get("flipped_kept_share")}
+
+
+def verify_ranks(run: SeedRun, m: int) -> dict[str, Any]:
+    """Train the last ``m`` finished samplers of the ``ss`` search from scratch; SR and TR."""
+    from search.loop import read_trials
+    from train.evaluate import evaluate
+
+    name, _, transform = SEARCHES["ss"]
+    folder = _search_folder(run, name)
+    trials = [t for t in read_trials(folder / "trials.parquet")[: run.config.steps] if t["status"] == "ok"]
+    chosen = trials[-m:]
+    if len(chosen) < 2:
+        raise ValueError(f"--verify-ranks needs 2 finished trials in search {name!r}, found {len(chosen)}")
+    tables = load_tables(run.noisy)
+    rows = []
+    for t in chosen:
+        sampler = Sampler.from_point(np.asarray(t["point"]), tables, transform)
+        model, _ = run.train(f"verify-trial{t['trial']:03d}", hook=_sampler_hook(run, sampler))
+        val = evaluate(run.noisy, model, "val", workers=run.config.workers)
+        rows.append({"trial": int(t["trial"]), "finetune_score": float(t["score"]),
+                     "scratch_score": float(val["top1"])})
+    ft = np.array([r["finetune_score"] for r in rows])
+    scratch = np.array([r["scratch_score"] for r in rows])
+    return {"search": name, "samplers": len(rows), "rows": rows, **rank_agreement(ft, scratch),
+            "seconds": run.seconds(*(f"run:verify-trial{r['trial']:03d}" for r in rows)),
+            "train_runs": float(len(rows))}
+
+
+def rank_agreement(approx: np.ndarray, truth: np.ndarray) -> dict[str, float | None]:
+    """SR: Spearman's rho of ``approx`` vs ``truth`` (None when either is constant); TR: the
+    1-based rank in ``truth`` (1 = best, ties share the best rank) of ``approx``'s top item
+    (the first among equals)."""
+    from scipy.stats import spearmanr
+
+    approx, truth = np.asarray(approx, float), np.asarray(truth, float)
+    top = int(np.argmax(approx))
+    tr = 1 + int((truth > truth[top]).sum())
+    if np.ptp(approx) == 0 or np.ptp(truth) == 0:
+        return {"sr": None, "tr": tr}
+    return {"sr": float(spearmanr(approx, truth).statistic), "tr": tr}
+
+
+def _search_folder(run: SeedRun, name: str) -> Path:
+    from storage import StoreLayout
+
+    return StoreLayout(run.noisy).search(name)

@@ -1,0 +1,104 @@
+"""Per-image weights as loader stages, for the peers of the benchmark.
+
+Two ways a peer restricts what the model trains on, both keeping the optimiser steps of a
+uniform run (``len(loader) = N // B`` batches per epoch, whatever is kept):
+
+- ``WeightsFilter``: the 2x oversample-and-filter of the sampler stage (PAPER.md §4.2) with a
+  weight per *image* instead of a tau per crop: two random crops per image are drawn, and B of
+  the 2B candidates are kept without replacement with probability proportional to the weight
+  of their image (``pipeline.filter.select``, Efraimidis-Spirakis). A weight of 0 is never
+  kept. The oracle mask, the small-loss filter and cleanlab's pruning train this way, through
+  the same mechanism as a learned sampler, so every method gets the same steps.
+- ``SubsetCrops``: a crop stage that passes only the images of a subset (one random crop each):
+  training "on k-1 folds" for cleanlab's cross-validation, where the subset is the data set
+  and not a sampler.
+
+Both are picklable objects (they run inside the loader workers) and look samples up by their
+``index`` alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.filter import select
+from train.loader import random_crops
+from train.trainer import SamplerHook
+
+
+def _check_weights(weights: np.ndarray, what: str) -> np.ndarray:
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim != 1 or not w.size:
+        raise ValueError(f"{what} must be a non-empty 1-D array (one value per train image), "
+                         f"got shape {w.shape}")
+    if not np.all(np.isfinite(w)) or w.min() < 0:
+        raise ValueError(f"{what} must be finite and >= 0")
+    if not (w > 0).any():
+        raise ValueError(f"{what} is zero for every image: nothing would be trained on")
+    return w
+
+
+class WeightsFilter:
+    """Batch filter: keep ``size`` of the candidates with probability ~ ``weights[index]``.
+
+    Args:
+        weights: float ``(N,)``, >= 0, indexed by the train split's dense ``index``.
+
+    A batch whose candidates have fewer than ``size`` positive weights comes out short (as the
+    sampler stage does); ``batch["candidates"]`` records how many crops it chose from.
+    """
+
+    def __init__(self, weights: np.ndarray) -> None:
+        self.weights = _check_weights(weights, "weights")
+
+    def __call__(self, batch: dict[str, Any], *, rng: np.random.Generator, size: int) -> dict[str, Any]:
+        index = batch["index"].numpy()
+        keep = select(self.weights[index], size, rng)
+        picked = torch.from_numpy(keep)
+        out: dict[str, Any] = {}
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == len(index):
+                out[key] = value.index_select(0, picked)
+            elif isinstance(value, list) and len(value) == len(index):
+                out[key] = [value[i] for i in keep]
+            else:
+                out[key] = value
+        out["candidates"] = len(index)
+        return out
+
+
+def weights_hook(weights: np.ndarray, *, describe: dict[str, Any] | None = None) -> SamplerHook:
+    """A ``SamplerHook`` that trains with per-image ``weights`` (2 candidates per image)."""
+    w = _check_weights(weights, "weights")
+    info = {"kind": "per-image weights", "images": int(w.size), "positive": int((w > 0).sum()),
+            **(describe or {})}
+    return SamplerHook(candidates_per_image=2, batch_filter=WeightsFilter(w), describe=info)
+
+
+class SubsetCrops:
+    """Crop stage: only images whose ``keep[index]`` is true, with ``random_crops``' crops.
+
+    The loader's quota of ``N // B`` batches per epoch stays; the workers simply pass over
+    their shards more often. Callers that want "E epochs over the subset" scale the epochs.
+    """
+
+    def __init__(self, keep: np.ndarray) -> None:
+        keep = np.asarray(keep, dtype=bool)
+        if keep.ndim != 1 or not keep.any():
+            raise ValueError("the subset must be a 1-D boolean mask with at least one image")
+        self.keep = keep
+
+    def __call__(self, src: Iterable[dict[str, Any]], **kwargs: Any) -> Iterator[dict[str, Any]]:
+        return random_crops((s for s in src if self.keep[s["index"]]), **kwargs)
+
+
+def subset_hook(keep: np.ndarray, *, describe: dict[str, Any] | None = None) -> SamplerHook:
+    """A ``SamplerHook`` that trains on the images of the boolean mask ``keep`` only."""
+    stage = SubsetCrops(keep)
+    info = {"kind": "subset", "images": int(stage.keep.size), "kept": int(stage.keep.sum()),
+            **(describe or {})}
+    return SamplerHook(candidates_per_image=1, crop_stage=stage, describe=info)

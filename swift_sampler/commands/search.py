@@ -1,0 +1,170 @@
+"""``swift-sampler search run`` and ``search show``: thin layers over ``search.run_search``.
+
+Under torchrun every rank fine-tunes; rank 0 runs the agent, writes and prints.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..cli import UserError, add_json_flag, emit
+
+
+def register(sub, groups) -> None:
+    search = groups["search"]
+    p = search.add_parser(
+        "run",
+        help="learn a sampler: GP-UCB over the 10 parameters (resumable)",
+        description="Algorithm 1 of the paper: each trial fine-tunes the checkpoint (w_share) for "
+        "--finetune-epochs with the proposed sampler and scores top-1 on the val split. Trials "
+        "are appended to STORE/searches/NAME/trials.parquet as they finish and the best sampler "
+        "is kept in best_sampler.json; the same command again resumes an interrupted search.",
+    )
+    p.add_argument("--store", required=True, help="store directory with features and tables")
+    p.add_argument("--checkpoint", required=True, help="w_share: the checkpoint the features were built from")
+    p.add_argument("--name", required=True, help="search name (folder STORE/searches/NAME)")
+    p.add_argument("--steps", type=int, default=40, help="E_o, trials in all (40); may grow on resume")
+    p.add_argument("--finetune-epochs", type=int, default=5, help="E_f, fine-tune epochs per trial (5)")
+    p.add_argument("--agent", default="gp-ucb", help="gp-ucb | random")
+    p.add_argument("--transform", default="cgf", choices=("cgf", "cdf"), help="T of the sampler (cgf)")
+    p.add_argument("--seed", type=int, default=0, help="agent seed; trial n fine-tunes with seed+n")
+    p.add_argument("--finetune-lr", type=float, default=None,
+                   help="peak fine-tune lr (default: --lr-fraction x the checkpoint's lr)")
+    p.add_argument("--lr-fraction", type=float, default=None, help="default 0.25")
+    p.add_argument("--schedule", default=None, help="fine-tune schedule (cosine)")
+    p.add_argument("--batch-size", type=int, default=None, help="per rank (default: the checkpoint's)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="fine-tunes per trial with different seeds, scores averaged (1)")
+    p.add_argument("--features", default=None, choices=("store", "online"),
+                   help="where the filter finds crop features (store)")
+    p.add_argument("--workers", type=int, default=2, help="loader workers per rank")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if present)")
+    add_json_flag(p)
+    p.set_defaults(func=run_search_command)
+
+    s = search.add_parser("show", help="print the trials of a search",
+                          description="The trials of STORE/searches/NAME as a table (from the "
+                          "DuckDB view `trials`), then a JSON summary line.")
+    s.add_argument("--store", required=True)
+    s.add_argument("name")
+    add_json_flag(s)
+    s.set_defaults(func=show_search_command)
+
+
+def run_search_command(args) -> int:
+    import dataclasses
+
+    from pipeline.sampler import Sampler, uniform_sampler
+    from pipeline.tables import load_tables
+    from search.agents import AGENTS, create_agent
+    from search.loop import run_search
+    from search.objective import FinetuneObjective, FinetuneSettings
+    from storage import StoreLayout, check_name
+    from train.distributed import broadcast_object, init_distributed, shutdown
+
+    if args.agent not in AGENTS:
+        raise UserError(f"unknown agent {args.agent!r}; choose one of: {', '.join(sorted(AGENTS))}")
+    if args.steps < 1:
+        raise UserError(f"--steps must be >= 1, got {args.steps}")
+    if args.seed < 0:
+        raise UserError(f"--seed must be >= 0, got {args.seed}")
+    check_name(args.name, "search name")
+    StoreLayout(args.store).require()
+    given = dict(epochs=args.finetune_epochs, lr=args.finetune_lr, lr_fraction=args.lr_fraction,
+                 schedule=args.schedule, batch_size=args.batch_size, repeats=args.repeats,
+                 features=args.features)
+    settings = dataclasses.replace(FinetuneSettings(), **{k: v for k, v in given.items() if v is not None})
+    dist = init_distributed(args.device)
+    try:
+        objective = FinetuneObjective(args.store, args.checkpoint, settings, workers=args.workers,
+                                      device=args.device)
+        tables = load_tables(args.store)
+        start = uniform_sampler(tables, args.transform).to_point()
+        agent_params = create_agent(args.agent, seed=args.seed, initial_points=[start]).get_params()
+        agent_params = {k: v for k, v in agent_params.items() if k not in ("seed", "initial_points")}
+        info = objective.info
+        search_settings = {
+            "store_id": info["store_id"], "checkpoint_sha256": info["features_checkpoint_sha256"],
+            "transform": args.transform, "finetune": objective.describe(), "agent_params": agent_params,
+        }
+        table = _LiveTable(args.steps, enabled=dist.is_main and not args.json)
+
+        def make_sampler(z):
+            return Sampler.from_point(z, tables, args.transform)
+
+        summary = run_search(
+            args.store, args.name, objective, make_sampler, settings=search_settings,
+            steps=args.steps, agent=args.agent, seed=args.seed, initial_points=(start,),
+            provenance={"store_id": info["store_id"],
+                        "features_checkpoint_sha256": info["features_checkpoint_sha256"]},
+            on_trial=table.row, is_main=dist.is_main,
+            broadcast=lambda obj: broadcast_object(obj, dist))
+    finally:
+        shutdown()
+    if dist.is_main:
+        emit({"command": "search run", **summary, "agent": args.agent, "transform": args.transform,
+              "steps": args.steps}, args,
+             f"best trial {summary['best_trial']}: val top-1 {_pct(summary['best_score'])}; "
+             f"sampler {summary['best_sampler']}")
+    return 0
+
+
+class _LiveTable:
+    """Prints one line per finished trial (rank 0, unless --json)."""
+
+    HEADER = f"{'trial':>5} {'score':>7} {'best':>7} {'kept':>6} {'seconds':>8} {'ETA':>9}  status"
+
+    def __init__(self, steps: int, enabled: bool) -> None:
+        self.steps, self.enabled, self.started = steps, enabled, False
+
+    def row(self, row: dict, progress: dict) -> None:
+        if not self.enabled:
+            return
+        if not self.started:
+            print(self.HEADER, flush=True)
+            self.started = True
+        best = progress["best"]["score"] if progress["best"] else math.nan
+        print(f"{row['trial']:>5} {_pct(row['score']):>7} {_pct(best):>7} "
+              f"{_pct(row['kept_fraction']):>6} {row['seconds']:>8.1f} "
+              f"{_duration(progress['eta_s']):>9}  {row['status']}", flush=True)
+
+
+def show_search_command(args) -> int:
+    from search.loop import best_so_far, read_settings, summarize
+    from storage import StoreError, StoreLayout, check_name, query
+
+    check_name(args.name, "search name")
+    layout = StoreLayout(args.store).require()
+    if not (layout.search(args.name) / "trials.parquet").is_file():
+        have = sorted(p.parent.name for p in layout.searches_dir.glob("*/trials.parquet"))
+        raise StoreError(f"no search {args.name!r} with trials in {layout.root} "
+                         f"(searches: {', '.join(have) or 'none'})")
+    # check_name allows no quote, so the name is a safe SQL literal.
+    rows = query(layout.root, f"SELECT * EXCLUDE (point) FROM trials WHERE search = '{args.name}' "
+                              "ORDER BY trial").to_pylist()
+    best = best_so_far(rows)
+    params = ("e1", "e2", "e3", "v0", "v1", "v2", "v3", "v4", "c1", "c2")
+    lines = [f"{'trial':>5} {'status':>6} {'score':>7} {'best':>7} {'kept':>6} {'flip*':>6} "
+             f"{'sec':>6}  " + " ".join(f"{p:>5}" for p in params)]
+    for r, b in zip(rows, best):
+        lines.append(f"{r['trial']:>5} {r['status']:>6} {_pct(r['score']):>7} {_pct(b):>7} "
+                     f"{_pct(r['kept_fraction']):>6} {_pct(r['flipped_kept_share']):>6} "
+                     f"{r['seconds']:>6.1f}  " + " ".join(f"{r[p]:>5.2f}" for p in params))
+    lines.append("flip*: share of flipped labels among kept samples (diagnostics; not seen by the agent)")
+    summary = {"command": "search show", **summarize(layout.root, args.name),
+               "settings": read_settings(layout.root, args.name)}
+    emit(summary, args, "\n".join(lines))
+    return 0
+
+
+def _pct(x) -> str:
+    return "-" if x is None or not math.isfinite(x) else f"{x:.2%}"
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "-"
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+

@@ -1,0 +1,133 @@
+"""``swift-sampler train`` and ``swift-sampler evaluate``: thin layers over ``train.trainer.train``
+and ``train.evaluate.evaluate``. Under torchrun every rank trains; rank 0 alone prints."""
+
+from __future__ import annotations
+
+import os
+
+from ..cli import UserError, add_json_flag, emit
+
+
+def register(sub, groups) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model on a store (writes STORE/runs/NAME)",
+        description="Train on the store's train split with the sharded WebDataset loader; "
+        "validate on val each epoch; write STORE/runs/NAME/{config.json, metrics.jsonl, "
+        "checkpoint.pt, summary.json}. Works under torchrun --nproc-per-node N (gloo on CPU, "
+        "NCCL on GPU). Presets: paper-cifar, cpu-quick, digits (default: digits for tiny "
+        "images, else paper-cifar on a GPU and cpu-quick on a CPU).",
+    )
+    p.add_argument("--store", required=True, help="store directory")
+    p.add_argument("--name", required=True, help="run name (folder STORE/runs/NAME)")
+    p.add_argument("--preset", default=None, help="paper-cifar | cpu-quick | digits")
+    p.add_argument("--model", default=None,
+                   help="resnet18 | tiny-cnn | digits-net | torchvision:<arch> (default: preset's, "
+                   "or the --init checkpoint's)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="per rank")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--schedule", default=None, help="multistep | cosine | one-cycle | constant")
+    p.add_argument("--milestones", default=None, help="multistep epochs, comma-separated (e.g. 40)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None, help="loader workers per rank (2)")
+    p.add_argument("--image-size", type=int, default=None, help="crop side for large images")
+    p.add_argument("--val-split", default=None, help="split validated each epoch (val)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if present)")
+    p.add_argument("--resume", action="store_true", help="continue the run from its checkpoint")
+    p.add_argument("--init", default=None, help="start from this checkpoint's weights (fine-tune)")
+    p.add_argument("--no-checkpoints", action="store_true",
+                   help="write checkpoint.pt only after the last epoch")
+    add_json_flag(p)
+    p.set_defaults(func=run_train)
+
+    e = sub.add_parser(
+        "evaluate",
+        help="top-1/top-5 of a checkpoint on a split (+ clean/flipped accuracy with noise)",
+        description="Evaluate a checkpoint on a split of a store: top-1, top-5 (C > 5), loss; "
+        "when the split carries injected label noise, accuracy on its clean and flipped samples.",
+    )
+    e.add_argument("--store", required=True, help="store directory")
+    e.add_argument("--checkpoint", required=True, help="checkpoint.pt")
+    e.add_argument("--split", default="test", help="train | val | test (default test)")
+    e.add_argument("--batch-size", type=int, default=512)
+    e.add_argument("--workers", type=int, default=2)
+    e.add_argument("--device", default=None)
+    add_json_flag(e)
+    e.set_defaults(func=run_evaluate)
+
+
+def run_train(args) -> int:
+    import torch
+
+    from storage import StoreLayout, read_manifest
+    from train.checkpoint import load_checkpoint
+    from train.distributed import init_distributed, shutdown
+    from train.presets import default_preset, resolve_config
+    from train.trainer import train
+
+    manifest = read_manifest(StoreLayout(args.store))
+    model = args.model
+    if model is None and args.init:
+        model = load_checkpoint(args.init)["model_name"]
+    preset = args.preset
+    if preset is None:
+        image = manifest.get("image", {})
+        side = min(image["height"], image["width"]) if image.get("height") else None
+        preset = default_preset(side, torch.cuda.is_available() and args.device != "cpu")
+    milestones = None
+    if args.milestones:
+        try:
+            milestones = tuple(int(m) for m in args.milestones.split(","))
+        except ValueError:
+            raise UserError(f"--milestones must be comma-separated integers, got {args.milestones!r}") from None
+    config = resolve_config(
+        args.store, preset=preset, name=args.name, model=model, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        schedule=args.schedule, milestones=milestones, seed=args.seed, workers=args.workers,
+        image_size=args.image_size, val_split=args.val_split, device=args.device,
+        resume=args.resume or None, init=args.init,
+        save_checkpoints=False if args.no_checkpoints else None, progress=not args.json)
+    dist = init_distributed(config.device)
+    try:
+        summary = train(config)
+    finally:
+        shutdown()
+    if dist.is_main:
+        emit(summary, args, _format_train(summary))
+    return 0
+
+
+def _format_train(s: dict) -> str:
+    def pct(v):
+        return "-" if v is None else f"{v:.2%}"
+
+    return "\n".join([
+        f"run       {s['run_dir']}",
+        f"model     {s['model']}, {s['epochs']} epochs on {s['world_size']} x {s['device']}",
+        f"train     loss {s['loss']:.4f}, accuracy {pct(s['accuracy'])}, "
+        f"{s['images_per_s']:.0f} images/s" if s.get("loss") is not None else "train     (no new epochs)",
+        f"val       accuracy {pct(s.get('val_accuracy'))}",
+        f"time      {s['seconds']:.1f} s; skipped {s['skipped']} corrupt sample(s)",
+    ])
+
+
+def run_evaluate(args) -> int:
+    from train.evaluate import evaluate
+
+    if not os.path.isfile(args.checkpoint):
+        raise UserError(f"checkpoint {args.checkpoint} not found")
+    result = evaluate(args.store, args.checkpoint, args.split, batch_size=args.batch_size,
+                      workers=args.workers, device=args.device)
+    lines = [f"{result['split']}: {result['count']} samples, top-1 {result['top1']:.2%}"
+             + (f", top-5 {result['top5']:.2%}" if "top5" in result else "")
+             + f", loss {result['loss']:.4f}"]
+    noise = result.get("noise")
+    if noise:
+        lines.append(f"noise: {noise['n_flipped']} flipped / {noise['n_clean']} clean; accuracy on "
+                     f"clean {noise['clean_accuracy']:.2%}, flipped (vs original label) "
+                     f"{noise['flipped_true_accuracy']:.2%}, flipped label memorised "
+                     f"{noise['flipped_memorised']:.2%}")
+    emit({"command": "evaluate", "checkpoint": args.checkpoint, **result}, args, "\n".join(lines))
+    return 0

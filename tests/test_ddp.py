@@ -1,0 +1,82 @@
+"""Two-process DDP on the CPU (gloo) through torchrun: identical weights, disjoint shares."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from test_loader import make_store
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+SCRIPT = textwrap.dedent("""
+    import os, sys, torch
+    torch.set_num_threads(1)
+    from train.presets import resolve_config
+    from train.trainer import SamplerHook, fit
+
+    store, out = sys.argv[1], sys.argv[2]
+    seen = []
+
+    def record(batch):
+        seen.append(batch["index"].clone())
+        return batch
+
+    config = resolve_config(store, name="ddp", model="digits-net", epochs=2, batch_size=4,
+                            lr=0.05, schedule="cosine", workers=0, progress=False,
+                            shuffle_buffer=8)
+    result = fit(config, sampler=SamplerHook(candidates_per_image=1, step_filter=record))
+    rank = int(os.environ["RANK"])
+    torch.save({"state": result.model.state_dict(), "seen": torch.cat(seen),
+                "summary": result.summary}, os.path.join(out, f"rank{rank}.pt"))
+""")
+
+
+def run_torchrun(args, cwd, timeout=240):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
+    return subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed beside python")
+def test_two_process_gloo_ddp(tmp_path):
+    store = make_store(tmp_path / "s", splits={"train": 64, "val": 16}, shard_size=8)
+    script = tmp_path / "ddp_script.py"
+    script.write_text(SCRIPT)
+    proc = run_torchrun([str(script), str(store), str(tmp_path)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for k, v in r0["state"].items():
+        assert torch.equal(v, r1["state"][k]), k
+    # Each rank's share: 64 / 2 ranks = 32 per epoch; together each epoch covers all samples.
+    per_epoch = 64 // 2
+    for epoch in range(2):
+        a = r0["seen"][epoch * per_epoch:(epoch + 1) * per_epoch].tolist()
+        b = r1["seen"][epoch * per_epoch:(epoch + 1) * per_epoch].tolist()
+        assert len(a) == len(b) == per_epoch
+        assert not set(a) & set(b) and sorted(a + b) == list(range(64))
+    assert r0["summary"]["world_size"] == 2
+    # Rank 0 alone wrote the run folder.
+    run = store / "runs" / "ddp"
+    assert sorted(p.name for p in run.iterdir()) == [
+        "checkpoint.pt", "config.json", "metrics.jsonl", "summary.json"]
+    assert json.loads((run / "config.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed beside python")
+def test_cli_under_torchrun(tmp_path):
+    store = make_store(tmp_path / "s", splits={"train": 64, "val": 16}, shard_size=8)
+    proc = run_torchrun(["-m", "swift_sampler", "train", "--store", str(store), "--name", "cli",
+                         "--model", "digits-net", "--epochs", "1", "--batch-size", "4",
+                         "--workers", "1", "--json"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+    assert len(lines) == 1 and json.loads(lines[0])["world_size"] == 2

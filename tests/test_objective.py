@@ -1,0 +1,131 @@
+"""The inner loop on a real digits store: input checks, determinism, divergence, end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.sampler import Sampler, uniform_sampler
+from pipeline.sampler_file import check_provenance, load_sampler
+from pipeline.tables import load_tables
+from search.loop import read_trials, run_search
+from search.objective import FinetuneObjective, FinetuneSettings, check_search_inputs
+from storage import StoreError, StoreLayout, sha256_file
+from train.checkpoint import CheckpointError, save_checkpoint
+from train.models import create_model
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """Digits (40% noise) with a short w_share and its features and tables."""
+    from pipeline.features import build_features
+    from pipeline.ingest import ingest
+    from train.presets import resolve_config
+    from train.trainer import fit
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("search-digits") / "store"
+    ingest("digits", root, val_frac=0.2, test_frac=0.2, noise="symmetric:0.4", seed=0,
+           shard_size=400, progress=False)
+    result = fit(resolve_config(root, preset="digits", name="w_share", epochs=3, workers=0,
+                                progress=False))
+    ckpt = StoreLayout(root).run("w_share") / "checkpoint.pt"
+    build_features(root, result.model, crops_per_image=4, checkpoint_sha256=sha256_file(ckpt),
+                   quantiles=64, angles=16, progress=False, device="cpu")
+    return root
+
+
+def ckpt_of(store):
+    return StoreLayout(store).run("w_share") / "checkpoint.pt"
+
+
+def test_checkpoint_and_store_mismatches_are_refused(store, digits_store, tmp_path):
+    with pytest.raises(StoreError, match="no features"):
+        check_search_inputs(digits_store, ckpt_of(store))
+    other = tmp_path / "other.pt"
+    save_checkpoint(other, create_model("digits-net", 5, 1, 8))
+    with pytest.raises(CheckpointError, match="5 classes x 1 channels but the store has 10 classes"):
+        check_search_inputs(store, other)
+    torch.manual_seed(1)
+    save_checkpoint(other, create_model("digits-net", 10, 1, 8))
+    with pytest.raises(StoreError, match="features were built from checkpoint sha256"):
+        check_search_inputs(store, other)
+    info = check_search_inputs(store, ckpt_of(store))
+    assert info["features_checkpoint_sha256"] == sha256_file(ckpt_of(store))
+
+
+def test_same_seed_same_score_and_recipe_from_the_checkpoint(store):
+    objective = FinetuneObjective(store, ckpt_of(store), FinetuneSettings(epochs=1), workers=0)
+    recipe = objective.describe()
+    assert recipe["model"] == "digits-net" and recipe["batch_size"] == 32
+    assert recipe["lr"] == pytest.approx(0.25 * 0.1)  # lr_fraction x the digits preset's lr
+    sampler = uniform_sampler(load_tables(store))
+    a, b = objective(sampler, 5), objective(sampler, 5)
+    assert a.score == b.score and 0 < a.score <= 1 and a.epochs == 1
+    assert 0 < a.extra["true_top1"] <= 1  # diagnostics only
+
+
+def test_diverged_and_empty_samplers_fail_without_stopping_the_search(store, tmp_path):
+    work = tmp_path / "store"
+    shutil.copytree(store, work)
+    tables = load_tables(work)
+    objective = FinetuneObjective(work, ckpt_of(work), FinetuneSettings(epochs=1, lr=1e12), workers=0)
+    result = objective(uniform_sampler(tables), 0)
+    assert math.isnan(result.score) and "loss became" in result.error
+    empty = Sampler((0, 0.25, 0.5, 0.75, 1), (0, 0, 0, 0, 0), 0.3, 0.2, "cgf", tables)
+    result = objective(empty, 0)
+    assert math.isnan(result.score) and result.epochs == 0 and "tau is 0" in result.error
+    summary = run_search(work, "nan", objective, lambda z: Sampler.from_point(z, tables, "cgf"),
+                         settings={}, steps=2, agent="random", seed=0,
+                         initial_points=(uniform_sampler(tables).to_point(),) * 2)
+    rows = read_trials(StoreLayout(work).search("nan") / "trials.parquet")
+    assert [r["status"] for r in rows] == ["failed", "failed"] and summary["failed"] == 2
+    assert [r["score"] for r in rows] == [0.0, 0.0] and summary["best_sampler"] is None
+
+
+def run_cli(*argv):
+    from swift_sampler.cli import main
+
+    return main([str(a) for a in argv])
+
+
+def test_search_run_end_to_end_writes_a_valid_sampler(store, tmp_path, capsys):
+    work = tmp_path / "store"
+    shutil.copytree(store, work)
+    args = ["search", "run", "--store", work, "--checkpoint", ckpt_of(work), "--name", "e2e",
+            "--steps", 3, "--finetune-epochs", 1, "--workers", 0]
+    assert run_cli(*args) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(out[-1])
+    assert summary["trials"] == 3 and out[0].split()[:3] == ["trial", "score", "best"]
+    sampler, prov = load_sampler(summary["best_sampler"])
+    check_provenance(prov, work)
+    rows = read_trials(summary["trials_path"])
+    assert prov["trial"] == summary["best_trial"] and prov["score"] == rows[prov["trial"]]["score"]
+    np.testing.assert_allclose(rows[0]["point"], uniform_sampler().to_point())
+    assert all(0 < r["kept_fraction"] <= 1 for r in rows)
+
+    assert run_cli("search", "show", "--store", work, "e2e") == 0
+    shown = capsys.readouterr().out.strip().splitlines()
+    assert len(shown) == 1 + 3 + 2 and json.loads(shown[-1])["trials"] == 3
+
+    # Same command again: nothing to do. Other settings: refused, naming them.
+    assert run_cli(*args) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["trials"] == 3
+    assert run_cli(*args[:-4], "--finetune-epochs", 2, "--workers", 0) == 2
+    assert "finetune: stored" in capsys.readouterr().err
+
+
+def test_search_run_refuses_a_foreign_checkpoint(store, tmp_path, capsys):
+    torch.manual_seed(2)
+    other = tmp_path / "other.pt"
+    save_checkpoint(other, create_model("digits-net", 10, 1, 8))
+    assert run_cli("search", "run", "--store", store, "--checkpoint", other, "--name", "x",
+                   "--steps", 1) == 2
+    assert "features were built from checkpoint" in capsys.readouterr().err
+    assert not StoreLayout(store).search("x").exists()

@@ -1,0 +1,144 @@
+"""The trainer: learns digits, resumes exactly, stops on NaN, evaluates, CLI round trip."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from test_loader import make_store
+
+from storage import StoreError, StoreLayout
+from swift_sampler.cli import main
+from train.checkpoint import CheckpointError, load_checkpoint, load_model
+from train.evaluate import evaluate, predict
+from train.models import UnknownModelError
+from train.presets import resolve_config
+from train.trainer import TrainingDiverged, fit, train
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    pix = (d.images * (255 / 16)).round().astype(np.uint8)
+    order = np.random.default_rng(0).permutation(len(pix))
+    tr, va = order[:1400], order[1400:]
+    root = tmp_path_factory.mktemp("digits") / "store"
+    return make_store(root, splits={"train": len(tr), "val": len(va)}, channels=1, classes=10,
+                      shard_size=350, images={"train": pix[tr], "val": pix[va]},
+                      labels={"train": d.target[tr], "val": d.target[va]})
+
+
+@pytest.fixture
+def small(tmp_path):
+    return make_store(tmp_path / "small", splits={"train": 64, "val": 16}, classes=4,
+                      shard_size=16, noise=0.25)
+
+
+def tiny_config(store, **kw):
+    base = dict(model="digits-net", epochs=3, batch_size=8, lr=0.05, schedule="cosine",
+                workers=0, progress=False, shuffle_buffer=16)
+    return resolve_config(store, **{**base, **kw})
+
+
+def test_digits_reach_90_percent(digits):
+    summary = train(resolve_config(digits, preset="digits", workers=0, progress=False))
+    assert summary["val_accuracy"] > 0.90
+
+
+def test_resume_after_interruption_gives_the_same_weights(small):
+    full = fit(tiny_config(small, name="full", workers=2)).model
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(metrics):
+        if metrics["epoch"] == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(tiny_config(small, name="cut", workers=2), on_epoch_end=stop_after_two)
+    assert load_checkpoint(StoreLayout(small).run("cut") / "checkpoint.pt")["epoch"] == 1
+    resumed = fit(tiny_config(small, name="cut", workers=2, resume=True))
+    assert resumed.summary["start_epoch"] == 2
+    for (k, a), b in zip(full.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    lines = (StoreLayout(small).run("cut") / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [0, 1, 2]
+
+
+def test_run_folder_contents_and_existing_run(small):
+    train(tiny_config(small, name="r", epochs=1))
+    run = StoreLayout(small).run("r")
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"] == "digits-net" and config["steps_per_epoch"] == 8
+    metrics = json.loads((run / "metrics.jsonl").read_text())
+    assert {"epoch", "loss", "accuracy", "lr", "images_per_s", "val_accuracy"} <= set(metrics)
+    assert json.loads((run / "summary.json").read_text())["run"] == "r"
+    with pytest.raises(StoreError, match="already exists"):
+        train(tiny_config(small, name="r", epochs=1))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(small):
+    # lr x 1e30 from epoch 1 on: the loss blows up in epoch 1, epoch 0 was fine.
+    config = tiny_config(small, name="nan", schedule="multistep", milestones=(1,), gamma=1e30)
+    with pytest.raises(TrainingDiverged, match="last good checkpoint"):
+        train(config)
+    path = StoreLayout(small).run("nan") / "checkpoint.pt"
+    model, meta = load_model(path)
+    assert meta["epoch"] == 0
+    assert all(torch.isfinite(p).all() for p in model.state_dict().values())
+
+
+def test_init_checks_classes_and_model(small, tmp_path):
+    train(tiny_config(small, name="base", epochs=1))
+    ckpt = StoreLayout(small).run("base") / "checkpoint.pt"
+    summary = train(tiny_config(small, epochs=1, init=str(ckpt)))
+    assert summary["epochs"] == 1
+    other = make_store(tmp_path / "other", splits={"train": 32, "val": 8}, classes=6)
+    with pytest.raises(CheckpointError, match="4 classes"):
+        train(tiny_config(other, epochs=1, init=str(ckpt)))
+    with pytest.raises(CheckpointError, match="holds a 'digits-net' model"):
+        train(tiny_config(small, epochs=1, init=str(ckpt), model="resnet18"))
+    with pytest.raises(UnknownModelError):
+        train(tiny_config(small, epochs=1, model="no-such-net"))
+
+
+def test_evaluate_reports_noise_diagnostics(small):
+    model = fit(tiny_config(small, epochs=1)).model
+    result = evaluate(small, model, "train", workers=0)
+    out = predict(small, model, "train", workers=0)
+    assert out["index"].tolist() == list(range(64))
+    pred = out["logits"].argmax(1)
+    rows = pq.read_table(StoreLayout(small).samples).to_pylist()
+    truth = {r["index"]: r for r in rows if r["split"] == "train"}
+    flipped = np.array([truth[i]["noisy"] for i in range(64)])
+    true = np.array([truth[i]["true_label"] for i in range(64)])
+    assert result["top1"] == pytest.approx(np.mean(pred == out["label"]))
+    assert result["noise"]["n_flipped"] == flipped.sum() > 0
+    assert result["noise"]["clean_accuracy"] == pytest.approx(
+        np.mean(pred[~flipped] == true[~flipped]))
+    assert result["noise"]["flipped_true_accuracy"] == pytest.approx(
+        np.mean(pred[flipped] == true[flipped]))
+    assert "noise" not in evaluate(small, model, "val", workers=0)
+
+
+def test_cli_train_evaluate_and_bad_input(small, tmp_path, capsys):
+    rc = main(["train", "--store", str(small), "--name", "cli", "--model", "digits-net",
+               "--epochs", "1", "--batch-size", "8", "--workers", "0", "--json"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0 and json.loads(out[-1])["run"] == "cli"
+    ckpt = StoreLayout(small).run("cli") / "checkpoint.pt"
+    rc = main(["evaluate", "--store", str(small), "--checkpoint", str(ckpt), "--split", "val",
+               "--workers", "0", "--json"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0 and result["count"] == 16 and "top5" not in result
+    rc = main(["train", "--store", str(small), "--name", "x", "--model", "nope", "--json"])
+    assert rc == 2 and "unknown model" in capsys.readouterr().err
+    empty = make_store(tmp_path / "empty", splits={"val": 8})
+    rc = main(["train", "--store", str(empty), "--name", "x", "--json"])
+    assert rc == 2 and "no 'train' shards" in capsys.readouterr().err
