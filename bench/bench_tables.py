@@ -1,6 +1,7 @@
 """Benchmark: tables + transform (and tau) for N synthetic rows; one fresh process per run.
 
-Prints one JSON object: medians over runs of wall time and peak RSS (ru_maxrss of the child).
+Prints one JSON object: medians over runs of wall time, process CPU time (less sensitive to
+other load on a shared machine) and peak RSS (ru_maxrss of the child).
 Usage: python bench/bench_tables.py [--rows 10240000] [--runs 3]
 """
 
@@ -22,11 +23,14 @@ rng = np.random.default_rng(0)
 loss = rng.gamma(0.7, 1.0, n).astype(np.float32)
 er = (rng.beta(5, 2, n) * 2.3).astype(np.float32)
 w = (np.exp(0.5 * loss) * rng.lognormal(0, 0.6, n)).astype(np.float32)
+c0 = time.process_time()
 t0 = time.perf_counter()
 tab = build_tables(loss, er, w)
 t1 = time.perf_counter()
+c1 = time.process_time()
 t = tab.transform_raw(loss, er, 0.6, -0.8, "cgf")
 t2 = time.perf_counter()
+c2 = time.process_time()
 s = Sampler((0, 0.2, 0.5, 0.8, 1), (0.1, 1, 0.6, 0.2, 0), 0.6, -0.8, "cgf", tab.subset(0.6, -0.8))
 f1, f2 = tab.feature_cdf("loss", loss), tab.feature_cdf("entropy_r", er)
 t3 = time.perf_counter()
@@ -34,7 +38,8 @@ tau = s.tau_from_cdf(f1, f2)
 t4 = time.perf_counter()
 tau_raw = s.tau(loss, er)
 t5 = time.perf_counter()
-print(json.dumps({"build_s": t1 - t0, "transform_s": t2 - t1, "tau_from_cdf_s": t4 - t3,
+print(json.dumps({"build_s": t1 - t0, "transform_s": t2 - t1, "build_cpu_s": c1 - c0,
+                  "transform_cpu_s": c2 - c1, "points": tab.points["cgf"].shape[1], "tau_from_cdf_s": t4 - t3,
                   "tau_raw_s": t5 - t4, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 

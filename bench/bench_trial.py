@@ -57,62 +57,6 @@ def panel(tables, transform: str, n_sobol: int) -> dict[str, Sampler]:
     return out
 
 
-class StoreCrops:
-    """Crop stage: per image, ``candidates`` of its K stored crops with their features."""
-
-    def __init__(self, store) -> None:
-        import pyarrow.parquet as pq
-
-        from storage import StoreLayout
-
-        t = pq.read_table(StoreLayout(store).feature_parts()).sort_by([("index", "ascending"),
-                                                                       ("crop", "ascending")])
-        n = int(t["index"].to_numpy().max()) + 1
-        self.k = t.num_rows // n
-        self.cols = {c: t[c].to_numpy(zero_copy_only=False).reshape(n, self.k)
-                     for c in ("top", "left", "height", "width", "flip", "loss", "entropy_r")}
-
-    def __call__(self, src, *, rng, candidates=1, augment=True, **_):
-        from pipeline.crops import Crop
-
-        c = self.cols
-        for s in src:
-            i = s["index"]
-            for k in rng.choice(self.k, size=candidates, replace=candidates > self.k):
-                yield {"index": i, "label": s["label"], "source": s["image"], "crop_id": int(k),
-                       "crop": Crop(int(c["top"][i, k]), int(c["left"][i, k]), int(c["height"][i, k]),
-                                    int(c["width"][i, k]), bool(c["flip"][i, k])),
-                       "loss": float(c["loss"][i, k]), "entropy_r": float(c["entropy_r"][i, k])}
-
-
-class TauFilter:
-    """Batch filter: keep ``size`` of the candidates without replacement, probability ~ tau."""
-
-    def __init__(self, sampler: Sampler) -> None:
-        self.sampler = sampler
-
-    def __call__(self, batch, *, rng, size):
-        import torch
-
-        from pipeline.filter import select
-
-        tau = self.sampler.tau(batch["loss"].numpy(), batch["entropy_r"].numpy())
-        idx = select(tau, size, rng)
-        t = torch.as_tensor(idx)
-        out = {k: (v.index_select(0, t) if isinstance(v, torch.Tensor) else [v[i] for i in idx])
-               for k, v in batch.items()}
-        out["candidates"] = len(tau)
-        return out
-
-
-def fallback_hook(store, sampler, *, features="store", seed=0, model=None):
-    """The 2x oversample-and-filter stage with store features, for installations without
-    ``train.sampling`` (same semantics: two stored crops per image, keep half by tau)."""
-    from train.trainer import SamplerHook
-
-    return SamplerHook(candidates_per_image=2, crop_stage=StoreCrops(store), batch_filter=TauFilter(sampler))
-
-
 def spearman(a, b) -> float:
     ra = np.argsort(np.argsort(a)).astype(float)
     rb = np.argsort(np.argsort(b)).astype(float)
@@ -165,14 +109,7 @@ def main(argv=None) -> dict:
         store, ckpt = Path(args.store), Path(args.checkpoint)
     settings = FinetuneSettings(epochs=args.epochs, lr=args.lr, lr_fraction=args.lr_fraction,
                                 schedule=args.schedule, repeats=args.repeats)
-    try:
-        import train.sampling  # noqa: F401
-
-        hook, hook_name = None, "train.sampling"
-    except ModuleNotFoundError:
-        hook, hook_name = fallback_hook, "bench fallback"
-    objective = FinetuneObjective(store, ckpt, settings, workers=args.workers, device=args.device,
-                                  hook_factory=hook)
+    objective = FinetuneObjective(store, ckpt, settings, workers=args.workers, device=args.device)
     samplers = panel(load_tables(store), args.transform, args.sobol)
     if args.only:
         samplers = {k: v for k, v in samplers.items() if k in args.only.split(",")}
@@ -208,7 +145,6 @@ def main(argv=None) -> dict:
     diff_noise = float(math.sqrt(np.mean(diffs))) if diffs else math.nan
     result = {
         "bench": "trial", "store": str(store), "recipe": objective.describe(), "seeds": args.seeds,
-        "hook": hook_name,
         "per_sampler": {n: {"val": means[n], "true_val": true_means[n],
                             "scores": [r["score"] for r in by[n]],
                             "kept_fraction": by[n][0]["kept_fraction"],

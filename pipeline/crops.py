@@ -7,7 +7,9 @@ build-features and the sampler stage all call it, which is what makes replay exa
 
 Policies (chosen from the image size, as is usual for each regime):
 - ``pad``: small images (<= 64 px): pad by ``padding`` then take a random window of the
-  image's own size (CIFAR's pad-4 random crop), plus a horizontal flip.
+  image's own size, plus a horizontal flip. The padding scales with the image
+  (``pad_for``): CIFAR's 4 pixels at 32 px, 1 pixel at 8 px, where 4 would push half a
+  digit out of view.
 - ``rrc``: larger images: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3), plus a flip;
   the window is resized to ``out_size``.
 Crop 0 of every image in the feature store is the plain view (``plain_crop``).
@@ -45,8 +47,15 @@ def plain_crop(height: int, width: int) -> Crop:
     return Crop((height - side) // 2, (width - side) // 2, side, side, False)
 
 
-def sample_crop(rng: np.random.Generator, height: int, width: int, *, padding: int = 4) -> Crop:
+def pad_for(side: int) -> int:
+    """Pad-and-crop shift for a small image of side ``side`` (4 at 32 px, as for CIFAR)."""
+    return max(1, round(side / 8))
+
+
+def sample_crop(rng: np.random.Generator, height: int, width: int, *, padding: int | None = None) -> Crop:
     """Draw one training crop for an image of ``height`` x ``width`` from ``rng``."""
+    if padding is None:
+        padding = pad_for(min(height, width))
     flip = bool(rng.integers(2))
     if crop_policy(height, width) == "pad":
         top = int(rng.integers(-padding, padding + 1))
@@ -68,19 +77,22 @@ def sample_crop(rng: np.random.Generator, height: int, width: int, *, padding: i
 def apply_crop(image: torch.Tensor, crop: Crop, out_size: tuple[int, int] | None = None) -> torch.Tensor:
     """Cut ``crop`` out of ``image`` (uint8 or float, shape (C, H, W)).
 
-    Returns shape (C, crop.height, crop.width), or (C, *out_size) when ``out_size`` differs from
-    the window (bilinear, antialiased). Pixels outside the image are zero.
+    Returns a new contiguous tensor of ``image``'s dtype, shape (C, crop.height, crop.width),
+    or (C, *out_size) when ``out_size`` differs from the window (bilinear, antialiased; the
+    flip is applied after resizing). Pixels outside the image are zero.
     """
-    c, h, w = image.shape
+    _, h, w = image.shape
     top, left, ch, cw, flip = crop
-    out = image
+    resize = out_size is not None and tuple(out_size) != (ch, cw)
     if top < 0 or left < 0 or top + ch > h or left + cw > w:
-        pad_t, pad_l = max(0, -top), max(0, -left)
-        pad_b, pad_r = max(0, top + ch - h), max(0, left + cw - w)
-        out = F.pad(out, (pad_l, pad_r, pad_t, pad_b))
-        top, left = top + pad_t, left + pad_l
-    out = out[:, top : top + ch, left : left + cw]
-    if out_size is not None and tuple(out_size) != (ch, cw):
+        # Pad crops reach outside the image: zeros of the output shape plus one copy of the
+        # part inside, instead of padding the whole image first (F.pad) and slicing that.
+        out = _window(image, top, left, ch, cw, flip=flip and not resize)
+        if not resize:
+            return out
+    else:
+        out = image[:, top : top + ch, left : left + cw]
+    if resize:
         dtype = out.dtype
         x = out.unsqueeze(0).float()
         x = F.interpolate(x, size=tuple(out_size), mode="bilinear", align_corners=False, antialias=True)
@@ -88,3 +100,18 @@ def apply_crop(image: torch.Tensor, crop: Crop, out_size: tuple[int, int] | None
     if flip:
         out = out.flip(-1)
     return out.contiguous()
+
+
+def _window(image: torch.Tensor, top: int, left: int, ch: int, cw: int, *, flip: bool) -> torch.Tensor:
+    """(C, ch, cw) window at (top, left), zero outside the image, mirrored when ``flip``."""
+    _, h, w = image.shape
+    out = image.new_zeros((image.shape[0], ch, cw))
+    r0, r1 = max(top, 0), min(top + ch, h)
+    c0, c1 = max(left, 0), min(left + cw, w)
+    if r1 > r0 and c1 > c0:
+        src = image[:, r0:r1, c0:c1]
+        d0, d1 = c0 - left, c1 - left  # output columns of the source columns, unflipped
+        if flip:  # output column j shows window column cw - 1 - j
+            src, d0, d1 = src.flip(-1), cw - d1, cw - d0
+        out[:, r0 - top : r1 - top, d0:d1] = src
+    return out

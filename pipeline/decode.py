@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torchvision.io import ImageReadMode, decode_image
+
+# torchvision warns about its decoders' future on every call; the warning costs ~10 us a sample.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities")
 
 _MODES = {1: ImageReadMode.GRAY, 3: ImageReadMode.RGB}
 

@@ -2,7 +2,8 @@
 
 The stage is a chain of generators, one job each:
 ``read_shard`` (tar -> index, label, image) -> ``make_crops`` (-> K crops) -> ``batch_crops``
-(-> tensors) -> scoring (``pipeline.scoring``) -> one Parquet part per shard.
+(-> tensors), all in ``pipeline.crop_stream`` -> scoring (``pipeline.scoring``) -> one Parquet
+part per shard (here).
 
 Invariants:
 - crop 0 of image ``i`` is ``plain_crop``; crops ``1..K-1`` come from a generator seeded by
@@ -24,7 +25,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,164 +49,30 @@ from storage import (
 )
 from storage.schemas import FEATURES
 
-from .crops import Crop, apply_crop, crop_policy, plain_crop, sample_crop
-from .decode import CorruptSampleError, decode
+from .crop_stream import (
+    ShardCrops,
+    batch_crops,
+    crops_for,
+    iter_shard_batches,
+    make_crops,
+    output_size,
+    read_shard,
+)
 from .scoring import GRAD_NORM_MODES, score_batch
+
+# The crop-stream stages are re-exported: build-features callers (benchmarks, notebooks) find
+# the whole stage here.
+__all__ = ["NonFiniteScoreError", "ShardCrops", "batch_crops", "build_features", "crops_for",
+           "iter_shard_batches", "make_crops", "output_size", "part_provenance", "provenance",
+           "read_shard", "score_rows", "state_dict_sha256"]
 
 log = logging.getLogger(__name__)
 PROVENANCE_KEY = b"swift_sampler.features"
 PROVENANCE_FIELDS = ("store_id", "checkpoint_sha256", "crops_per_image", "grad_norm", "seed")
-_IMAGE_EXTS = ("jpg", "png")
 
 
 class NonFiniteScoreError(StoreError):
     """The model produced NaN or infinite scores; nothing was written for those shards."""
-
-
-def read_shard(path: Path, *, channels: int) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Yield ``(index, label, image uint8 (C, H, W))`` for every sample of one shard tar.
-
-    ``KEY.json`` is not read: it holds the ground truth, which no feature may see. The index
-    comes from the key (``{split}-{index:08d}``), the label from ``KEY.cls``.
-    """
-
-    def finish(key: str, parts: dict[str, bytes]) -> tuple[int, int, torch.Tensor]:
-        image = next((parts[e] for e in _IMAGE_EXTS if e in parts), None)
-        if image is None or "cls" not in parts:
-            raise StoreError(f"{path.name}: sample {key} lacks an image or a .cls label; re-run ingest")
-        try:
-            return int(key.rsplit("-", 1)[1]), int(parts["cls"]), decode(image, channels)
-        except CorruptSampleError as e:
-            raise StoreError(f"{path.name}: sample {key}: {e}; re-run ingest") from None
-        except ValueError:
-            raise StoreError(f"{path.name}: sample {key} has a malformed key or label") from None
-
-    key, parts = None, {}
-    for name, data in tar_members(path, wanted=("cls", *_IMAGE_EXTS)):
-        k, _, ext = name.rpartition("/")[2].partition(".")
-        if k != key:
-            if key is not None:
-                yield finish(key, parts)
-            key, parts = k, {}
-        parts[ext] = data
-    if key is not None:
-        yield finish(key, parts)
-
-
-def tar_members(path: Path, *, wanted: tuple[str, ...]) -> Iterator[tuple[str, bytes]]:
-    """``(name, bytes)`` of the regular members of a ustar file whose extension is ``wanted``.
-
-    Parses the 512-byte headers directly: ``tarfile`` costs ~100 us per member in Python,
-    which made reading the shards slower than scoring small images.
-    """
-    buf = memoryview(path.read_bytes())
-    pos, long_name = 0, None
-    while pos + 512 <= len(buf):
-        h = bytes(buf[pos : pos + 512])
-        if h[0] == 0:  # end-of-archive marker
-            return
-        try:
-            size = int(h[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-            checksum = int(h[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
-        except ValueError:
-            checksum, size = -1, 0
-        if checksum != sum(h) - sum(h[148:156]) + 8 * 32:
-            raise StoreError(f"{path.name}: bad tar header at byte {pos}; the shard is damaged, re-run ingest")
-        pos += 512
-        if pos + size > len(buf):
-            raise StoreError(f"{path.name}: truncated at byte {pos}; the shard is damaged, re-run ingest")
-        kind = h[156:157]
-        if kind == b"L":  # GNU long name: this member's data names the next member
-            long_name = bytes(buf[pos : pos + size]).split(b"\0", 1)[0].decode()
-        elif kind in (b"0", b"\0"):
-            name = long_name or h[0:100].split(b"\0", 1)[0].decode()
-            if h[257:262] == b"ustar" and not long_name and h[345]:
-                name = h[345:500].split(b"\0", 1)[0].decode() + "/" + name
-            long_name = None
-            if name.rpartition(".")[2] in wanted:
-                yield name, bytes(buf[pos : pos + size])
-        pos += -(-size // 512) * 512
-
-
-def crops_for(index: int, height: int, width: int, *, crops_per_image: int, seed: int) -> list[Crop]:
-    """The K crops of image ``index``: the plain view, then K-1 crops seeded by ``(seed, index)``."""
-    rng = np.random.default_rng((seed, index))
-    return [plain_crop(height, width)] + [sample_crop(rng, height, width) for _ in range(crops_per_image - 1)]
-
-
-def make_crops(src: Iterable[tuple[int, int, torch.Tensor]], *, crops_per_image: int, seed: int,
-               out_size: tuple[int, int] | None) -> Iterator[tuple[int, int, Crop, int, torch.Tensor]]:
-    """``(index, label, image)`` -> ``(index, crop_no, crop, label, pixels)``, K per image."""
-    for index, label, image in src:
-        _, h, w = image.shape
-        for k, crop in enumerate(crops_for(index, h, w, crops_per_image=crops_per_image, seed=seed)):
-            yield index, k, crop, label, apply_crop(image, crop, out_size)
-
-
-def batch_crops(src: Iterable[tuple], *, batch_size: int) -> Iterator[dict[str, Any]]:
-    """Group crops into ``{"x": uint8 (B, C, H, W), "index", "crop", "label": int64 (B,),
-    "crops": int64 (B, 5) = (top, left, height, width, flip)}``."""
-    buf: list[tuple] = []
-
-    def collate() -> dict[str, Any]:
-        index, crop_no, crops, labels, pixels = zip(*buf)
-        return {"x": torch.stack(pixels), "index": torch.tensor(index), "crop": torch.tensor(crop_no),
-                "label": torch.tensor(labels), "crops": torch.tensor(crops, dtype=torch.int64)}
-
-    for item in src:
-        buf.append(item)
-        if len(buf) == batch_size:
-            yield collate()
-            buf = []
-    if buf:
-        yield collate()
-
-
-class ShardCrops(torch.utils.data.IterableDataset):
-    """Batches of crops of whole shards, for a ``DataLoader`` (``batch_size=None``).
-
-    Worker ``w`` of ``W`` reads shards ``w, w + W, ...``; a batch never spans two shards, so a
-    shard's rows do not depend on the number of workers. Every batch carries ``"shard"``; after
-    the last batch of a shard comes ``{"shard": s, "end": True}``. Errors come back as
-    ``{"error": message}`` so the caller raises them with their own message.
-    """
-
-    def __init__(self, shards: list[tuple[int, Path]], *, channels: int, crops_per_image: int,
-                 seed: int, out_size: tuple[int, int] | None, batch_size: int) -> None:
-        self.shards, self.channels, self.k = shards, channels, crops_per_image
-        self.seed, self.out_size, self.batch_size = seed, out_size, batch_size
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = torch.utils.data.get_worker_info()
-        mine = self.shards if info is None else self.shards[info.id :: info.num_workers]
-        try:
-            for s, path in mine:
-                if not path.is_file():
-                    raise StoreError(f"shard {path.name} listed in the manifest is missing; re-run ingest")
-                src = read_shard(path, channels=self.channels)
-                crops = make_crops(src, crops_per_image=self.k, seed=self.seed, out_size=self.out_size)
-                for batch in batch_crops(crops, batch_size=self.batch_size):
-                    yield {**batch, "shard": s, "end": False}
-                yield {"shard": s, "end": True}
-        except StoreError as e:
-            yield {"error": str(e)}
-
-
-def iter_shard_batches(shards: list[tuple[int, Path]], *, workers: int, **kwargs: Any) -> Iterator[dict[str, Any]]:
-    """``ShardCrops`` through a ``DataLoader`` with ``workers`` processes (0: in this process).
-
-    Decoding and cropping are Python-heavy: worker processes keep them off the GIL of the
-    process that runs the model, and overlap them with it.
-    """
-    dataset = ShardCrops(shards, **kwargs)
-    workers = min(workers, len(shards))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
-                                         prefetch_factor=4 if workers else None,
-                                         persistent_workers=False)
-    for batch in loader:
-        if "error" in batch:
-            raise StoreError(batch["error"])
-        yield batch
 
 
 def provenance(manifest: dict, model: nn.Module, *, checkpoint_sha256: str | None,
@@ -265,16 +132,6 @@ def _check_model(model: nn.Module, manifest: dict) -> None:
             f"the checkpoint predicts {head.out_features} classes but the store has "
             f"{num_classes(manifest)} ({', '.join(map(str, manifest['classes'][:5]))}...): "
             "use a checkpoint trained on this store")
-
-
-def output_size(manifest: dict, image_size: int | None) -> tuple[int, int] | None:
-    # The same rule as the training loader, so features score the crops training sees.
-    img = manifest.get("image") or {}
-    h, w = img.get("height"), img.get("width")
-    if h and w and crop_policy(h, w) == "pad" and (image_size is None or image_size == h == w):
-        return None  # pad crops keep the image's own size
-    side = image_size or (224 if not h or crop_policy(h, w) == "rrc" else max(h, w))
-    return (int(side), int(side))
 
 
 def _prepare(layout: StoreLayout, prov: dict, overwrite: bool) -> None:

@@ -1,4 +1,4 @@
-"""WebDataset shards: a small, deterministic tar writer and a reader driven by the manifest.
+"""WebDataset shards: a small, deterministic tar writer and the one fast tar reader.
 
 A shard is a plain POSIX (ustar) tar: per sample ``KEY.jpg|png``, ``KEY.cls``, ``KEY.json``,
 in that order, so ``webdataset.WebDataset``, ``tar`` and ``tarfile`` all read it. Headers use
@@ -9,6 +9,12 @@ written (no second read).
 Size: a tar member costs a 512-byte header plus its data rounded up to 512 bytes, so one
 sample costs ``3 * 512 + 512 * ceil(image / 512) + 1024`` bytes; a 0.9 kB CIFAR JPEG becomes
 3.5 kB on disk (about 3.9x). That is the price of a layout every WebDataset reader accepts.
+
+Reading (build-features, the training loader, ``iter_split``) goes through one parser,
+``read_tar`` -> ``group_members``: the headers are parsed directly (about 10x faster than
+``tarfile``) and every header checksum is checked. Damage raises ``ShardReadError`` naming
+the shard; the loader catches it and skips the rest of that shard (counted and logged),
+every other caller stops.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import hashlib
 import itertools
 import json
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -114,6 +120,17 @@ def write_shards(src: Iterable[dict[str, Any]], *, folder: str | Path, split: st
     return shards
 
 
+# -- reading ------------------------------------------------------------------------------
+
+
+class ShardReadError(StoreError, OSError):
+    """A shard's bytes are not a readable tar beyond some point (bad header, truncation).
+
+    A ``StoreError`` (the CLI prints it and exits 2) and an ``OSError`` (an unreadable file),
+    so callers that skip damaged shards and callers that stop on them both catch it.
+    """
+
+
 class ShardSample(NamedTuple):
     key: str
     image: bytes
@@ -121,21 +138,104 @@ class ShardSample(NamedTuple):
     meta: dict[str, Any]  # KEY.json; true_label/noisy in it are for diagnostics only
 
 
+def read_tar(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Stage source: regular members of one ustar tar as ``{"fname", "data", "__url__"}``,
+    then ``{}`` at the end of the shard (what ``webdataset.tariterators.group_by_keys`` expects).
+
+    Members are parsed straight from their 512-byte headers: ``tarfile`` costs ~100 us per
+    member in Python, about 10x this, which made reading shards slower than decoding them.
+    GNU long names (``L``) and the ustar prefix field are honoured; other member kinds (pax
+    headers, directories, links) are skipped.
+
+    Raises:
+        ShardReadError: on a bad header checksum, a member cut short, or a file that ends
+            without the end-of-archive marker, after yielding the members before the damage.
+    """
+    url, name = str(path), Path(path).name
+    with open(path, "rb") as f:
+        buf = f.read()
+    pos, end = 0, len(buf)
+    long_name = None
+    while True:
+        if pos + BLOCK > end:
+            raise ShardReadError(f"{name}: truncated at byte {pos} (no end-of-archive marker); "
+                                 "the shard is damaged, re-run ingest")
+        h = buf[pos : pos + BLOCK]
+        if h[0] == 0 and h.count(0) == BLOCK:  # end-of-archive marker
+            break
+        if not _checksum_ok(h):
+            raise ShardReadError(f"{name}: bad tar header at byte {pos}; the shard is damaged, "
+                                 "re-run ingest")
+        size = int(h[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        kind = h[156:157]
+        pos += BLOCK
+        if pos + size > end:
+            raise ShardReadError(f"{name}: member truncated at byte {pos}; the shard is damaged, "
+                                 "re-run ingest")
+        if kind == b"L":  # GNU long name: the next member's name is this member's data
+            long_name = buf[pos : pos + size].split(b"\0", 1)[0].decode("utf-8")
+        elif kind in (b"0", b"\0"):
+            yield {"fname": long_name or _member_name(h), "data": buf[pos : pos + size], "__url__": url}
+            long_name = None
+        pos += -(-size // BLOCK) * BLOCK
+    yield {}
+
+
+def _member_name(h: bytes) -> str:
+    name = h[0:100].split(b"\0", 1)[0].decode("utf-8")
+    prefix = h[345:500].split(b"\0", 1)[0].decode("utf-8") if h[257:262] == b"ustar" else ""
+    return f"{prefix}/{name}" if prefix else name
+
+
+def _checksum_ok(h: bytes) -> bool:
+    try:
+        stored = int(h[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
+    except ValueError:
+        return False
+    return stored == sum(h) - sum(h[148:156]) + 8 * 32
+
+
+def group_members(members: Iterable[dict[str, Any]], *, keep: Collection[str] | None = None
+                  ) -> Iterator[dict[str, Any]]:
+    """Stage: members -> WebDataset samples ``{"__key__", "__url__", ext: bytes}``.
+
+    The same grouping as ``webdataset.tariterators.group_by_keys`` (consecutive members sharing
+    the part of the name before the first dot of its base name; ``{}`` ends a shard), without
+    its per-member regular expression, which cost as much as reading the tar. ``keep``: only
+    these (lower-case) extensions enter a sample, so e.g. ``KEY.json`` (ground truth) is never
+    handed on; a key whose members are all dropped still yields ``{"__key__", "__url__"}``.
+    """
+    current: dict[str, Any] | None = None
+    for m in members:
+        if not m:
+            if current is not None:
+                yield current
+            current = None
+            continue
+        fname = m["fname"]
+        dot = fname.find(".", fname.rfind("/") + 1)
+        if dot < 0:
+            continue
+        key, ext = fname[:dot], fname[dot + 1 :].lower()
+        if current is None or current["__key__"] != key:
+            if current is not None:
+                yield current
+            current = {"__key__": key, "__url__": m["__url__"]}
+        if keep is None or ext in keep:
+            current[ext] = m["data"]
+    if current is not None:
+        yield current
+
+
 def iter_tar(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) for each sample of one tar, members grouped by key."""
-    key, parts = None, {}
-    with tarfile.open(path, "r|") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            k, _, ext = Path(member.name).name.partition(".")
-            if k != key and key is not None:
-                yield key, parts
-                parts = {}
-            key = k
-            parts[ext] = tar.extractfile(member).read()
-    if key is not None:
-        yield key, parts
+    """(key, {ext: bytes}) for each sample of one tar, members grouped by key.
+
+    The key is the base name before its first dot. Raises ``ShardReadError`` on damage.
+    """
+    for sample in group_members(read_tar(path)):
+        key = sample.pop("__key__")
+        del sample["__url__"]
+        yield key.rpartition("/")[2], sample
 
 
 def iter_split(store: str | Path, split: str, *, manifest: dict[str, Any] | None = None
@@ -143,7 +243,8 @@ def iter_split(store: str | Path, split: str, *, manifest: dict[str, Any] | None
     """Every sample of ``split`` in index order, read from the shards the manifest lists.
 
     Raises ``StoreError`` when a shard holds a different number of samples than the
-    manifest says (a truncated or replaced shard).
+    manifest says (a truncated or replaced shard), ``ShardReadError`` when it is not a
+    readable tar.
     """
     layout = StoreLayout(store)
     manifest = manifest or read_manifest(layout)

@@ -5,8 +5,9 @@ Views (each exists once the stage that writes its files has run):
 ``cgf`` (tables), ``trials`` (search runs, with a ``search`` column), ``metrics`` (training runs,
 with a ``run`` column).
 
-The catalog is read-only: user SQL may only be queries (``SELECT``, ``WITH``, ``DESCRIBE``,
-``SHOW``, ``EXPLAIN``, ``SUMMARIZE``), and DuckDB's file access is limited to the store.
+The catalog is read-only: user SQL may only be one query (``SELECT``, ``WITH``, ``DESCRIBE``,
+``SHOW``, ``SUMMARIZE``, or ``EXPLAIN [ANALYZE]`` of a query), and DuckDB's file access is
+limited to the store.
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ import pyarrow as pa
 from .layout import StoreLayout
 
 VIEWS = ("samples", "features", "cdf", "cgf", "trials", "metrics")
-_READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
-_READ_ONLY_KEYWORDS = ("select", "with", "describe", "show", "explain", "summarize", "from", "(")
+_EXPLAIN = re.compile(r"^\s*explain\s+(analyze\s+)?", re.IGNORECASE)
 
 
 class QueryError(ValueError):
@@ -122,6 +122,10 @@ def _check_read_only(sql: str) -> None:
     if len(statements) != 1:
         raise QueryError(f"expected exactly one SQL statement, got {len(statements)}")
     kind = statements[0].type.name
-    head = sql.lstrip().lower()
-    if kind not in _READ_ONLY_STATEMENTS and not head.startswith(_READ_ONLY_KEYWORDS):
+    if kind == "EXPLAIN":
+        # EXPLAIN ANALYZE runs its statement: what it explains must be a query as well.
+        _check_read_only(_EXPLAIN.sub("", sql, count=1))
+        return
+    # DESCRIBE, SHOW, SUMMARIZE, WITH ... SELECT and FROM-first queries are all SELECT here.
+    if kind != "SELECT":
         raise QueryError(f"the store is read-only: {kind} statements are refused; use SELECT")

@@ -14,8 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from faultlib import (
     base_store,
     copy_store,
@@ -23,6 +21,8 @@ from faultlib import (
     run_in_process,
     temporaries,
 )
+from PIL import Image
+
 from storage import QueryError, StoreError, StoreLayout, query, read_manifest, verify_shards
 
 K = 4
@@ -179,6 +179,7 @@ def test_shard_changed_after_ingest_is_detected_by_build_features(jpeg_store, tm
     _clean_error(code, err, "train-000001.tar")
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason=SHA_XFAIL)
 def test_manifest_checksum_mismatch_is_detected_by_training(base, tmp_path):
     store = _fresh(base, tmp_path / "store")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from faultlib import assert_user_error, base_store, copy_store, make_checkpoint, run_cli
+
 from storage import QueryError, StoreError, StoreLayout, check_name, query, read_manifest
 
 
@@ -139,9 +139,6 @@ def test_sql_refuses_writes_and_reads_outside_the_store(sql_store, sql):
     assert query(store, "SELECT count(*) AS n FROM samples")["n"][0].as_py() == 400
 
 
-@pytest.mark.xfail(strict=True, reason="storage/catalog.py _check_read_only lets EXPLAIN ANALYZE "
-                   "run any statement: `EXPLAIN ANALYZE COPY ... TO 'STORE/manifest.json'` "
-                   "overwrites store files (DuckDB's allowed_directories grants write access)")
 def test_sql_explain_analyze_cannot_write_into_the_store(sql_store):
     store, _ = sql_store
     manifest = (store / "manifest.json").read_bytes()

@@ -44,9 +44,11 @@ def ckpt_of(store):
     return StoreLayout(store).run("w_share") / "checkpoint.pt"
 
 
-def test_checkpoint_and_store_mismatches_are_refused(store, digits_store, tmp_path):
+def test_checkpoint_and_store_mismatches_are_refused(store, tmp_path):
+    bare = tmp_path / "bare"
+    shutil.copytree(store, bare, ignore=shutil.ignore_patterns("features", "tables"))
     with pytest.raises(StoreError, match="no features"):
-        check_search_inputs(digits_store, ckpt_of(store))
+        check_search_inputs(bare, ckpt_of(store))
     other = tmp_path / "other.pt"
     save_checkpoint(other, create_model("digits-net", 5, 1, 8))
     with pytest.raises(CheckpointError, match="5 classes x 1 channels but the store has 10 classes"):
@@ -63,7 +65,7 @@ def test_same_seed_same_score_and_recipe_from_the_checkpoint(store):
     objective = FinetuneObjective(store, ckpt_of(store), FinetuneSettings(epochs=1), workers=0)
     recipe = objective.describe()
     assert recipe["model"] == "digits-net" and recipe["batch_size"] == 32
-    assert recipe["lr"] == pytest.approx(0.25 * 0.1)  # lr_fraction x the digits preset's lr
+    assert recipe["lr"] == pytest.approx(0.1)  # lr_fraction (1.0) x the digits preset's lr
     sampler = uniform_sampler(load_tables(store))
     a, b = objective(sampler, 5), objective(sampler, 5)
     assert a.score == b.score and 0 < a.score <= 1 and a.epochs == 1
@@ -129,3 +131,34 @@ def test_search_run_refuses_a_foreign_checkpoint(store, tmp_path, capsys):
                    "--steps", 1) == 2
     assert "features were built from checkpoint" in capsys.readouterr().err
     assert not StoreLayout(store).search("x").exists()
+
+
+@pytest.mark.slow
+def test_real_search_resumes_to_the_same_trials(store, tmp_path):
+    work = tmp_path / "store"
+    shutil.copytree(store, work)
+    tables = load_tables(work)
+    objective = FinetuneObjective(work, ckpt_of(work), FinetuneSettings(epochs=1), workers=0)
+    calls = []
+
+    def flaky(sampler, seed):
+        calls.append(seed)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return objective(sampler, seed)
+
+    def run(name, fn):
+        return run_search(work, name, fn, lambda z: Sampler.from_point(z, tables, "cgf"), settings={},
+                          steps=4, agent="gp-ucb", seed=1, trial_seeds="distinct",
+                          initial_points=(uniform_sampler(tables).to_point(),))
+
+    run("straight", objective)
+    with pytest.raises(KeyboardInterrupt):
+        run("resumed", flaky)
+    run("resumed", objective)
+
+    def rows(name):
+        return [{k: v for k, v in r.items() if k != "seconds"}
+                for r in read_trials(StoreLayout(work).search(name) / "trials.parquet")]
+
+    assert rows("resumed") == rows("straight")

@@ -20,6 +20,7 @@ from pipeline.sampler_file import (
     save_sampler,
 )
 from pipeline.tables import build_tables
+from storage import StoreError
 
 N = 4000
 RNG = np.random.default_rng(7)
@@ -175,3 +176,32 @@ def test_provenance(tmp_path):
         check_provenance({"store_id": "S", "features_checkpoint_sha256": "D"}, store)
     check_provenance({"store_id": "T"}, store, allow_foreign=True)
     assert math.isfinite(GOOD.tau(LOSS, ER).sum())
+
+
+def test_plot_sampler_writes_two_pngs(tmp_path):
+    """plot sampler: two valid PNGs beside the sampler file (or in --out-dir), same bytes twice."""
+    from PIL import Image
+    from test_tables import make_feature_store
+
+    from swift_sampler.figures.sampler import plot_sampler
+
+    store = tmp_path / "store"
+    loss, er, w = make_feature_store(store, n=3000, store_id="S", sha="C")
+    tab = build_tables(loss, er, w, quantiles=128, angles=16)
+    s = Sampler((0, 0.2, 0.5, 0.8, 1), (0.2, 1, 0.5, 0.1, 0), 0.9, -0.3, "cgf", tab)
+    path = save_sampler(tmp_path / "runs" / "best_sampler.json", s, {"store_id": "S"})
+    paths = plot_sampler(path, store)
+    assert [p.parent for p in paths] == [path.parent] * 2 and len(set(paths)) == 2
+    for p in paths:
+        with Image.open(p) as im:
+            assert im.format == "PNG" and im.size[0] > 300 and im.size[1] > 200
+            im.verify()
+    assert not list(path.parent.glob(".tmp-*"))
+    other = plot_sampler(path, store, out_dir=tmp_path / "figs")
+    assert [p.read_bytes() for p in other] == [p.read_bytes() for p in paths]  # same input, same PNG
+    empty = tmp_path / "empty"
+    make_feature_store(empty, n=10)
+    for part in (empty / "features").glob("part-*.parquet"):
+        part.unlink()
+    with pytest.raises(StoreError, match="no features"):
+        plot_sampler(path, empty)

@@ -19,6 +19,15 @@ from train.presets import resolve_config
 from train.trainer import TrainingDiverged, fit, train
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Two shared cores: one intra-op thread per process avoids oversubscription stalls.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     from sklearn.datasets import load_digits
@@ -142,3 +151,85 @@ def test_cli_train_evaluate_and_bad_input(small, tmp_path, capsys):
     empty = make_store(tmp_path / "empty", splits={"val": 8})
     rc = main(["train", "--store", str(empty), "--name", "x", "--json"])
     assert rc == 2 and "no 'train' shards" in capsys.readouterr().err
+
+
+def write_features(store, k=4, seed=0):
+    """A feature store by hand (schema FEATURES): K random pad crops per train image."""
+    import pyarrow as pa
+
+    from storage import atomic_write_json, atomic_write_parquet
+    from storage.schemas import FEATURES
+
+    layout = StoreLayout(store)
+    n = pq.read_table(layout.samples, filters=[("split", "=", "train")]).num_rows
+    rng = np.random.default_rng(seed)
+    rows = {name: [] for name in FEATURES.names}
+    for i in range(n):
+        for j in range(k):
+            rows["index"].append(i)
+            rows["crop"].append(j)
+            rows["top"].append(int(rng.integers(-1, 2)))
+            rows["left"].append(int(rng.integers(-1, 2)))
+            rows["height"].append(8)
+            rows["width"].append(8)
+            rows["flip"].append(bool(rng.integers(2)))
+            rows["label"].append(0)
+            rows["loss"].append(float(rng.random()))
+            rows["entropy_r"].append(float(rng.random()))
+            rows["grad_norm"].append(1.0)
+    atomic_write_parquet(layout.features_dir / "part-000000.parquet", pa.table(rows, schema=FEATURES))
+    atomic_write_json(layout.features_meta, {"done": True, "K": k})
+    return rows
+
+
+def test_stored_crops_filter_keeps_only_positive_tau_and_replays_exactly(small):
+    from pipeline.decode import decode
+    from pipeline.sampler import UNIFORM
+    from train.loader import ShardDataset, replay_crops
+    from train.sampling import StoredCrops, tau_filter
+    from train.shardio import read_tar
+
+    rows = write_features(small)
+    stage = StoredCrops(small, UNIFORM)
+    stage.tau[:, 2:] = 0.0  # crops 2 and 3 of every image must never be kept
+    ds = ShardDataset(small, "train", batch_size=8, num_workers=0, candidates_per_image=2,
+                      crop_stage=stage, batch_filter=tau_filter)
+    images = {}
+    for shard in StoreLayout(small).shards("train"):
+        for m in read_tar(shard):
+            if m and m["fname"].endswith(".png"):
+                images[int(m["fname"].split("-")[1].split(".")[0])] = decode(m["data"], 3)
+    stored = {(i, j): (t, le, h, w, f) for i, j, t, le, h, w, f in zip(
+        rows["index"], rows["crop"], rows["top"], rows["left"], rows["height"], rows["width"],
+        rows["flip"])}
+    kept = 0
+    for batch in ds:
+        assert batch["candidates"] == 16 and len(batch["index"]) <= 8
+        assert set(batch["crop_id"].tolist()) <= {0, 1}
+        for i, j, c in zip(batch["index"].tolist(), batch["crop_id"].tolist(), batch["crop"].tolist()):
+            assert tuple(c) == tuple(int(v) for v in stored[(i, j)])
+        src = [images[i] for i in batch["index"].tolist()]
+        assert torch.equal(replay_crops(src, batch["crop"]), batch["image"])
+        kept += len(batch["index"])
+    assert kept > 0
+
+
+def test_train_with_sampler_logs_kept_fraction_and_flipped_share(small):
+    from pipeline.sampler import UNIFORM
+    from train.sampling import create_sampler_hook
+
+    write_features(small)
+    hook = create_sampler_hook(small, UNIFORM, features="store")
+    summary = train(tiny_config(small, name="ss", epochs=1), sampler=hook)
+    assert summary["kept_fraction"] == pytest.approx(0.5)
+    assert 0.0 <= summary["flipped_kept_share"] <= 1.0
+    metrics = json.loads((StoreLayout(small).run("ss") / "metrics.jsonl").read_text())
+    assert metrics["kept_fraction"] == pytest.approx(0.5)
+
+
+def test_sampler_needs_a_feature_store(small):
+    from pipeline.sampler import UNIFORM
+    from train.sampling import create_sampler_hook
+
+    with pytest.raises(StoreError, match="no feature store"):
+        create_sampler_hook(small, UNIFORM, features="store")

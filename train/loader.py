@@ -4,7 +4,7 @@ One pass of a worker, stage by stage (each a plain generator, as in webdataset):
 
     plan_worker        shards of this epoch for global worker (rank, worker), seeded shuffle
     read_shards        WebDataset samples {"__key__", "jpg"|"png", "cls", "json"} of each
-                       shard (fast ustar parsing, train.shardio)
+                       shard (pipeline.shards' ustar parser, via train.shardio)
     take_every         sample splitting when there are fewer shards than global workers
     shuffle            webdataset's shuffle buffer, seeded by (seed, epoch, rank, worker)
     decode_samples     {"key", "index", "label", "image" uint8 (C, H, W)}; corrupt -> skipped
@@ -52,14 +52,15 @@ import torch.nn.functional as F
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.crops import Crop, apply_crop, crop_policy, plain_crop, sample_crop
+from pipeline.crop_stream import output_size
+from pipeline.crops import Crop, apply_crop, plain_crop, sample_crop
 from pipeline.decode import CorruptSampleError, decode
+from pipeline.shards import IMAGE_EXTS
 from storage import StoreError, StoreLayout, read_manifest, split_shards
 
 from .shardio import Shard, WorkerPlan, plan_worker, python_rng, read_shards, seed_ints, take_every
 
 log = logging.getLogger(__name__)
-IMAGE_EXTS = ("jpg", "png")
 
 
 class BatchFilter(Protocol):
@@ -103,21 +104,14 @@ def random_crops(src: Iterable[dict[str, Any]], *, rng: np.random.Generator, can
     (the plain crop when ``augment`` is false). Pixels are cut later, batch-wise
     (``cut_crops``); a crop-sample carries its decoded ``source`` image until then.
 
-    The pad-and-crop shift scales with the image: ``pad_for(side)`` is CIFAR's 4 pixels at 32
-    and 1 pixel at 8 (a 4-pixel shift would push half of an 8x8 digit out of view)."""
+    The pad-and-crop shift scales with the image (``pipeline.crops.pad_for``)."""
     for s in src:
         image = s["image"]
         h, w = image.shape[-2:]
-        padding = pad_for(min(h, w))
         for _ in range(candidates):
-            crop = sample_crop(rng, h, w, padding=padding) if augment else plain_crop(h, w)
+            crop = sample_crop(rng, h, w) if augment else plain_crop(h, w)
             yield {"index": s["index"], "label": s["label"], "crop": crop, "crop_id": -1,
                    "source": image}
-
-
-def pad_for(side: int) -> int:
-    """Pad-and-crop shift for small images: one eighth of the side (4 at 32x32), at least 1."""
-    return max(1, round(side / 8))
 
 
 def cut_crops(sources: list[torch.Tensor], crops: list[Crop],
@@ -254,7 +248,7 @@ class ShardDataset(IterableDataset):
         self.batch_filter = batch_filter
         self.channels = int(manifest.get("image", {}).get("channels") or 3)
         self.num_samples = sum(s.count for s in self.shards)
-        self.out_size = _out_size(manifest.get("image", {}), image_size)
+        self.out_size = output_size(manifest, image_size)  # the rule build-features uses
         self.image_size = self.out_size[0] if self.out_size else int(manifest["image"]["height"])
         self.epoch = 0
         if train and self.num_samples < world_size * batch_size:
@@ -339,14 +333,6 @@ class ShardDataset(IterableDataset):
                 raise StoreError(f"worker {worker} of rank {self.rank} found no readable samples "
                                  f"in split {self.split!r}; the shards are damaged, ingest again")
             repeat += 1
-
-
-def _out_size(image: dict[str, Any], image_size: int | None) -> tuple[int, int] | None:
-    h, w = image.get("height"), image.get("width")
-    if h and w and crop_policy(h, w) == "pad" and (image_size is None or image_size == h == w):
-        return None  # pad-and-crop keeps the image's own size
-    side = image_size or (224 if not h or crop_policy(h, w) == "rrc" else max(h, w))
-    return (side, side)
 
 
 def _dist_info() -> tuple[int, int]:

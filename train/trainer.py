@@ -39,6 +39,7 @@ from storage import (
     atomic_write_text,
     exclusive_lock,
     read_manifest,
+    remove_stale_temporaries,
 )
 
 from .checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
@@ -173,6 +174,8 @@ def fit(config: TrainConfig, *, sampler: SamplerHook | None = None,
         if run_dir is not None and dist.is_main:
             stack.enter_context(exclusive_lock(layout.lock(f"run-{config.name}"), f"run {config.name}"))
             run_dir.mkdir(parents=True, exist_ok=True)
+            # A kill mid-checkpoint leaves a checkpoint-sized temporary; the lock makes it dead.
+            remove_stale_temporaries(run_dir, recursive=False)
             atomic_write_json(run_dir / "config.json", resolved)
         metrics: dict[str, Any] = history[-1] if history else {}
         for epoch in range(start_epoch, config.epochs):

@@ -27,10 +27,13 @@ def register(sub, groups) -> None:
     p.add_argument("--finetune-epochs", type=int, default=5, help="E_f, fine-tune epochs per trial (5)")
     p.add_argument("--agent", default="gp-ucb", help="gp-ucb | random")
     p.add_argument("--transform", default="cgf", choices=("cgf", "cdf"), help="T of the sampler (cgf)")
-    p.add_argument("--seed", type=int, default=0, help="agent seed; trial n fine-tunes with seed+n")
+    p.add_argument("--seed", type=int, default=0, help="seed of the agent and of the fine-tunes")
+    p.add_argument("--trial-seeds", default="common", choices=("common", "distinct"),
+                   help="common: every trial fine-tunes with --seed (common random numbers, less "
+                   "noise between samplers); distinct: trial n uses --seed + n")
     p.add_argument("--finetune-lr", type=float, default=None,
                    help="peak fine-tune lr (default: --lr-fraction x the checkpoint's lr)")
-    p.add_argument("--lr-fraction", type=float, default=None, help="default 0.25")
+    p.add_argument("--lr-fraction", type=float, default=None, help="fine-tune peak lr as a fraction of the checkpoint's (1.0)")
     p.add_argument("--schedule", default=None, help="fine-tune schedule (cosine)")
     p.add_argument("--batch-size", type=int, default=None, help="per rank (default: the checkpoint's)")
     p.add_argument("--repeats", type=int, default=None,
@@ -95,6 +98,7 @@ def run_search_command(args) -> int:
         summary = run_search(
             args.store, args.name, objective, make_sampler, settings=search_settings,
             steps=args.steps, agent=args.agent, seed=args.seed, initial_points=(start,),
+            trial_seeds=args.trial_seeds,
             provenance={"store_id": info["store_id"],
                         "features_checkpoint_sha256": info["features_checkpoint_sha256"]},
             on_trial=table.row, is_main=dist.is_main,

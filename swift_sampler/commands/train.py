@@ -39,6 +39,15 @@ def register(sub, groups) -> None:
     p.add_argument("--init", default=None, help="start from this checkpoint's weights (fine-tune)")
     p.add_argument("--no-checkpoints", action="store_true",
                    help="write checkpoint.pt only after the last epoch")
+    p.add_argument("--sampler", default=None,
+                   help="train with a sampler file (best_sampler.json): 2x oversample, keep half by tau")
+    p.add_argument("--features", default="store", choices=("store", "online"),
+                   help="store: candidates are stored crops with stored features (default); "
+                   "online: fresh crops scored by the pretrained model (--scorer or --init)")
+    p.add_argument("--scorer", default=None,
+                   help="checkpoint that scores crops in --features online (default: --init)")
+    p.add_argument("--allow-foreign-tables", action="store_true",
+                   help="accept a sampler built on another store's features")
     add_json_flag(p)
     p.set_defaults(func=run_train)
 
@@ -91,12 +100,37 @@ def run_train(args) -> int:
         save_checkpoints=False if args.no_checkpoints else None, progress=not args.json)
     dist = init_distributed(config.device)
     try:
-        summary = train(config)
+        hook = _sampler_hook(args, config, dist.device) if args.sampler else None
+        summary = train(config, sampler=hook)
     finally:
         shutdown()
     if dist.is_main:
         emit(summary, args, _format_train(summary))
     return 0
+
+
+def _sampler_hook(args, config, device):
+    from pipeline.sampler_file import check_not_all_zero, check_provenance, load_sampler
+    from train.checkpoint import load_model
+    from train.sampling import create_sampler_hook
+
+    sampler, provenance = load_sampler(args.sampler)
+    check_provenance(provenance, args.store, allow_foreign=args.allow_foreign_tables)
+    scorer = None
+    if args.features == "store":
+        check_not_all_zero(sampler, args.store)
+    else:
+        path = args.scorer or args.init
+        if not path:
+            raise UserError("--features online needs the pretrained model that scores crops: "
+                            "pass --scorer CKPT (or --init CKPT)")
+        scorer, _ = load_model(path)
+    describe = {"file": os.path.abspath(args.sampler), "features": args.features,
+                "parameters": sampler.parameters(), "transform": sampler.transform,
+                "provenance": provenance}
+    return create_sampler_hook(args.store, sampler, features=args.features, scorer=scorer,
+                               batch_size=config.batch_size, device=device, seed=config.seed,
+                               describe=describe)
 
 
 def _format_train(s: dict) -> str:
@@ -109,6 +143,8 @@ def _format_train(s: dict) -> str:
         f"train     loss {s['loss']:.4f}, accuracy {pct(s['accuracy'])}, "
         f"{s['images_per_s']:.0f} images/s" if s.get("loss") is not None else "train     (no new epochs)",
         f"val       accuracy {pct(s.get('val_accuracy'))}",
+        *([f"sampler   kept {pct(s['kept_fraction'])} of candidates; flipped share among kept "
+           f"{pct(s.get('flipped_kept_share'))}"] if s.get("kept_fraction") is not None else []),
         f"time      {s['seconds']:.1f} s; skipped {s['skipped']} corrupt sample(s)",
     ])
 

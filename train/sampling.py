@@ -1,0 +1,155 @@
+"""Training with a sampler: the 2x oversample-and-filter stage wired into the loader
+(PAPER.md §4.2: "we randomly sample twice the number of needed crops, calculate their features
+on the according pre-trained model, and use the given sampler and the features to sample half").
+
+Two feature sources:
+- ``store`` (default): ``StoredCrops`` picks two of the K crops stored for each image in the
+  feature store, replays them exactly (``cut_crops`` == ``apply_crop``) and attaches their tau,
+  computed once for all N x K rows; ``TauFilter`` keeps B of the 2B by Efraimidis-Spirakis keys
+  (``pipeline.filter.select``). No extra forward pass; both run inside the loader workers.
+- ``online``: the loader yields 2B fresh random crops (``keep_all``); ``OnlineFilter`` scores
+  them with the frozen pretrained model in the training process (on the GPU when present) and
+  keeps B by ``pipeline.filter.select_torch``.
+
+Nothing here reads ground-truth noise fields: features carry ``index, crop, top, left, height,
+width, flip, loss, entropy_r`` only.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+from pipeline.crops import Crop
+from pipeline.filter import select, select_torch
+from pipeline.sampler import Sampler
+from pipeline.scoring import cross_entropy, entropy_r
+from storage import StoreError, StoreLayout
+
+from .trainer import SamplerHook
+
+FEATURE_COLUMNS = ("index", "crop", "top", "left", "height", "width", "flip", "loss", "entropy_r")
+
+
+class StoredCrops:
+    """Crop stage over the feature store: per image, ``candidates`` distinct stored crops
+    (uniformly among its K), each with ``tau`` and ``crop_id``.
+
+    Built in the main process (tau for every stored crop computed once, vectorised); the
+    arrays are inherited by the loader workers.
+    """
+
+    def __init__(self, store: str | os.PathLike, sampler: Sampler) -> None:
+        layout = StoreLayout(store)
+        parts = layout.feature_parts()
+        if not parts or not layout.features_meta.is_file():
+            raise StoreError(f"store {layout.root} has no feature store; run `swift-sampler "
+                             "pipeline build-features` first, or use --features online")
+        table = pq.read_table(parts, columns=list(FEATURE_COLUMNS)) if len(parts) == 1 else \
+            _concat([pq.read_table(p, columns=list(FEATURE_COLUMNS)) for p in parts])
+        cols = {c: table.column(c).to_numpy() for c in FEATURE_COLUMNS}
+        order = np.lexsort((cols["crop"], cols["index"]))
+        index = cols["index"][order]
+        n = int(index.max()) + 1
+        counts = np.bincount(index, minlength=n)
+        k = int(counts.max())
+        if counts.min() != k:
+            raise StoreError(f"feature store of {layout.root} is incomplete: some images have "
+                             f"fewer than {k} crops; finish build-features first")
+        self.k = k
+        self.crops = np.stack([cols[c][order] for c in ("top", "left", "height", "width", "flip")],
+                              axis=1).astype(np.int64).reshape(n, k, 5)
+        tau = sampler.tau(cols["loss"][order].astype(np.float32),
+                          cols["entropy_r"][order].astype(np.float32))
+        self.tau = np.asarray(tau, dtype=np.float32).reshape(n, k)
+
+    def __call__(self, src, *, rng: np.random.Generator, candidates: int = 2, augment: bool = True,
+                 **_: Any):
+        for s in src:
+            i = s["index"]
+            if i >= len(self.crops):
+                raise StoreError(f"sample {s['key']} has no stored features (index {i}); the "
+                                 "feature store belongs to another ingest")
+            pick = rng.choice(self.k, size=min(candidates, self.k), replace=False)
+            for j in pick:
+                top, left, h, w, flip = (int(v) for v in self.crops[i, j])
+                yield {"index": i, "label": s["label"], "crop": Crop(top, left, h, w, bool(flip)),
+                       "crop_id": int(j), "tau": float(self.tau[i, j]), "source": s["image"]}
+
+
+def _concat(tables):
+    import pyarrow as pa
+
+    return pa.concat_tables(tables)
+
+
+def tau_filter(batch: dict[str, Any], *, rng: np.random.Generator, size: int) -> dict[str, Any]:
+    """Batch filter: keep ``size`` crop-samples without replacement, probability ~ ``tau``
+    (fewer when fewer than ``size`` have tau > 0: the batch is then short)."""
+    keep = torch.from_numpy(select(batch["tau"].numpy(), size, rng))
+    n = len(batch["index"])
+    out = {k: (v.index_select(0, keep) if isinstance(v, torch.Tensor) and len(v) == n else v)
+           for k, v in batch.items()}
+    out["candidates"] = n
+    return out
+
+
+def keep_all(batch: dict[str, Any], *, rng: np.random.Generator, size: int) -> dict[str, Any]:
+    """Batch filter that keeps every candidate (online mode filters in the training step)."""
+    return batch
+
+
+class OnlineFilter:
+    """Step filter: score ``2B`` fresh crops with a frozen ``scorer`` and keep ``B`` by tau."""
+
+    def __init__(self, scorer: nn.Module, sampler: Sampler, *, keep: int, device: torch.device,
+                 seed: int = 0) -> None:
+        self.scorer = scorer.to(device).eval()
+        for p in self.scorer.parameters():
+            p.requires_grad_(False)
+        self.sampler, self.keep, self.device = sampler, keep, device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        x = batch["image"].to(self.device, non_blocking=True)
+        y = batch["label"].to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            logits = self.scorer(x.contiguous(memory_format=torch.channels_last))
+        tau = self.sampler.tau_torch(cross_entropy(logits, y), entropy_r(logits, y),
+                                     dtype=torch.float32)
+        keep = select_torch(tau, self.keep, generator=self.generator).cpu()
+        n = len(batch["index"])
+        out = {k: (v.index_select(0, keep) if isinstance(v, torch.Tensor) and len(v) == n else v)
+               for k, v in batch.items()}
+        out["candidates"] = n
+        return out
+
+
+def create_sampler_hook(store: str | os.PathLike, sampler: Sampler, *, features: str = "store",
+                        scorer: nn.Module | None = None, batch_size: int | None = None,
+                        device: torch.device | None = None, seed: int = 0,
+                        describe: dict[str, Any] | None = None) -> SamplerHook:
+    """The ``SamplerHook`` for ``train(config, sampler=...)``.
+
+    Args:
+        features: ``store`` (stored crops and features) or ``online`` (needs ``scorer``,
+            ``batch_size`` and ``device``).
+    """
+    if features == "store":
+        return SamplerHook(candidates_per_image=2, crop_stage=StoredCrops(store, sampler),
+                           batch_filter=tau_filter, describe=describe)
+    if features == "online":
+        if scorer is None or batch_size is None or device is None:
+            raise ValueError("--features online needs the pretrained model that scores crops "
+                             "(--init CKPT or --scorer CKPT)")
+        return SamplerHook(candidates_per_image=2, batch_filter=keep_all,
+                           step_filter=OnlineFilter(scorer, sampler, keep=batch_size,
+                                                    device=device, seed=seed),
+                           describe=describe)
+    raise ValueError(f"unknown feature source {features!r}; choose store or online")
