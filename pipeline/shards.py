@@ -144,8 +144,8 @@ def read_tar(path: str | Path) -> Iterator[dict[str, Any]]:
 
     Members are parsed straight from their 512-byte headers: ``tarfile`` costs ~100 us per
     member in Python, about 10x this, which made reading shards slower than decoding them.
-    GNU long names (``L``) and the ustar prefix field are honoured; other member kinds (pax
-    headers, directories, links) are skipped.
+    Names from GNU long-name members, pax ``path`` records and the ustar prefix field are
+    honoured; other member kinds (directories, links, global pax headers) are skipped.
 
     Raises:
         ShardReadError: on a bad header checksum, a member cut short, or a file that ends
@@ -161,38 +161,68 @@ def read_tar(path: str | Path) -> Iterator[dict[str, Any]]:
             raise ShardReadError(f"{name}: truncated at byte {pos} (no end-of-archive marker); "
                                  "the shard is damaged, re-run ingest")
         h = buf[pos : pos + BLOCK]
-        if h[0] == 0 and h.count(0) == BLOCK:  # end-of-archive marker
+        if not any(h):  # end-of-archive marker
             break
-        if not _checksum_ok(h):
+        size = _size(h)
+        if size is None:
             raise ShardReadError(f"{name}: bad tar header at byte {pos}; the shard is damaged, "
                                  "re-run ingest")
-        size = int(h[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-        kind = h[156:157]
-        pos += BLOCK
-        if pos + size > end:
-            raise ShardReadError(f"{name}: member truncated at byte {pos}; the shard is damaged, "
+        start, pos = pos + BLOCK, pos + BLOCK + -(-size // BLOCK) * BLOCK
+        if start + size > end:
+            raise ShardReadError(f"{name}: member truncated at byte {start}; the shard is damaged, "
                                  "re-run ingest")
+        data, kind = buf[start : start + size], h[156:157]
         if kind == b"L":  # GNU long name: the next member's name is this member's data
-            long_name = buf[pos : pos + size].split(b"\0", 1)[0].decode("utf-8")
-        elif kind in (b"0", b"\0"):
-            yield {"fname": long_name or _member_name(h), "data": buf[pos : pos + size], "__url__": url}
-            long_name = None
-        pos += -(-size // BLOCK) * BLOCK
+            long_name = _text(data.split(b"\0", 1)[0], name, start)
+            continue
+        if kind == b"x":  # pax extended header (tarfile's default format): maybe a long path
+            long_name = _pax_path(data, name, start) or long_name
+            continue
+        if kind in (b"0", b"\0", b"7"):  # regular files, as tarfile's isfile()
+            yield {"fname": long_name or _member_name(h, name, start - BLOCK), "data": data,
+                   "__url__": url}
+        long_name = None
     yield {}
 
 
-def _member_name(h: bytes) -> str:
-    name = h[0:100].split(b"\0", 1)[0].decode("utf-8")
-    prefix = h[345:500].split(b"\0", 1)[0].decode("utf-8") if h[257:262] == b"ustar" else ""
-    return f"{prefix}/{name}" if prefix else name
-
-
-def _checksum_ok(h: bytes) -> bool:
+def _size(h: bytes) -> int | None:
+    """Member size from a header, or None when its checksum or size field is wrong."""
     try:
         stored = int(h[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
+        size = int(h[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
     except ValueError:
-        return False
-    return stored == sum(h) - sum(h[148:156]) + 8 * 32
+        return None
+    return size if stored == sum(h) - sum(h[148:156]) + 8 * 32 else None
+
+
+def _text(raw: bytes, name: str, at: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ShardReadError(f"{name}: member name at byte {at} is not UTF-8; the shard is "
+                             "damaged, re-run ingest") from None
+
+
+def _member_name(h: bytes, name: str, at: int) -> str:
+    member = _text(h[0:100].split(b"\0", 1)[0], name, at)
+    prefix = _text(h[345:500].split(b"\0", 1)[0], name, at) if h[257:262] == b"ustar" else ""
+    return f"{prefix}/{member}" if prefix else member
+
+
+def _pax_path(data: bytes, name: str, at: int) -> str | None:
+    """The ``path`` record of a pax header (records are ``"%d %s=%s\\n"``, length first)."""
+    i = 0
+    while i < len(data) and data[i] != 0:
+        space = data.find(b" ", i)
+        length = int(data[i:space]) if data[i:space].isdigit() else 0
+        if space < 0 or length <= space - i:
+            raise ShardReadError(f"{name}: malformed pax header at byte {at}; the shard is "
+                                 "damaged, re-run ingest")
+        key, _, value = data[space + 1 : i + length - 1].partition(b"=")
+        if key == b"path":
+            return _text(value, name, at)
+        i += length
+    return None
 
 
 def group_members(members: Iterable[dict[str, Any]], *, keep: Collection[str] | None = None

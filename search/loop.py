@@ -11,8 +11,8 @@ Invariants of ``searches/NAME/`` (one writer at a time, held by ``searches/NAME/
   the start of a resumed run (so a crash between the two writes heals itself);
 - proposals are a deterministic function of (agent, seed, recorded trials): the recorded
   points and scores are told to a fresh agent, which then asks exactly what an uninterrupted
-  search would have asked next; trial ``n`` is evaluated with seed ``seed`` (``trial_seeds=
-  "common"``) or ``seed + n`` (``"distinct"``), so a re-run trial repeats exactly.
+  search would have asked next; trial ``n`` is evaluated with seed ``seed + n`` (``trial_seeds=
+  "distinct"``) or ``seed`` (``"common"``), so a re-run trial repeats exactly.
 
 A failed trial (non-finite score, e.g. a diverged fine-tune) is recorded with ``status =
 "failed"`` and the worst score among the finished trials before it (0.0 when there is none),
@@ -104,7 +104,7 @@ def run_search(
     agent: str = "gp-ucb",
     seed: int = 0,
     initial_points: tuple[np.ndarray, ...] = (),
-    trial_seeds: str = "common",
+    trial_seeds: str = "distinct",
     provenance: dict[str, Any] | None = None,
     on_trial: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
     is_main: bool = True,
@@ -122,10 +122,10 @@ def run_search(
             with ``agent`` and ``seed`` and compared on resume.
         steps: E_o, the number of trials to reach; may grow on resume.
         agent, seed, initial_points: passed to ``create_agent``.
-        trial_seeds: "common": every trial's objective gets ``seed`` (common random numbers:
-            two samplers differ by what they sample, not by data order and crops, which cuts
-            the noise of their difference; see ``search/objective.py``); "distinct": trial
-            ``n`` gets ``seed + n``.
+        trial_seeds: "distinct": trial ``n``'s objective gets ``seed + n`` (independent noise,
+            which the GP's noise term models); "common": every trial gets ``seed`` (common
+            random numbers; on digits it did not cut the noise of score differences at the
+            default fine-tune lr, see ``bench/bench_trial.py``).
         provenance: merged into ``best_sampler.json``'s provenance (store_id, checkpoint sha).
         on_trial: called on rank 0 after each finished trial as ``on_trial(row, progress)``;
             ``progress`` has ``best`` (row), ``remaining`` and ``eta_s``.

@@ -332,3 +332,94 @@ def test_shard_count_mismatch_is_detected(digits_store, tmp_path):
     with pytest.raises(StoreError, match="manifest says"):
         list(iter_split(store, "test"))
     assert os.path.exists(layout.shard("test", 0))
+
+
+# -- the shard reader ------------------------------------------------------------------------
+
+
+def _tarfile_members(path):
+    """Reference: (name, bytes) of the regular members, read by the standard library."""
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+
+
+@pytest.mark.parametrize("fmt", ["GNU_FORMAT", "PAX_FORMAT", "USTAR_FORMAT"])
+def test_read_tar_matches_tarfile_and_webdataset_grouping(tmp_path, fmt):
+    """Long names (GNU long-name members, pax path records, ustar prefixes), a directory and a
+    link among the files: the same members as ``tarfile``, the same samples as
+    ``webdataset``'s ``group_by_keys``."""
+    import io
+    import tarfile
+
+    from webdataset.tariterators import group_by_keys
+
+    from pipeline.shards import group_members, iter_tar, read_tar
+
+    rng = np.random.default_rng(1)
+    deep = "d" * 60 + "/" + "e" * 70  # > 100 bytes with the file name: needs a long name
+    path = tmp_path / "a.tar"
+    with tarfile.open(path, "w", format=getattr(tarfile, fmt)) as tar:
+        info = tarfile.TarInfo("sub")
+        info.type = tarfile.DIRTYPE
+        tar.addfile(info)
+        for i, key in enumerate(["k-0", f"{deep}/k-1", "sub/k.2", "K-3"]):
+            for ext in ("PNG", "cls", "json"):
+                data = rng.bytes(int(rng.integers(0, 1500)))
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            if i == 1:
+                link = tarfile.TarInfo("k-1.lnk")
+                link.type, link.linkname = tarfile.SYMTYPE, "k-0.cls"
+                tar.addfile(link)
+    members = list(read_tar(path))
+    assert members[-1] == {} and all(m["__url__"] == str(path) for m in members[:-1])
+    assert [(m["fname"], m["data"]) for m in members[:-1]] == _tarfile_members(path)
+    ours = list(group_members(iter(members)))
+    assert ours == list(group_by_keys(iter(members)))
+    assert [s["__key__"] for s in ours] == ["k-0", f"{deep}/k-1", "sub/k", "K-3"]
+    assert set(ours[2]) == {"__key__", "__url__", "2.png", "2.cls", "2.json"}
+    kept = list(group_members(iter(members), keep=("png", "cls")))
+    assert [set(s) - {"__key__", "__url__"} for s in kept] == [{"png", "cls"}, {"png", "cls"}, set(),
+                                                               {"png", "cls"}]
+    assert [k for k, _ in iter_tar(path)] == ["k-0", "k-1", "k", "K-3"]  # base names
+
+
+def test_damaged_tar_raises_naming_the_shard_after_the_good_members(digits_store, tmp_path):
+    """A broken header, a member cut short, a missing end-of-archive marker: each raises
+    ShardReadError (a StoreError and an OSError) naming the shard, after yielding the members
+    before the damage unchanged; iter_split stops on it."""
+    import tarfile
+
+    from pipeline.shards import ShardReadError, read_tar
+
+    source = StoreLayout(digits_store).shard("test", 0)
+    good = source.read_bytes()
+    with tarfile.open(source) as tar:
+        fourth = list(tar)[3]  # first member of the second sample
+    end = len(good) - 1024  # where the end-of-archive marker starts
+    broken = bytearray(good)
+    broken[fourth.offset + 5] ^= 1  # inside its name: the header checksum no longer matches
+    cases = {  # damage -> (message, members read before it)
+        bytes(broken): ("bad tar header", 3),
+        good[: fourth.offset_data + 1]: ("member truncated", 3),
+        good[:end]: ("no end-of-archive marker", None),
+    }
+    path = tmp_path / "test-000000.tar"
+    path.write_bytes(good)
+    intact = list(read_tar(path))
+    for data, (words, count) in cases.items():
+        path.write_bytes(data)
+        got = []
+        with pytest.raises(ShardReadError, match=f"^test-000000.tar: .*{words}.*re-run ingest"):
+            for m in read_tar(path):
+                got.append(m)
+        assert got == intact[: len(got)] and len(got) == (count or len(intact) - 1)
+    assert issubclass(ShardReadError, StoreError) and issubclass(ShardReadError, OSError)
+    store = tmp_path / "copy"
+    shutil.copytree(digits_store, store)
+    StoreLayout(store).shard("test", 0).write_bytes(good[:end])
+    with pytest.raises(StoreError, match="no end-of-archive marker"):
+        list(iter_split(store, "test"))

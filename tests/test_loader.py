@@ -148,6 +148,55 @@ def test_cut_crops_equals_apply_crop_any_window():
         assert torch.equal(cut_crops(src, crops), expect)
 
 
+def reference_crop(image, crop):
+    """Pixel by pixel: output (i, j) shows image (top + i, left + j'), j' mirrored when
+    flipped, zero outside the image."""
+    a = image.numpy()
+    c, h, w = a.shape
+    top, left, ch, cw, flip = crop
+    out = np.zeros((c, ch, cw), dtype=a.dtype)
+    for i in range(ch):
+        for j in range(cw):
+            y, x = top + i, left + (cw - 1 - j if flip else j)
+            if 0 <= y < h and 0 <= x < w:
+                out[:, i, j] = a[:, y, x]
+    return torch.from_numpy(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.float64])
+def test_apply_crop_equals_pixel_reference(dtype):
+    """Windows inside, partly outside and wholly outside the image, flipped or not; on CPU
+    (the NumPy fast path) and through the torch path (a tensor that requires grad)."""
+    rng = np.random.default_rng(int(torch.finfo(dtype).bits if dtype.is_floating_point else 8))
+    for _ in range(60):
+        h, w = (int(v) for v in rng.integers(1, 10, 2))
+        ch, cw = (int(v) for v in rng.integers(1, 12, 2))
+        crop = Crop(int(rng.integers(-ch - 2, h + 3)), int(rng.integers(-cw - 2, w + 3)), ch, cw,
+                    bool(rng.integers(2)))
+        if dtype == torch.uint8:
+            image = torch.randint(0, 256, (3, h, w), dtype=dtype)
+        else:
+            image = torch.randn(3, h, w, dtype=dtype) * 100
+        expect = reference_crop(image, crop)
+        got = apply_crop(image, crop)
+        assert got.dtype == dtype and got.is_contiguous() and torch.equal(got, expect), crop
+        assert torch.equal(apply_crop(image, crop, (ch, cw)), expect)  # out_size = window: no resize
+        if dtype.is_floating_point:
+            slow = apply_crop(image.clone().requires_grad_(True), crop)
+            assert torch.equal(slow.detach(), expect), crop
+    outside = Crop(-20, 3, 4, 5, True)  # wholly above the image
+    assert torch.equal(apply_crop(torch.ones(2, 6, 6, dtype=dtype), outside), torch.zeros(2, 4, 5, dtype=dtype))
+
+
+def test_apply_crop_does_not_alias_the_image():
+    image = torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8)
+    before = image.clone()
+    for crop in (Crop(0, 0, 8, 8, False), Crop(-2, 1, 8, 8, True)):
+        out = apply_crop(image, crop)
+        out.fill_(7)
+        assert torch.equal(image, before)
+
+
 @pytest.mark.parametrize("shard_size", [8, 24])
 def test_ranks_and_workers_partition_the_split(tmp_path, shard_size):
     # 8 shards >= 2 ranks x 2 workers: split by shard; 3 shards < 4: split by sample.

@@ -225,4 +225,4 @@ def test_common_trial_seeds_give_every_trial_the_search_seed(tmp_path, tables):
     assert [s for _, s in objective.calls] == [7, 7, 7]
     assert [r["seed"] for r in read_trials(StoreLayout(store).search("c") / "trials.parquet")] == [7] * 3
     with pytest.raises(StoreError, match="trial_seeds: stored 'common', now 'distinct'"):
-        search(store, "c", objective, tables, steps=4, agent="random", seed=7)
+        search(store, "c", objective, tables, steps=4, agent="random", seed=7, trial_seeds="distinct")

@@ -8,10 +8,10 @@ import math
 import numpy as np
 import pytest
 
+from pipeline.piecewise import Piecewise
 from pipeline.sampler import Sampler
 from pipeline.tables import (
     FeatureTables,
-    Piecewise,
     TablesError,
     build_store_tables,
     build_tables,

@@ -49,7 +49,7 @@ class BenchConfig:
     epochs: int = 12
     batch_size: int = 128
     lr: float = 0.1
-    steps: int = 16
+    steps: int = 15
     finetune_epochs: int = 2
     crops_per_image: int = 4
     cleanlab_folds: int = 3
@@ -75,7 +75,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # one-cycle at batch 128 (the recipe the End-to-end issue measured); sizes in the module
     # docstring of swift_sampler.benchmark.
     "cpu-quick": dict(train_preset="cpu-quick", model="tiny-cnn", limit=35000, val_frac=5 / 35,
-                      test_frac=10 / 35, epochs=12, batch_size=128, lr=0.1, steps=16,
+                      test_frac=10 / 35, epochs=12, batch_size=128, lr=0.1, steps=15,
                       finetune_epochs=2, crops_per_image=4, cleanlab_folds=3),
     # The paper's CIFAR recipe (§4.1) on the full shared set: ResNet-18, 80 epochs, lr 0.1 x0.1
     # at epoch 40, batch 128, wd 1e-3; E_o = 40, E_f = 5 (§4). 35,000 / 5,000 / 10,000. GPU.

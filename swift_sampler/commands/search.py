@@ -28,9 +28,9 @@ def register(sub, groups) -> None:
     p.add_argument("--agent", default="gp-ucb", help="gp-ucb | random")
     p.add_argument("--transform", default="cgf", choices=("cgf", "cdf"), help="T of the sampler (cgf)")
     p.add_argument("--seed", type=int, default=0, help="seed of the agent and of the fine-tunes")
-    p.add_argument("--trial-seeds", default="common", choices=("common", "distinct"),
-                   help="common: every trial fine-tunes with --seed (common random numbers, less "
-                   "noise between samplers); distinct: trial n uses --seed + n")
+    p.add_argument("--trial-seeds", default="distinct", choices=("distinct", "common"),
+                   help="distinct: trial n fine-tunes with --seed + n (default); common: every "
+                   "trial uses --seed (common random numbers)")
     p.add_argument("--finetune-lr", type=float, default=None,
                    help="peak fine-tune lr (default: --lr-fraction x the checkpoint's lr)")
     p.add_argument("--lr-fraction", type=float, default=None, help="fine-tune peak lr as a fraction of the checkpoint's (1.0)")

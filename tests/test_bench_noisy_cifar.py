@@ -1,0 +1,173 @@
+"""The noisy-CIFAR benchmark: its pieces against obvious references, and a tiny run end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import rankdata
+
+from swift_sampler.benchmark.config import METHODS, parse_methods, resolve_bench
+from swift_sampler.benchmark.methods import small_loss_weights
+from swift_sampler.benchmark.report import gap_share, spread
+from swift_sampler.benchmark.ss import rank_agreement
+from swift_sampler.benchmark.weights import SubsetCrops, WeightsFilter
+from swift_sampler.cli import main
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def _batch(index: list[int]) -> dict:
+    n = len(index)
+    return {"image": torch.arange(n * 3 * 2 * 2, dtype=torch.uint8).reshape(n, 3, 2, 2),
+            "label": torch.tensor(index) % 3, "index": torch.tensor(index),
+            "crop": torch.stack([torch.tensor(index)] * 5, 1), "crop_id": torch.full((n,), -1)}
+
+
+def test_weights_filter_keeps_rows_aligned_and_never_zero_weight():
+    weights = np.array([0.0, 1.0, 2.0, 0.0, 1.0, 1.0, 3.0, 0.5])
+    batch = _batch([0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7])  # 2 candidates per image
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        out = WeightsFilter(weights)(batch, rng=rng, size=8)
+        kept = out["index"].numpy()
+        assert len(kept) == 8 and out["candidates"] == 16
+        assert not np.isin(kept, [0, 3]).any()
+        # every column still describes the same rows
+        assert torch.equal(out["label"], out["index"] % 3)
+        assert torch.equal(out["crop"][:, 0], out["index"])
+
+
+def test_weights_filter_keeps_in_proportion_to_weight():
+    # One keep out of two candidates: the first pick is i with probability w_i / sum(w).
+    weights = np.array([1.0, 3.0])
+    batch = _batch([0, 1])
+    rng = np.random.default_rng(1)
+    draws = np.array([WeightsFilter(weights)(batch, rng=rng, size=1)["index"].item() for _ in range(4000)])
+    assert abs(draws.mean() - 0.75) < 0.03  # 0.75 +- 4.4 sigma
+
+
+def test_weights_filter_refuses_all_zero_and_negative():
+    with pytest.raises(ValueError, match="zero for every image"):
+        WeightsFilter(np.zeros(4))
+    with pytest.raises(ValueError, match=">= 0"):
+        WeightsFilter(np.array([1.0, -1.0]))
+
+
+def test_subset_crops_passes_only_the_subset():
+    keep = np.array([True, False, True, False])
+    samples = [{"index": i, "label": 0, "image": torch.zeros(3, 8, 8, dtype=torch.uint8)} for i in range(4)] * 2
+    out = list(SubsetCrops(keep)(iter(samples), rng=np.random.default_rng(0), candidates=1, augment=True))
+    assert [s["index"] for s in out] == [0, 2, 0, 2]
+
+
+def test_small_loss_weights_drop_the_highest_losses():
+    loss = np.array([0.1, 5.0, 0.3, 2.0, 2.0, 0.2, 9.0, 0.0, 1.0, 3.0])
+    w = small_loss_weights(loss, 0.4)
+    assert w.sum() == 6
+    threshold = np.sort(loss)[-4]
+    assert np.all(loss[w == 0] >= threshold) and np.all(loss[w == 1] <= threshold)
+    assert small_loss_weights(loss, 0.0).sum() == 10
+
+
+def test_rank_agreement_matches_a_slow_reference():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        a, b = rng.normal(size=7), rng.normal(size=7)
+        ra, rb = rankdata(a), rankdata(b)
+        rho = np.corrcoef(ra, rb)[0, 1]  # Spearman = Pearson of the ranks
+        got = rank_agreement(a, b)
+        assert math.isclose(got["sr"], rho, abs_tol=1e-12)
+        order = sorted(range(7), key=lambda i: -b[i])
+        assert got["tr"] == order.index(int(np.argmax(a))) + 1
+    assert rank_agreement([1, 2, 3], [3, 2, 1]) == {"sr": -1.0, "tr": 3}
+    assert rank_agreement([1, 1], [0.2, 0.3])["sr"] is None
+
+
+def test_gap_share_and_spread():
+    assert gap_share(0.74, 0.70, 0.78) == pytest.approx(0.5)
+    assert gap_share(0.7, 0.7, 0.7) is None and gap_share(None, 0.7, 0.8) is None
+    s = spread([0.70, 0.72, None, float("nan")])
+    assert s["n"] == 2 and s["mean"] == pytest.approx(0.71) and s["std"] == pytest.approx(np.std([0.7, 0.72], ddof=1))
+    assert spread([0.5])["std"] is None
+
+
+def test_settings_are_checked(tmp_path):
+    assert parse_methods("ss,uniform") == ("uniform", "ss")
+    assert parse_methods("all") == METHODS
+    with pytest.raises(ValueError, match="unknown method"):
+        parse_methods("uniform,mixup")
+    with pytest.raises(ValueError, match="verify-ranks"):
+        resolve_bench(tmp_path, tmp_path / "o", preset="tiny", verify_ranks=1)
+    with pytest.raises(ValueError, match="add ss"):
+        resolve_bench(tmp_path, tmp_path / "o", preset="tiny", verify_ranks=2, methods="uniform")
+    with pytest.raises(ValueError, match="noise"):
+        resolve_bench(tmp_path, tmp_path / "o", preset="tiny", noise="gaussian:0.3")
+
+
+def test_clean_twin_is_checked(tmp_path):
+    from pipeline.ingest import ingest
+    from storage import StoreError
+    from swift_sampler.benchmark.stores import check_twins, ground_truth
+
+    kw = dict(val_frac=0.2, test_frac=0.2, limit=200, shard_size=100, progress=False)
+    ingest("digits", tmp_path / "noisy", noise="symmetric:0.4", seed=0, **kw)
+    ingest("digits", tmp_path / "clean", noise="none", seed=0, **kw)
+    ingest("digits", tmp_path / "other", noise="none", seed=1, **kw)
+    check_twins(tmp_path / "noisy", tmp_path / "clean")
+    truth, twin = ground_truth(tmp_path / "noisy"), ground_truth(tmp_path / "clean")
+    assert np.array_equal(twin["label"], truth["true_label"]) and truth["noisy"].any()
+    with pytest.raises(StoreError, match="not the clean twin"):
+        check_twins(tmp_path / "noisy", tmp_path / "other")
+    with pytest.raises(StoreError, match="noisy labels"):
+        check_twins(tmp_path / "noisy", tmp_path / "noisy")
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def _last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_tiny_benchmark_end_to_end_and_resume(shared_cifar, tmp_path, capsys):
+    """300 CIFAR images, 1 epoch, 2 trials per search, 2-fold cleanlab, every method."""
+    torch.set_num_threads(1)
+    out = tmp_path / "results"
+    argv = ["bench", "noisy-cifar", "--data", shared_cifar, "--out", str(out), "--tiny",
+            "--methods", "all", "--verify-ranks", "2", "--json"]
+    assert main(argv) == 0
+    summary = _last_json(capsys.readouterr().out)
+    doc = json.loads((out / "results.json").read_text())
+    assert list(doc["methods"]) == list(METHODS)
+    for m, e in doc["methods"].items():
+        assert 0.0 <= e["test_top1"]["mean"] <= 1.0, m
+        assert e["seconds"]["mean"] > 0, m
+    assert doc["data"]["counts"] == {"train": 180, "val": 60, "test": 60}
+    assert doc["methods"]["uniform"]["sampler_gap_recovered"] in (0.0, None)
+    assert doc["methods"]["cleanlab"]["per_seed"][0]["folds"] == 2
+    for m in ("ss", "ss-cdf", "ss-random"):
+        e = doc["methods"][m]
+        assert e["search_epochs"] == 2 and e["search_cost_runs"] == pytest.approx(2.0)
+    v = doc["verify_ranks"]["per_seed"][0]
+    assert v["samplers"] == 2 and v["tr"] in (1, 2) and (v["sr"] is None or abs(v["sr"]) <= 1)
+    table = (out / "results.md").read_text()
+    for m in METHODS:
+        assert f"| {m} |" in table
+    for fig in ("noise_density.png", "search.png"):
+        assert (out / "figures" / fig).is_file()
+    assert summary["test_top1"] == {m: e["test_top1"]["mean"] for m, e in doc["methods"].items()}
+
+    # Resume: nothing is trained again and the results are the same.
+    before = {p: p.read_bytes() for p in (out / "seed-0" / "methods").glob("*.json")}
+    assert main(argv) == 0
+    assert _last_json(capsys.readouterr().out)["test_top1"] == summary["test_top1"]
+    assert {p: p.read_bytes() for p in (out / "seed-0" / "methods").glob("*.json")} == before
+
+    # Other settings in the same folder are refused, naming the difference.
+    assert main([*argv, "--epochs", "2"]) == 2
+    assert "epochs" in capsys.readouterr().err
