@@ -22,20 +22,26 @@ from storage import StoreError
 
 from .crops import Crop, apply_crop, crop_policy, plain_crop, sample_crop
 from .decode import CorruptSampleError, decode
-from .shards import IMAGE_EXTS, group_members, read_tar
+from .shards import IMAGE_EXTS, ShardInfo, group_members, read_tar
 
 
-def read_shard(path: Path, *, channels: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+def read_shard(path: Path, *, channels: int, sha256: str | None = None, size: int | None = None
+               ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield ``(index, label, image uint8 (C, H, W))`` for every sample of one shard tar.
 
     ``KEY.json`` is not read: it holds the ground truth, which no feature may see. The index
-    comes from the key (``{split}-{index:08d}``), the label from ``KEY.cls``.
+    comes from the key (``{split}-{index:08d}``), the label from ``KEY.cls``. ``sha256`` and
+    ``size``: the manifest's record of the shard, checked before any sample is read.
 
     Raises:
-        StoreError: a sample without image or label, an image that does not decode, or a
-            damaged tar (``ShardReadError``), each naming the shard.
+        StoreError: a sample without image or label, an image that does not decode, a
+            damaged tar (``ShardReadError``) or one whose bytes differ from the manifest
+            (``ShardChecksumError``), each naming the shard.
     """
-    for sample in group_members(read_tar(path), keep=("cls", *IMAGE_EXTS)):
+    # Deferred: an image that does not decode is named first; a shard that reads whole but
+    # differs from the manifest fails after its last sample, before its part is written.
+    tar = read_tar(path, sha256=sha256, size=size, defer=True)
+    for sample in group_members(tar, keep=("cls", *IMAGE_EXTS)):
         key = sample["__key__"].rpartition("/")[2]
         image = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
         if image is None or "cls" not in sample:
@@ -86,13 +92,14 @@ def batch_crops(src: Iterable[tuple], *, batch_size: int) -> Iterator[dict[str, 
 class ShardCrops(torch.utils.data.IterableDataset):
     """Batches of crops of whole shards, for a ``DataLoader`` (``batch_size=None``).
 
-    Worker ``w`` of ``W`` reads shards ``w, w + W, ...``; a batch never spans two shards, so a
+    ``shards``: ``(shard number, path)`` or ``(shard number, ShardInfo)``; a ``ShardInfo``
+    carries the manifest's size and sha256 of the shard, which are then checked. Worker ``w`` of ``W`` reads shards ``w, w + W, ...``; a batch never spans two shards, so a
     shard's rows do not depend on the number of workers. Every batch carries ``"shard"``; after
     the last batch of a shard comes ``{"shard": s, "end": True}``. Errors come back as
     ``{"error": message}`` so the caller raises them with their own message.
     """
 
-    def __init__(self, shards: list[tuple[int, Path]], *, channels: int, crops_per_image: int,
+    def __init__(self, shards: list[tuple[int, Path | ShardInfo]], *, channels: int, crops_per_image: int,
                  seed: int, out_size: tuple[int, int] | None, batch_size: int) -> None:
         self.shards, self.channels, self.k = shards, channels, crops_per_image
         self.seed, self.out_size, self.batch_size = seed, out_size, batch_size
@@ -101,10 +108,12 @@ class ShardCrops(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         mine = self.shards if info is None else self.shards[info.id :: info.num_workers]
         try:
-            for s, path in mine:
+            for s, shard in mine:
+                path, sha256, size = ((Path(shard.path), shard.sha256, shard.bytes)
+                                      if isinstance(shard, ShardInfo) else (Path(shard), None, None))
                 if not path.is_file():
                     raise StoreError(f"shard {path.name} listed in the manifest is missing; re-run ingest")
-                src = read_shard(path, channels=self.channels)
+                src = read_shard(path, channels=self.channels, sha256=sha256, size=size)
                 crops = make_crops(src, crops_per_image=self.k, seed=self.seed, out_size=self.out_size)
                 for batch in batch_crops(crops, batch_size=self.batch_size):
                     yield {**batch, "shard": s, "end": False}
@@ -113,7 +122,7 @@ class ShardCrops(torch.utils.data.IterableDataset):
             yield {"error": str(e)}
 
 
-def iter_shard_batches(shards: list[tuple[int, Path]], *, workers: int, **kwargs: Any) -> Iterator[dict[str, Any]]:
+def iter_shard_batches(shards: list[tuple[int, Path | ShardInfo]], *, workers: int, **kwargs: Any) -> Iterator[dict[str, Any]]:
     """``ShardCrops`` through a ``DataLoader`` with ``workers`` processes (0: in this process).
 
     Decoding and cropping are Python-heavy: worker processes keep them off the GIL of the

@@ -59,12 +59,13 @@ from .crop_stream import (
     read_shard,
 )
 from .scoring import GRAD_NORM_MODES, score_batch
+from .shards import shard_infos
 
 # The crop-stream stages are re-exported: build-features callers (benchmarks, notebooks) find
 # the whole stage here.
-__all__ = ["NonFiniteScoreError", "ShardCrops", "batch_crops", "build_features", "crops_for",
+__all__ = ["DamagedPartError", "NonFiniteScoreError", "ShardCrops", "batch_crops", "build_features", "crops_for",
            "iter_shard_batches", "make_crops", "output_size", "part_provenance", "provenance",
-           "read_shard", "score_rows", "state_dict_sha256"]
+           "read_features_meta", "read_shard", "score_rows", "state_dict_sha256"]
 
 log = logging.getLogger(__name__)
 PROVENANCE_KEY = b"swift_sampler.features"
@@ -94,10 +95,35 @@ def state_dict_sha256(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+class DamagedPartError(StoreError):
+    """A feature part that is not a readable Parquet file (parts are written atomically, so
+    only damage from outside the pipeline leads here)."""
+
+
 def part_provenance(path: Path) -> dict[str, Any] | None:
-    meta = pq.read_schema(path).metadata or {}
-    raw = meta.get(PROVENANCE_KEY)
-    return json.loads(raw) if raw else None
+    """The provenance a part was written with, or None for a part without one.
+
+    Raises:
+        DamagedPartError: the file is not readable Parquet (e.g. cut short), naming it.
+    """
+    try:
+        meta = pq.read_schema(path).metadata or {}
+        raw = meta.get(PROVENANCE_KEY)
+        return json.loads(raw) if raw else None
+    except (pa.ArrowException, OSError, ValueError) as e:  # ArrowInvalid and JSON errors too
+        raise DamagedPartError(f"{path} is not a readable feature part ({e})") from None
+
+
+def read_features_meta(layout: StoreLayout) -> dict[str, Any]:
+    """``features/features.json`` as a dict; ``StoreError`` naming the file when it is not one."""
+    path, fix = layout.features_meta, "delete it and run build-features again (finished parts are kept)"
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StoreError(f"{path} is not valid JSON ({e}); {fix}") from None
+    if not isinstance(info, dict):
+        raise StoreError(f"{path} is not valid JSON (expected an object); {fix}")
+    return info
 
 
 def score_rows(batch: dict[str, Any], model: nn.Module, *, grad_norm: str,
@@ -135,27 +161,38 @@ def _check_model(model: nn.Module, manifest: dict) -> None:
 
 
 def _prepare(layout: StoreLayout, prov: dict, overwrite: bool) -> None:
-    """Refuse features from another checkpoint/config unless ``overwrite``; clean temporaries."""
+    """Refuse features from another checkpoint/config unless ``overwrite``; clean temporaries.
+
+    A part that is not readable Parquet is deleted (with a warning naming it), so it is scored
+    again: parts are written atomically, so it can only be damage from outside.
+    """
     remove_stale_temporaries(layout.features_dir)
     clash = None
     if layout.features_meta.is_file():
-        old = json.loads(layout.features_meta.read_text())
+        old = read_features_meta(layout)
         if {k: old.get(k) for k in PROVENANCE_FIELDS} != prov:
             clash = f"{layout.features_meta.name} ({_diff(old, prov)})"
+    damaged: list[Path] = []
     for part in layout.feature_parts():
         if clash:
             break
-        old = part_provenance(part)
+        try:
+            old = part_provenance(part)
+        except DamagedPartError as e:
+            damaged.append(part)
+            log.warning("%s; deleting it to score its shard again", e)
+            continue
         if old != prov:
             clash = f"{part.name} ({_diff(old or {}, prov)})"
     if clash and not overwrite:
         raise StoreError(
             f"{layout.features_dir} holds features from another checkpoint or configuration: "
             f"{clash}; pass overwrite=True (--overwrite) to replace them")
-    if clash:
-        for part in layout.feature_parts():
-            part.unlink()
+    if clash or damaged:
+        # features.json vouches for every part: it goes first, and is rewritten at the end.
         layout.features_meta.unlink(missing_ok=True)
+    for part in layout.feature_parts() if clash else damaged:
+        part.unlink()
 
 
 def _diff(old: dict, new: dict) -> str:
@@ -219,6 +256,7 @@ def build_features(store, model: nn.Module, *, crops_per_image: int = 8, grad_no
     layout = StoreLayout(store).require()
     manifest = read_manifest(layout)
     shards = split_shards(layout, manifest, "train")
+    checks = shard_infos(layout, manifest, "train")  # size and sha256 of each shard
     if crops_per_image < 1 or batch_size < 1:
         raise ValueError("crops_per_image and batch_size must be at least 1")
     if grad_norm not in GRAD_NORM_MODES:
@@ -255,7 +293,7 @@ def build_features(store, model: nn.Module, *, crops_per_image: int = 8, grad_no
         counts = {s: n for s, _, n in todo}
         pending: dict[int, list[dict[str, np.ndarray]]] = {s: [] for s, _, _ in todo}
         scored, t_score = 0, time.perf_counter()
-        batches = iter_shard_batches([(s, p) for s, p, _ in todo], workers=workers, channels=channels,
+        batches = iter_shard_batches([(s, checks[s]) for s, _, _ in todo], workers=workers, channels=channels,
                                      crops_per_image=crops_per_image, seed=seed, out_size=out_size,
                                      batch_size=batch_size)
         for batch in batches:
@@ -339,7 +377,14 @@ def _finish(layout: StoreLayout, manifest: dict, shards: list, prov: dict) -> di
         raise StoreError(f"feature parts missing after the run: {', '.join(missing[:5])}; run again to resume")
     k = prov["crops_per_image"]
     n = sum(count for _, count in shards)
-    ids = pq.read_table(parts, columns=["index", "crop"])
+    tables = []
+    for part in parts:
+        try:
+            tables.append(pq.read_table(part, columns=["index", "crop"]))
+        except (pa.ArrowException, OSError) as e:
+            raise DamagedPartError(f"{part} is not a readable feature part ({e}); delete it "
+                                   "and run build-features again to score its shard again") from None
+    ids = pa.concat_tables(tables)
     keys = ids["index"].to_numpy().astype(np.int64) * k + ids["crop"].to_numpy()
     if len(keys) != n * k or len(np.unique(keys)) != len(keys):
         raise StoreError(f"feature parts hold {len(keys)} rows ({len(np.unique(keys))} unique "

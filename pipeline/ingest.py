@@ -13,7 +13,9 @@ both is refused (convert it first). Array sources (digits, torchvision) are stor
 
 Crash safety: everything is built in a staging folder ``STORE/.tmp-ingest-*`` and moved into
 place only when complete; the manifest is written last, so a store without manifest.json is
-incomplete by definition, and the next ingest removes the leftovers. ``overwrite`` moves the
+incomplete by definition, and the next ingest removes the leftovers (staging folders, and the
+``shards/`` and ``samples.parquet`` a kill between moving them in and writing the manifest
+leaves). ``overwrite`` moves the
 old store's entries aside only after the new data is complete.
 """
 
@@ -21,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
 import shutil
 import time
 import uuid
@@ -54,6 +58,11 @@ from .splits import SplitError, stratified_split, stratified_subset
 STORE_ENTRIES = ("manifest.json", "samples.parquet", "shards", "features", "tables", "runs",
                  "searches")
 _STREAM = {"subset": 1, "split": 2, "shuffle": 3, "noise": 4}
+# What a commit cut short leaves without a manifest; shards/ must hold only shard files.
+LEFTOVER_ENTRIES = ("samples.parquet", "shards")
+_SHARD_FILE = re.compile(rf"({'|'.join(SPLITS)})-\d{{6}}\.tar")
+
+log = logging.getLogger(__name__)
 
 
 class IngestError(ValueError):
@@ -102,7 +111,7 @@ def ingest(source: str, store: str | os.PathLike, *, val_frac: float = 0.1,
     try:
         with exclusive_lock(layout.lock("ingest"), f"store {layout.root}"):
             remove_stale_temporaries(layout.root, recursive=False)
-            _check_store(layout, overwrite)
+            _check_store(layout, overwrite, clean=True)
             manifest = _build(src, tsrc, layout.inside(staging), spec=spec, val_frac=val_frac,
                               test_frac=test_frac, seed=seed, limit=limit,
                               shard_size=shard_size, progress=progress)
@@ -256,7 +265,12 @@ def _image_info(infos: list[ImageInfo]) -> dict[str, Any]:
             "height": height, "width": width}
 
 
-def _check_store(layout: StoreLayout, overwrite: bool) -> None:
+def _check_store(layout: StoreLayout, overwrite: bool, *, clean: bool = False) -> None:
+    """Refuse a folder that is not a store, or a store with data unless ``overwrite``.
+
+    The leftovers of an ingest killed inside its commit (``_leftovers``) count as no data;
+    with ``clean`` (only under the ingest lock) they are removed.
+    """
     if not layout.root.exists():
         return
     if not layout.root.is_dir():
@@ -269,10 +283,33 @@ def _check_store(layout: StoreLayout, overwrite: bool) -> None:
     if foreign:
         raise StoreError(f"{layout.root} holds files that are not part of a store "
                          f"({', '.join(foreign[:5])}); choose an empty or new --store folder")
+    if _leftovers(layout, entries):
+        if clean:
+            log.warning("%s: removing %s left by an ingest that stopped before writing "
+                        "manifest.json", layout.root, " and ".join(entries))
+            for name in entries:
+                path = layout.root / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return
     if not overwrite:
         raise StoreError(f"store {layout.root} already holds data ({', '.join(entries)}); "
                          "pass --overwrite to replace it (its features, runs and searches go "
                          "too) or choose another --store")
+
+
+def _leftovers(layout: StoreLayout, entries: list[str]) -> bool:
+    """True when ``entries`` (the store's, temporaries aside) are what ``_commit`` killed after
+    moving the new data in but before writing the manifest leaves: no manifest.json, only
+    ``shards/`` (holding only shard files) and ``samples.parquet``."""
+    if not set(entries) <= set(LEFTOVER_ENTRIES):
+        return False
+    if layout.samples.exists() and not layout.samples.is_file():
+        return False
+    if not layout.shards_dir.exists():
+        return True
+    return layout.shards_dir.is_dir() and all(
+        _SHARD_FILE.fullmatch(p.name) or p.name.startswith(".tmp-")
+        for p in layout.shards_dir.iterdir())
 
 
 def _commit(layout: StoreLayout, staging: Path, manifest: dict[str, Any]) -> None:

@@ -24,7 +24,8 @@ from functools import cached_property
 
 import numpy as np
 
-from .tables import EPS32, KINDS, FeatureTables, Piecewise, unit
+from .piecewise import EPS32, Piecewise
+from .tables import KINDS, FeatureTables, unit
 
 # One declaration of every bound (cf. scikit-learn's ``_parameter_constraints``).
 PARAMETERS = ("e1", "e2", "e3", "v0", "v1", "v2", "v3", "v4", "c1", "c2")  # point order

@@ -15,6 +15,12 @@ Reading (build-features, the training loader, ``iter_split``) goes through one p
 ``tarfile``) and every header checksum is checked. Damage raises ``ShardReadError`` naming
 the shard; the loader catches it and skips the rest of that shard (counted and logged),
 every other caller stops.
+
+Given the manifest's ``sha256`` and ``bytes`` of a shard, ``read_tar`` also compares them with
+the bytes it has read anyway (one hashlib pass over memory, small next to decoding). A shard
+whose tar structure is damaged is reported as ``ShardReadError`` as above; a shard that parses
+but whose bytes differ from the manifest was edited or replaced after ingest, so no sample in
+it can be trusted and every caller stops (``ShardChecksumError``).
 """
 
 from __future__ import annotations
@@ -131,6 +137,36 @@ class ShardReadError(StoreError, OSError):
     """
 
 
+class ShardChecksumError(StoreError):
+    """A shard that reads as a whole tar but whose size or sha256 differs from the manifest.
+
+    Not an ``OSError``: the loader skips damaged tars, but a shard changed after ingest holds
+    samples that look valid and may be wrong, so training stops on it as build-features does.
+    """
+
+
+class ShardInfo(NamedTuple):
+    """A shard as the manifest lists it: path, sample count and, when recorded, its size in
+    bytes and sha256 (hex); ``None`` skips that check."""
+
+    path: Path
+    count: int
+    bytes: int | None = None
+    sha256: str | None = None
+
+
+def shard_infos(layout: StoreLayout, manifest: dict[str, Any], split: str) -> list[ShardInfo]:
+    """``storage.split_shards`` plus each shard's recorded size and checksum, in shard order."""
+    entries = manifest["splits"][split]["shards"] if manifest["splits"].get(split) else []
+    paths = split_shards(layout, manifest, split)  # raises on a split without shards
+    return [ShardInfo(path, count, _int_or_none(e.get("bytes")), e.get("sha256") or None)
+            for (path, count), e in zip(paths, entries)]
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
 class ShardSample(NamedTuple):
     key: str
     image: bytes
@@ -138,7 +174,8 @@ class ShardSample(NamedTuple):
     meta: dict[str, Any]  # KEY.json; true_label/noisy in it are for diagnostics only
 
 
-def read_tar(path: str | Path) -> Iterator[dict[str, Any]]:
+def read_tar(path: str | Path, *, sha256: str | None = None, size: int | None = None,
+             defer: bool = False) -> Iterator[dict[str, Any]]:
     """Stage source: regular members of one ustar tar as ``{"fname", "data", "__url__"}``,
     then ``{}`` at the end of the shard (what ``webdataset.tariterators.group_by_keys`` expects).
 
@@ -147,13 +184,47 @@ def read_tar(path: str | Path) -> Iterator[dict[str, Any]]:
     Names from GNU long-name members, pax ``path`` records and the ustar prefix field are
     honoured; other member kinds (directories, links, global pax headers) are skipped.
 
+    Args:
+        path: the tar file.
+        sha256, size: what the manifest records for this shard (hex digest, bytes), compared
+            with the whole file as read. ``None``: not checked.
+        defer: report a mismatch after the final ``{}`` instead of before the first member,
+            so that damage the caller finds in the members (an image that does not decode)
+            is reported first, naming the sample.
+
     Raises:
         ShardReadError: on a bad header checksum, a member cut short, or a file that ends
-            without the end-of-archive marker, after yielding the members before the damage.
+            without the end-of-archive marker, after yielding the members before the damage
+            (whatever the checksum says: the damage is what to report).
+        ShardChecksumError: the file is a readable tar but its size or sha256 differs from
+            ``size``/``sha256``.
     """
-    url, name = str(path), Path(path).name
+    name = Path(path).name
     with open(path, "rb") as f:
         buf = f.read()
+    problem = None
+    if size is not None and len(buf) != size:
+        problem = f"size {len(buf)} bytes, manifest says {size}"
+    elif sha256 is not None and (digest := hashlib.sha256(buf).hexdigest()) != sha256.lower():
+        problem = f"sha256 {digest[:12]}..., manifest says {sha256[:12]}..."
+    mismatch = None if problem is None else ShardChecksumError(
+        f"{name}: {problem}; the shard changed after ingest, so its samples cannot be trusted: "
+        "re-run ingest")
+    if mismatch is not None and not defer:
+        try:
+            for _ in _members(buf, str(path), name):
+                pass
+        except ShardReadError:
+            pass  # damage the tar itself shows: reported below, after the members before it
+        else:
+            raise mismatch
+    yield from _members(buf, str(path), name)
+    if mismatch is not None:
+        raise mismatch
+
+
+def _members(buf: bytes, url: str, name: str) -> Iterator[dict[str, Any]]:
+    """``read_tar`` over bytes in memory (``name``: the shard's file name, for messages)."""
     pos, end = 0, len(buf)
     long_name = None
     while True:
@@ -257,12 +328,14 @@ def group_members(members: Iterable[dict[str, Any]], *, keep: Collection[str] | 
         yield current
 
 
-def iter_tar(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_tar(path: str | Path, *, sha256: str | None = None, size: int | None = None
+             ) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {ext: bytes}) for each sample of one tar, members grouped by key.
 
-    The key is the base name before its first dot. Raises ``ShardReadError`` on damage.
+    The key is the base name before its first dot. Raises ``ShardReadError`` on damage,
+    ``ShardChecksumError`` when ``sha256``/``size`` (as in ``read_tar``) do not match.
     """
-    for sample in group_members(read_tar(path)):
+    for sample in group_members(read_tar(path, sha256=sha256, size=size)):
         key = sample.pop("__key__")
         del sample["__url__"]
         yield key.rpartition("/")[2], sample
@@ -274,13 +347,13 @@ def iter_split(store: str | Path, split: str, *, manifest: dict[str, Any] | None
 
     Raises ``StoreError`` when a shard holds a different number of samples than the
     manifest says (a truncated or replaced shard), ``ShardReadError`` when it is not a
-    readable tar.
+    readable tar, ``ShardChecksumError`` when its bytes differ from the manifest's checksum.
     """
     layout = StoreLayout(store)
     manifest = manifest or read_manifest(layout)
-    for path, count in split_shards(layout, manifest, split):
+    for path, count, size, sha256 in shard_infos(layout, manifest, split):
         seen = 0
-        for key, parts in iter_tar(path):
+        for key, parts in iter_tar(path, sha256=sha256, size=size):
             ext = next((e for e in IMAGE_EXTS if e in parts), None)
             if ext is None or "json" not in parts:
                 raise StoreError(f"{path.name}: sample {key} lacks an image or KEY.json")

@@ -450,7 +450,19 @@ def _features_info(layout: StoreLayout) -> dict:
     if not layout.features_meta.is_file():
         raise TablesError(f"{layout.features_meta} missing: features are incomplete; finish "
                           "`swift-sampler pipeline build-features` first")
-    return json.loads(layout.features_meta.read_text())
+    return _read_json(layout.features_meta, "delete it and run `swift-sampler pipeline "
+                      "build-features` again (finished parts are kept)")
+
+
+def _read_json(path, fix: str) -> dict:
+    """A JSON object from ``path``; ``TablesError`` naming the file and saying ``fix`` if not."""
+    try:
+        out = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TablesError(f"{path} is not valid JSON ({e}); {fix}") from None
+    if not isinstance(out, dict):
+        raise TablesError(f"{path} is not valid JSON (expected an object); {fix}")
+    return out
 
 
 def build_store_tables(store, *, quantiles: int = 1024, angles: int = 720, bins: int = 512) -> dict:
@@ -504,7 +516,8 @@ def load_tables(store) -> FeatureTables:
     if not layout.tables_meta.is_file():
         raise TablesError(f"{layout.tables_meta} missing: build the tables with "
                           "`swift-sampler pipeline build-features` first")
-    meta = json.loads(layout.tables_meta.read_text())
+    meta = _read_json(layout.tables_meta, "delete it and rebuild the tables with "
+                      "`swift-sampler pipeline build-features` (it keeps the scored parts)")
     info = _features_info(layout)
     if meta.get("features_checkpoint_sha256") != info.get("checkpoint_sha256") or \
             meta.get("store_id") != info.get("store_id"):

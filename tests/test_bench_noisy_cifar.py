@@ -10,51 +10,60 @@ import pytest
 import torch
 from scipy.stats import rankdata
 
-from swift_sampler.benchmark.config import METHODS, parse_methods, resolve_bench
+from swift_sampler.benchmark.config import METHODS, parse_methods, planned_work, resolve_bench
 from swift_sampler.benchmark.methods import small_loss_weights
 from swift_sampler.benchmark.report import gap_share, spread
 from swift_sampler.benchmark.ss import rank_agreement
-from swift_sampler.benchmark.weights import SubsetCrops, WeightsFilter
+from swift_sampler.benchmark.weights import ImageWeights, SubsetCrops
 from swift_sampler.cli import main
 
 # ----------------------------------------------------------------------------- pieces
 
 
-def _batch(index: list[int]) -> dict:
-    n = len(index)
-    return {"image": torch.arange(n * 3 * 2 * 2, dtype=torch.uint8).reshape(n, 3, 2, 2),
-            "label": torch.tensor(index) % 3, "index": torch.tensor(index),
-            "crop": torch.stack([torch.tensor(index)] * 5, 1), "crop_id": torch.full((n,), -1)}
+def _weighted_batch(weights, index: list[int], size: int) -> dict:
+    """Candidates for ``index`` through ``ImageWeights`` and the loader's collate, then the
+    sampler stage's filter keeping ``size``."""
+    from train.loader import collate
+    from train.sampling import tau_filter
+
+    samples = [{"index": i, "label": i % 3, "image": torch.full((3, 8, 8), i, dtype=torch.uint8)}
+               for i in index]
+    rng = np.random.default_rng(len(index))
+    crops = list(ImageWeights(weights)(iter(samples), rng=rng, candidates=2, augment=False))
+    return tau_filter(collate(crops), rng=rng, size=size)
 
 
-def test_weights_filter_keeps_rows_aligned_and_never_zero_weight():
+def test_image_weights_keep_rows_aligned_and_never_zero_weight():
     weights = np.array([0.0, 1.0, 2.0, 0.0, 1.0, 1.0, 3.0, 0.5])
-    batch = _batch([0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7])  # 2 candidates per image
-    rng = np.random.default_rng(0)
-    for _ in range(50):
-        out = WeightsFilter(weights)(batch, rng=rng, size=8)
+    for _ in range(30):
+        out = _weighted_batch(weights, list(range(8)), 8)
         kept = out["index"].numpy()
         assert len(kept) == 8 and out["candidates"] == 16
         assert not np.isin(kept, [0, 3]).any()
-        # every column still describes the same rows
+        # every column still describes the same rows: label, pixels and tau follow the index
         assert torch.equal(out["label"], out["index"] % 3)
-        assert torch.equal(out["crop"][:, 0], out["index"])
+        assert torch.equal(out["image"][:, 0, 0, 0].long(), out["index"])
+        assert np.allclose(out["tau"].numpy(), weights[kept])
 
 
-def test_weights_filter_keeps_in_proportion_to_weight():
-    # One keep out of two candidates: the first pick is i with probability w_i / sum(w).
-    weights = np.array([1.0, 3.0])
-    batch = _batch([0, 1])
+def test_image_weights_keep_in_proportion_to_weight():
+    # Keep 1 of the 4 candidates (2 per image): image 1 with probability 3/4.
+    from train.loader import collate
+    from train.sampling import tau_filter
+
+    samples = [{"index": i, "label": 0, "image": torch.zeros(3, 8, 8, dtype=torch.uint8)} for i in (0, 1)]
+    batch = collate(list(ImageWeights(np.array([1.0, 3.0]))(iter(samples), rng=np.random.default_rng(0),
+                                                candidates=2, augment=False)))
     rng = np.random.default_rng(1)
-    draws = np.array([WeightsFilter(weights)(batch, rng=rng, size=1)["index"].item() for _ in range(4000)])
+    draws = np.array([tau_filter(batch, rng=rng, size=1)["index"].item() for _ in range(4000)])
     assert abs(draws.mean() - 0.75) < 0.03  # 0.75 +- 4.4 sigma
 
 
-def test_weights_filter_refuses_all_zero_and_negative():
+def test_image_weights_refuse_all_zero_and_negative():
     with pytest.raises(ValueError, match="zero for every image"):
-        WeightsFilter(np.zeros(4))
+        ImageWeights(np.zeros(4))
     with pytest.raises(ValueError, match=">= 0"):
-        WeightsFilter(np.array([1.0, -1.0]))
+        ImageWeights(np.array([1.0, -1.0]))
 
 
 def test_subset_crops_passes_only_the_subset():
@@ -143,13 +152,18 @@ def test_tiny_benchmark_end_to_end_and_resume(shared_cifar, tmp_path, capsys):
     assert main(argv) == 0
     summary = _last_json(capsys.readouterr().out)
     doc = json.loads((out / "results.json").read_text())
-    assert list(doc["methods"]) == list(METHODS)
+    assert set(doc["methods"]) == set(METHODS)
     for m, e in doc["methods"].items():
         assert 0.0 <= e["test_top1"]["mean"] <= 1.0, m
         assert e["seconds"]["mean"] > 0, m
     assert doc["data"]["counts"] == {"train": 180, "val": 60, "test": 60}
     assert doc["methods"]["uniform"]["sampler_gap_recovered"] in (0.0, None)
     assert doc["methods"]["cleanlab"]["per_seed"][0]["folds"] == 2
+    # the cost each method reports is the cost the plan (time estimate) predicts
+    config = resolve_bench(shared_cifar, out, preset="tiny", methods="all", verify_ranks=2)
+    work = planned_work(config, doc["data"]["counts"])
+    for m, e in doc["methods"].items():
+        assert e["train_runs"] * config.epochs * 180 == pytest.approx(work[m]["train"]), m
     for m in ("ss", "ss-cdf", "ss-random"):
         e = doc["methods"][m]
         assert e["search_epochs"] == 2 and e["search_cost_runs"] == pytest.approx(2.0)
@@ -158,8 +172,11 @@ def test_tiny_benchmark_end_to_end_and_resume(shared_cifar, tmp_path, capsys):
     table = (out / "results.md").read_text()
     for m in METHODS:
         assert f"| {m} |" in table
-    for fig in ("noise_density.png", "search.png"):
-        assert (out / "figures" / fig).is_file()
+    # Fig. 1a, 1b, 2b and 3, all in the results folder
+    assert not doc["figures_missing"] and len(doc["figures"]) == 4
+    for fig in doc["figures"]:
+        assert (out / fig).is_file() and (out / fig).read_bytes()[:4] == b"\x89PNG"
+        assert f"]({fig})" in table
     assert summary["test_top1"] == {m: e["test_top1"]["mean"] for m, e in doc["methods"].items()}
 
     # Resume: nothing is trained again and the results are the same.

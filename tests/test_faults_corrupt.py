@@ -161,11 +161,6 @@ def test_garbage_inside_a_jpeg_is_a_counted_logged_skip_in_training(jpeg_store, 
 
 # -- checksums that no longer match ------------------------------------------------------------
 
-SHA_XFAIL = ("no stage compares shards with the manifest checksums (storage.verify_shards is never "
-             "called): bytes changed inside a shard that still decode are read silently")
-
-
-@pytest.mark.xfail(strict=True, reason=SHA_XFAIL)
 def test_shard_changed_after_ingest_is_detected_by_build_features(jpeg_store, tmp_path):
     store = _fresh(jpeg_store, tmp_path / "store")
     shard = store / "shards" / "train-000001.tar"
@@ -180,7 +175,6 @@ def test_shard_changed_after_ingest_is_detected_by_build_features(jpeg_store, tm
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=SHA_XFAIL)
 def test_manifest_checksum_mismatch_is_detected_by_training(base, tmp_path):
     store = _fresh(base, tmp_path / "store")
     manifest = json.loads((store / "manifest.json").read_text())
@@ -236,9 +230,6 @@ def test_cut_feature_part_is_a_clear_error_for_tables(featured, tmp_path):
     assert "part-000002" in str(info.value) or "parquet" in str(info.value).lower()
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline/features.py _prepare -> part_provenance reads each "
-                   "part's schema unguarded: a damaged part raises pyarrow's 'Parquet magic bytes "
-                   "not found' without naming the file, and even --overwrite cannot recover")
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_build_features_rerun_over_a_cut_part_names_it_or_rescores_it(featured, tmp_path, overwrite):
     store, ckpt = featured
@@ -253,8 +244,6 @@ def test_build_features_rerun_over_a_cut_part_names_it_or_rescores_it(featured, 
     assert temporaries(store) == []
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline/features.py _prepare and pipeline/tables.py "
-                   "_features_info json.loads features.json unguarded: the error does not name the file")
 def test_corrupt_features_json_is_named(featured, tmp_path):
     store, ckpt = featured
     store = copy_store(store, tmp_path / "store")

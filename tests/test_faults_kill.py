@@ -94,9 +94,6 @@ def test_ingest_killed_repeatedly_mid_write_then_rerun_equals_uninterrupted(base
     _same_store_content(store, base)
 
 
-@pytest.mark.xfail(strict=True, reason="ingest refuses to resume over a commit cut short: a store "
-                   "with shards/ and samples.parquet but no manifest.json reads as 'already holds "
-                   "data' (pipeline/ingest.py _check_store) instead of incomplete leftovers")
 def test_ingest_rerun_after_kill_between_commit_and_manifest(base, tmp_path):
     # The state a SIGKILL inside ingest._commit leaves (shards and samples moved into place, the
     # manifest not yet written): simulated, because that window is microseconds wide.

@@ -4,7 +4,10 @@ One pass of a worker, stage by stage (each a plain generator, as in webdataset):
 
     plan_worker        shards of this epoch for global worker (rank, worker), seeded shuffle
     read_shards        WebDataset samples {"__key__", "jpg"|"png", "cls", "json"} of each
-                       shard (pipeline.shards' ustar parser, via train.shardio)
+                       shard (pipeline.shards' ustar parser, via train.shardio); a damaged
+                       tar is cut short (logged, counted); a shard whose bytes differ from
+                       the manifest's sha256 stops training unless the change shows as
+                       corrupt samples, which decode_samples skips
     take_every         sample splitting when there are fewer shards than global workers
     shuffle            webdataset's shuffle buffer, seeded by (seed, epoch, rank, worker)
     decode_samples     {"key", "index", "label", "image" uint8 (C, H, W)}; corrupt -> skipped
@@ -38,6 +41,7 @@ must be picklable (module-level functions or objects).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -55,8 +59,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.crop_stream import output_size
 from pipeline.crops import Crop, apply_crop, plain_crop, sample_crop
 from pipeline.decode import CorruptSampleError, decode
-from pipeline.shards import IMAGE_EXTS
-from storage import StoreError, StoreLayout, read_manifest, split_shards
+from pipeline.shards import IMAGE_EXTS, shard_infos
+from storage import StoreError, StoreLayout, read_manifest
 
 from .shardio import Shard, WorkerPlan, plan_worker, python_rng, read_shards, seed_ints, take_every
 
@@ -73,29 +77,53 @@ CropStage = Callable[..., Iterator[dict[str, Any]]]
 # ----------------------------------------------------------------------------- sample stages
 
 
+def parse_sample(raw: dict[str, Any], *, channels: int) -> dict[str, Any]:
+    """A raw WebDataset sample -> ``{"key", "index", "label", "image"}``.
+
+    Reads only ``index`` (and ``label`` when ``KEY.cls`` is missing) from ``KEY.json``.
+
+    Raises:
+        CorruptSampleError, KeyError, ValueError, TypeError: no image bytes, an unreadable
+            label or index, or an image that does not decode.
+    """
+    ext = next((e for e in IMAGE_EXTS if e in raw), None)
+    if ext is None:
+        raise CorruptSampleError("no image member")
+    meta = json.loads(raw["json"]) if "json" in raw else {}
+    label = int(raw["cls"]) if "cls" in raw else int(meta["label"])
+    index = int(meta["index"])
+    return {"key": raw.get("__key__", "?"), "index": index, "label": label,
+            "image": decode(raw[ext], channels)}
+
+
+_SAMPLE_ERRORS = (CorruptSampleError, KeyError, ValueError, TypeError)
+
+
+def is_damaged(raw: dict[str, Any], *, channels: int) -> bool:
+    """True when ``decode_samples`` would skip ``raw`` (see ``parse_sample``)."""
+    try:
+        parse_sample(raw, channels=channels)
+    except _SAMPLE_ERRORS:
+        return True
+    return False
+
+
 def decode_samples(src: Iterable[dict[str, Any]], *, channels: int, skipped: list[str]
                    ) -> Iterator[dict[str, Any]]:
-    """Stage: raw WebDataset samples -> ``{"key", "index", "label", "image"}``.
+    """Stage: raw WebDataset samples -> ``{"key", "index", "label", "image"}`` (``parse_sample``).
 
-    Reads only ``index`` (and ``label`` when ``KEY.cls`` is missing) from ``KEY.json``. A sample
-    without image bytes, with an unreadable label or index, or whose image does not decode is
-    logged by key, appended to ``skipped`` and dropped.
+    A sample without image bytes, with an unreadable label or index, or whose image does not
+    decode is logged by key, appended to ``skipped`` and dropped.
     """
     for raw in src:
-        key = raw.get("__key__", "?")
         try:
-            ext = next((e for e in IMAGE_EXTS if e in raw), None)
-            if ext is None:
-                raise CorruptSampleError("no image member")
-            meta = json.loads(raw["json"]) if "json" in raw else {}
-            label = int(raw["cls"]) if "cls" in raw else int(meta["label"])
-            index = int(meta["index"])
-            image = decode(raw[ext], channels)
-        except (CorruptSampleError, KeyError, ValueError, TypeError) as e:
+            sample = parse_sample(raw, channels=channels)
+        except _SAMPLE_ERRORS as e:
+            key = raw.get("__key__", "?")
             log.warning("skipping corrupt sample %s (%s): %s", key, raw.get("__url__", "?"), e)
             skipped.append(key)
             continue
-        yield {"key": key, "index": index, "label": label, "image": image}
+        yield sample
 
 
 def random_crops(src: Iterable[dict[str, Any]], *, rng: np.random.Generator, candidates: int = 1,
@@ -228,7 +256,9 @@ class ShardDataset(IterableDataset):
         super().__init__()
         layout = StoreLayout(store)
         manifest = read_manifest(layout)
-        self.shards = [Shard(str(p), c) for p, c in split_shards(layout, manifest, split)]
+        # Size and sha256 travel with each shard: the reader checks them on the bytes it reads.
+        self.shards = [Shard(str(i.path), i.count, i.bytes, i.sha256)
+                       for i in shard_infos(layout, manifest, split)]
         for s in self.shards:
             if not os.path.isfile(s.path):
                 raise StoreError(f"shard {s.path} listed in the manifest is missing; ingest again")
@@ -312,7 +342,8 @@ class ShardDataset(IterableDataset):
     def _samples(self, worker: int, skipped: list[str]) -> Iterator[dict[str, Any]]:
         def one_pass(repeat: int) -> Iterator[dict[str, Any]]:
             plan = self._plan(worker, repeat)
-            raw = read_shards(plan.shards, errors=skipped)
+            raw = read_shards(plan.shards, errors=skipped,
+                              damaged=functools.partial(is_damaged, channels=self.channels))
             raw = take_every(raw, stride=plan.stride, offset=plan.offset)
             if self.train and self.shuffle_buffer > 1:
                 rng = python_rng(self.seed, self.epoch, self.rank, worker, repeat, 3)

@@ -10,30 +10,36 @@ one worker.
 
 Reading: ``pipeline.shards.read_tar`` and ``group_members`` (the one fast ustar parser, also
 used by build-features; re-exported here). A damaged shard (bad header checksum, truncated
-member) ends early with a logged, counted error instead of a crash mid-epoch.
+member) ends early with a logged, counted error instead of a crash mid-epoch. A shard that
+reads as a whole tar but whose size or sha256 differs from the manifest was changed after
+ingest: its samples look valid and may be wrong, so ``ShardChecksumError`` stops training.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from pipeline.shards import ShardReadError, group_members, read_tar
+from pipeline.shards import ShardChecksumError, ShardReadError, group_members, read_tar
 
-__all__ = ["Shard", "ShardReadError", "WorkerPlan", "group_members", "plan_worker", "python_rng",
+__all__ = ["Shard", "ShardChecksumError", "ShardReadError", "WorkerPlan", "group_members", "plan_worker", "python_rng",
            "read_shards", "read_tar", "seed_ints", "take_every"]
 
 log = logging.getLogger(__name__)
 
 
 class Shard(NamedTuple):
+    """A shard as the manifest lists it; ``bytes``/``sha256`` None: not checked."""
+
     path: str
     count: int
+    bytes: int | None = None
+    sha256: str | None = None
 
 
 class WorkerPlan(NamedTuple):
@@ -76,12 +82,32 @@ def plan_worker(shards: Sequence[Shard], *, seed: int, epoch: int, rank: int, wo
     return WorkerPlan(order, total, gid)
 
 
-def read_shards(src: Iterable[Shard], *, errors: list[str]) -> Iterator[dict[str, Any]]:
+def read_shards(src: Iterable[Shard], *, errors: list[str],
+                damaged: Callable[[dict[str, Any]], bool] | None = None
+                ) -> Iterator[dict[str, Any]]:
     """Stage: WebDataset samples of each shard in turn. A damaged shard is logged, noted in
-    ``errors`` and ended early (the samples before the damage are kept, the rest skipped)."""
+    ``errors`` and ended early (the samples before the damage are kept, the rest skipped).
+
+    A shard whose bytes differ from the manifest (size or sha256, checked on the bytes read
+    anyway) is read only when the difference shows as damage the later stages skip by key:
+    ``damaged(sample)`` true for some sample of it (e.g. an image that does not decode).
+    Otherwise the change cannot be told from valid data, so it stops training.
+
+    Raises:
+        ShardChecksumError: a shard that is a readable tar, differs from the manifest and in
+            which ``damaged`` (None: nothing) finds no damaged sample; before any of its
+            samples is yielded.
+    """
     for shard in src:
         try:
-            yield from group_members(read_tar(shard.path))
+            try:
+                yield from group_members(read_tar(shard.path, sha256=shard.sha256, size=shard.bytes))
+            except ShardChecksumError as e:  # raised before the first member
+                if damaged is None or not any(damaged(s) for s in group_members(read_tar(shard.path))):
+                    raise
+                log.warning("%s; reading it on because the change shows as damaged samples, "
+                            "which are skipped", e)
+                yield from group_members(read_tar(shard.path))
         except OSError as e:  # ShardReadError included
             log.warning("skipping the rest of shard %s: %s", shard.path, e)
             # A ShardReadError names its shard already.

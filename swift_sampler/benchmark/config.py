@@ -141,3 +141,31 @@ def check(c: BenchConfig) -> None:
         raise ValueError(f"--limit must be positive, got {c.limit}")
     if not c.lr > 0:
         raise ValueError(f"--lr must be positive, got {c.lr}")
+
+
+def planned_work(c: BenchConfig, counts: dict[str, int]) -> dict[str, dict[str, float]]:
+    """Images each method pushes through the model for one seed, from the settings alone.
+
+    Returns ``{method: {"train": image-steps, "forward": images scored without a step}}``;
+    ``features`` (scoring K crops per image) is listed once, as small-loss and the ss methods
+    share it. Evaluations (val + test per method) count as forward passes. Divided by measured
+    images/s this is the time estimate the runner prints before it starts.
+    """
+    n, val, test = counts["train"], counts["val"], counts["test"]
+    run = c.epochs * n
+    fold_epochs = max(1, round(c.epochs * (c.cleanlab_folds - 1) / c.cleanlab_folds))
+    work = {m: {"train": float(run), "forward": float(val + test)} for m in c.methods}
+    if "cleanlab" in work:
+        work["cleanlab"]["train"] += c.cleanlab_folds * fold_epochs * n
+        work["cleanlab"]["forward"] += c.cleanlab_folds * n
+    for m in SEARCHES:
+        if m in work:
+            work[m]["train"] += c.steps * c.finetune_epochs * n
+            work[m]["forward"] += c.steps * val
+    if work.keys() & {"small-loss", *SEARCHES}:
+        work["features"] = {"train": 0.0, "forward": float(c.crops_per_image * n)}
+        if "uniform" not in work:  # w_share is trained anyway
+            work["uniform"] = {"train": float(run), "forward": 0.0}
+    if c.verify_ranks:
+        work["verify-ranks"] = {"train": float(c.verify_ranks * run), "forward": float(c.verify_ranks * val)}
+    return work

@@ -3,10 +3,11 @@
 Two ways a peer restricts what the model trains on, both keeping the optimiser steps of a
 uniform run (``len(loader) = N // B`` batches per epoch, whatever is kept):
 
-- ``WeightsFilter``: the 2x oversample-and-filter of the sampler stage (PAPER.md §4.2) with a
-  weight per *image* instead of a tau per crop: two random crops per image are drawn, and B of
-  the 2B candidates are kept without replacement with probability proportional to the weight
-  of their image (``pipeline.filter.select``, Efraimidis-Spirakis). A weight of 0 is never
+- ``ImageWeights``: the 2x oversample-and-filter of the sampler stage (PAPER.md §4.2) with a
+  weight per *image* instead of a tau per crop: two random crops per image are drawn, each
+  carries its image's weight as ``tau``, and the sampler stage's own filter
+  (``train.sampling.tau_filter``: Efraimidis-Spirakis keys, ``pipeline.filter.select``) keeps
+  B of the 2B without replacement with probability proportional to it. A weight of 0 is never
   kept. The oracle mask, the small-loss filter and cleanlab's pruning train this way, through
   the same mechanism as a learned sampler, so every method gets the same steps.
 - ``SubsetCrops``: a crop stage that passes only the images of a subset (one random crop each):
@@ -23,10 +24,9 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
-import torch
 
-from pipeline.filter import select
 from train.loader import random_crops
+from train.sampling import tau_filter
 from train.trainer import SamplerHook
 
 
@@ -42,41 +42,33 @@ def _check_weights(weights: np.ndarray, what: str) -> np.ndarray:
     return w
 
 
-class WeightsFilter:
-    """Batch filter: keep ``size`` of the candidates with probability ~ ``weights[index]``.
+class ImageWeights:
+    """Crop stage: ``random_crops`` with ``tau = weights[index]`` attached to every crop-sample,
+    so that ``train.sampling.tau_filter`` (the sampler stage's own filter) keeps B of the 2B
+    candidates with probability ~ the weight of their image.
 
     Args:
         weights: float ``(N,)``, >= 0, indexed by the train split's dense ``index``.
-
-    A batch whose candidates have fewer than ``size`` positive weights comes out short (as the
-    sampler stage does); ``batch["candidates"]`` records how many crops it chose from.
     """
 
     def __init__(self, weights: np.ndarray) -> None:
         self.weights = _check_weights(weights, "weights")
 
-    def __call__(self, batch: dict[str, Any], *, rng: np.random.Generator, size: int) -> dict[str, Any]:
-        index = batch["index"].numpy()
-        keep = select(self.weights[index], size, rng)
-        picked = torch.from_numpy(keep)
-        out: dict[str, Any] = {}
-        for key, value in batch.items():
-            if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == len(index):
-                out[key] = value.index_select(0, picked)
-            elif isinstance(value, list) and len(value) == len(index):
-                out[key] = [value[i] for i in keep]
-            else:
-                out[key] = value
-        out["candidates"] = len(index)
-        return out
+    def __call__(self, src: Iterable[dict[str, Any]], **kwargs: Any) -> Iterator[dict[str, Any]]:
+        for crop in random_crops(src, **kwargs):
+            crop["tau"] = float(self.weights[crop["index"]])
+            yield crop
 
 
 def weights_hook(weights: np.ndarray, *, describe: dict[str, Any] | None = None) -> SamplerHook:
-    """A ``SamplerHook`` that trains with per-image ``weights`` (2 candidates per image)."""
-    w = _check_weights(weights, "weights")
+    """A ``SamplerHook`` that trains with per-image ``weights`` (2 candidates per image, B kept
+    by ``tau_filter``; a batch with fewer than B positive candidates comes out short)."""
+    stage = ImageWeights(weights)
+    w = stage.weights
     info = {"kind": "per-image weights", "images": int(w.size), "positive": int((w > 0).sum()),
             **(describe or {})}
-    return SamplerHook(candidates_per_image=2, batch_filter=WeightsFilter(w), describe=info)
+    return SamplerHook(candidates_per_image=2, crop_stage=stage, batch_filter=tau_filter,
+                       describe=info)
 
 
 class SubsetCrops:
