@@ -16,6 +16,9 @@ Sobol points of the search space) the objective runs once per seed. Reported (JS
 - ``rank_val_vs_true``: Spearman's rank correlation between the per-sampler val scores (noisy
   labels, what the search sees) and their accuracy on the original val labels (diagnostics
   only): how well the noisy val ranks samplers by what they really learn;
+- with ``--scratch``: each sampler trained from scratch (w_share's recipe), test top-1, the
+  Spearman correlation of fine-tune and from-scratch ranks (SR of appendix A.1.1) and the
+  from-scratch rank of the fine-tune top-1 (TR);
 - ``trial_seconds`` (median) and ``seconds_per_epoch``.
 """
 
@@ -98,6 +101,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--scratch", action="store_true",
+                    help="also train each sampler from scratch (the checkpoint's recipe) and report "
+                    "the rank agreement of fine-tune val scores with from-scratch test top-1")
     args = ap.parse_args(argv)
 
     import torch
@@ -160,8 +166,37 @@ def main(argv=None) -> dict:
         "seconds_per_epoch": statistics.median(seconds) / (args.epochs * args.repeats) if seconds else None,
         "torch_threads": args.threads,
     }
+    if args.scratch:
+        scratch = from_scratch(store, ckpt, {n: samplers[n] for n in names}, args.seeds, args.workers)
+        result["scratch_test"] = scratch
+        result["rank_finetune_vs_scratch"] = spearman([means[n] for n in names], [scratch[n] for n in names])
+        top = max(names, key=lambda n: means[n])
+        result["top_finetune_rank_from_scratch"] = 1 + sorted(scratch.values(), reverse=True).index(scratch[top])
     print(json.dumps(result, default=float))
     return result
+
+
+def from_scratch(store, ckpt, samplers: dict[str, Sampler], seeds: int, workers: int) -> dict[str, float]:
+    """Mean test top-1 over ``seeds`` of training from scratch with each sampler (appendix A.1.1)."""
+    from train.checkpoint import load_checkpoint
+    from train.evaluate import evaluate
+    from train.presets import resolve_config
+    from train.sampling import create_sampler_hook
+    from train.trainer import fit
+
+    recipe = load_checkpoint(ckpt)["config"]
+    out = {}
+    for name, sampler in samplers.items():
+        accs = []
+        for seed in range(seeds):
+            config = resolve_config(store, preset=recipe.get("preset"), name=None, model=recipe["model"],
+                                    epochs=recipe["epochs"], batch_size=recipe["batch_size"], lr=recipe["lr"],
+                                    seed=seed, workers=workers, val_split="", progress=False)
+            model = fit(config, sampler=create_sampler_hook(store, sampler, seed=seed)).model
+            accs.append(evaluate(store, model, "test", workers=workers)["top1"])
+        out[name] = float(np.mean(accs))
+        print(json.dumps({"sampler": name, "scratch_test": accs}), file=sys.stderr, flush=True)
+    return out
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ def read_shard(path: Path, *, channels: int, sha256: str | None = None, size: in
 
     ``KEY.json`` is not read: it holds the ground truth, which no feature may see. The index
     comes from the key (``{split}-{index:08d}``), the label from ``KEY.cls``. ``sha256`` and
-    ``size``: the manifest's record of the shard, checked before any sample is read.
+    ``size``: the manifest's record of the shard, checked after its last sample (an image
+    that does not decode is reported first, by key).
 
     Raises:
         StoreError: a sample without image or label, an image that does not decode, a
@@ -93,9 +94,10 @@ class ShardCrops(torch.utils.data.IterableDataset):
     """Batches of crops of whole shards, for a ``DataLoader`` (``batch_size=None``).
 
     ``shards``: ``(shard number, path)`` or ``(shard number, ShardInfo)``; a ``ShardInfo``
-    carries the manifest's size and sha256 of the shard, which are then checked. Worker ``w`` of ``W`` reads shards ``w, w + W, ...``; a batch never spans two shards, so a
-    shard's rows do not depend on the number of workers. Every batch carries ``"shard"``; after
-    the last batch of a shard comes ``{"shard": s, "end": True}``. Errors come back as
+    carries the manifest's size and sha256 of the shard, which are then checked. Worker ``w``
+    of ``W`` reads shards ``w, w + W, ...``; a batch never spans two shards, so a shard's rows
+    do not depend on the number of workers. Every batch carries ``"shard"``; after the last
+    batch of a shard comes ``{"shard": s, "end": True}``. Errors come back as
     ``{"error": message}`` so the caller raises them with their own message.
     """
 

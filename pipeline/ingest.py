@@ -15,8 +15,7 @@ Crash safety: everything is built in a staging folder ``STORE/.tmp-ingest-*`` an
 place only when complete; the manifest is written last, so a store without manifest.json is
 incomplete by definition, and the next ingest removes the leftovers (staging folders, and the
 ``shards/`` and ``samples.parquet`` a kill between moving them in and writing the manifest
-leaves). ``overwrite`` moves the
-old store's entries aside only after the new data is complete.
+leaves). ``overwrite`` moves the old store's entries aside only after the new data is complete.
 """
 
 from __future__ import annotations

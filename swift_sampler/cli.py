@@ -85,6 +85,16 @@ def _version() -> str:
         return "unknown"
 
 
+def _message(e: BaseException) -> str:
+    """The user-facing text of ``e``; an error raised in a DataLoader worker reaches us with
+    the worker's traceback inside its message, whose last line is the original error."""
+    text = str(e)
+    if "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("SWIFT_SAMPLER_LOG", "WARNING"),
                         format="%(levelname)s %(name)s: %(message)s")
@@ -101,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     except _user_error_types() as e:
         if os.environ.get("SWIFT_SAMPLER_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_message(e)}", file=sys.stderr)
         return 2
 
 
