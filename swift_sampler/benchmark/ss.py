@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.sampler import Sampler, uniform_sampler
+from pipeline.sampler import Sampler
 from pipeline.sampler_file import load_sampler
 from pipeline.tables import load_tables
 
@@ -34,28 +34,12 @@ def _sampler_hook(run: SeedRun, sampler: Sampler):
 
 
 def run_search(run: SeedRun, name: str, agent: str, transform: str) -> dict[str, Any]:
-    """Run (or resume) search ``name``; return ``search.loop.summarize``'s dict + epochs."""
-    from search.agents import create_agent
-    from search.loop import read_trials
-    from search.loop import run_search as loop
-    from search.objective import FinetuneObjective, FinetuneSettings
+    """Run (or resume) search ``name``; return ``search.run.search``'s summary."""
+    from search.objective import FinetuneSettings
+    from search.run import search
 
     c = run.config
     run.ensure_features()
-    w_share = run.checkpoint("uniform")
-    objective = FinetuneObjective(run.noisy, w_share, FinetuneSettings(epochs=c.finetune_epochs),
-                                  workers=c.workers)
-    tables = load_tables(run.noisy)
-    start = uniform_sampler(tables, transform).to_point()
-    params = create_agent(agent, seed=run.seed, initial_points=[start]).get_params()
-    info = objective.info
-    # The settings `swift-sampler search run` records, so the CLI can resume this search too.
-    settings = {"store_id": info["store_id"], "checkpoint_sha256": info["features_checkpoint_sha256"],
-                "transform": transform, "finetune": objective.describe(),
-                "agent_params": {k: v for k, v in params.items() if k not in ("seed", "initial_points")}}
-
-    def make_sampler(z) -> Sampler:
-        return Sampler.from_point(z, tables, transform)
 
     def on_trial(row: dict[str, Any], progress: dict[str, Any]) -> None:
         best = progress["best"]["score"] if progress["best"] else float("nan")
@@ -64,13 +48,10 @@ def run_search(run: SeedRun, name: str, agent: str, transform: str) -> dict[str,
                 f"ETA {progress['eta_s'] / 60:.0f} min)")
 
     with run.timed(f"search:{name}"):
-        summary = loop(run.noisy, name, objective, make_sampler, settings=settings, steps=c.steps,
-                       agent=agent, seed=run.seed, initial_points=(start,),
-                       provenance={"store_id": info["store_id"],
-                                   "features_checkpoint_sha256": info["features_checkpoint_sha256"]},
-                       on_trial=on_trial)
-    trials = read_trials(Path(summary["trials_path"]))[: c.steps]
-    return {**summary, "epochs": int(sum(t["epochs"] for t in trials))}
+        return search(run.noisy, run.checkpoint("uniform"), name=name, steps=c.steps, agent=agent,
+                      transform=transform, seed=run.seed,
+                      finetune=FinetuneSettings(epochs=c.finetune_epochs), workers=c.workers,
+                      on_trial=on_trial)
 
 
 def swift_sampler(run: SeedRun, method: str) -> dict[str, Any]:

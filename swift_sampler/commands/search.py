@@ -57,11 +57,9 @@ def register(sub, groups) -> None:
 def run_search_command(args) -> int:
     import dataclasses
 
-    from pipeline.sampler import Sampler, uniform_sampler
-    from pipeline.tables import load_tables
-    from search.agents import AGENTS, create_agent
-    from search.loop import run_search
-    from search.objective import FinetuneObjective, FinetuneSettings
+    from search.agents import AGENTS
+    from search.objective import FinetuneSettings
+    from search.run import search
     from storage import StoreLayout, check_name
     from train.distributed import broadcast_object, init_distributed, shutdown
 
@@ -79,28 +77,11 @@ def run_search_command(args) -> int:
     settings = dataclasses.replace(FinetuneSettings(), **{k: v for k, v in given.items() if v is not None})
     dist = init_distributed(args.device)
     try:
-        objective = FinetuneObjective(args.store, args.checkpoint, settings, workers=args.workers,
-                                      device=args.device)
-        tables = load_tables(args.store)
-        start = uniform_sampler(tables, args.transform).to_point()
-        agent_params = create_agent(args.agent, seed=args.seed, initial_points=[start]).get_params()
-        agent_params = {k: v for k, v in agent_params.items() if k not in ("seed", "initial_points")}
-        info = objective.info
-        search_settings = {
-            "store_id": info["store_id"], "checkpoint_sha256": info["features_checkpoint_sha256"],
-            "transform": args.transform, "finetune": objective.describe(), "agent_params": agent_params,
-        }
         table = _LiveTable(args.steps, enabled=dist.is_main and not args.json)
-
-        def make_sampler(z):
-            return Sampler.from_point(z, tables, args.transform)
-
-        summary = run_search(
-            args.store, args.name, objective, make_sampler, settings=search_settings,
-            steps=args.steps, agent=args.agent, seed=args.seed, initial_points=(start,),
-            trial_seeds=args.trial_seeds,
-            provenance={"store_id": info["store_id"],
-                        "features_checkpoint_sha256": info["features_checkpoint_sha256"]},
+        summary = search(
+            args.store, args.checkpoint, name=args.name, steps=args.steps, agent=args.agent,
+            transform=args.transform, seed=args.seed, finetune=settings,
+            trial_seeds=args.trial_seeds, workers=args.workers, device=args.device,
             on_trial=table.row, is_main=dist.is_main,
             broadcast=lambda obj: broadcast_object(obj, dist))
     finally:

@@ -1,0 +1,68 @@
+"""One call for a whole search: objective, tables, agent and loop, as ``search run`` does it.
+
+    summary = search(store, "STORE/runs/w_share/checkpoint.pt", name="ss", steps=40)
+
+The CLI, the demo and the benchmark all go through here, so a search started by one can be
+resumed by another (same settings, same ``search.json``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pipeline.sampler import Sampler, uniform_sampler
+from pipeline.tables import load_tables
+
+from .agents import create_agent
+from .loop import read_trials, run_search
+from .objective import FinetuneObjective, FinetuneSettings
+
+
+def search(
+    store: str | Path,
+    checkpoint: str | Path,
+    *,
+    name: str,
+    steps: int = 40,
+    agent: str = "gp-ucb",
+    transform: str = "cgf",
+    seed: int = 0,
+    finetune: FinetuneSettings | None = None,
+    trial_seeds: str = "distinct",
+    workers: int = 2,
+    device: str | None = None,
+    on_trial: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
+    is_main: bool = True,
+    broadcast: Callable[[Any], Any] = lambda x: x,
+) -> dict[str, Any]:
+    """Run (or resume) search ``name`` on ``store`` from ``checkpoint`` (w_share).
+
+    The first proposal is the uniform sampler; each trial fine-tunes w_share with the proposed
+    sampler (``finetune``) and scores top-1 on val. Returns ``loop.summarize``'s dict plus
+    ``epochs``, the fine-tune epochs spent (the search's cost).
+    """
+    objective = FinetuneObjective(store, checkpoint, finetune or FinetuneSettings(),
+                                  workers=workers, device=device)
+    tables = load_tables(store)
+    start = uniform_sampler(tables, transform).to_point()
+    params = create_agent(agent, seed=seed, initial_points=[start]).get_params()
+    info = objective.info
+    settings = {
+        "store_id": info["store_id"], "checkpoint_sha256": info["features_checkpoint_sha256"],
+        "transform": transform, "finetune": objective.describe(),
+        "agent_params": {k: v for k, v in params.items() if k not in ("seed", "initial_points")},
+    }
+
+    def make_sampler(z) -> Sampler:
+        return Sampler.from_point(z, tables, transform)
+
+    summary = run_search(
+        store, name, objective, make_sampler, settings=settings, steps=steps, agent=agent,
+        seed=seed, initial_points=(start,), trial_seeds=trial_seeds,
+        provenance={"store_id": info["store_id"],
+                    "features_checkpoint_sha256": info["features_checkpoint_sha256"]},
+        on_trial=on_trial, is_main=is_main, broadcast=broadcast)
+    trials = read_trials(Path(summary["trials_path"]))[:steps]
+    return {**summary, "epochs": int(sum(t["epochs"] for t in trials))}
