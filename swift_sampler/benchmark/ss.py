@@ -50,7 +50,8 @@ def run_search(run: SeedRun, name: str, agent: str, transform: str) -> dict[str,
     with run.timed(f"search:{name}"):
         return search(run.noisy, run.checkpoint("uniform"), name=name, steps=c.steps, agent=agent,
                       transform=transform, seed=run.seed,
-                      finetune=FinetuneSettings(epochs=c.finetune_epochs), workers=c.workers,
+                      finetune=FinetuneSettings(epochs=c.finetune_epochs,
+                                                lr_fraction=c.finetune_lr_fraction), workers=c.workers,
                       on_trial=on_trial)
 
 
