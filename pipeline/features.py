@@ -43,6 +43,7 @@ from storage import (
     exclusive_lock,
     num_classes,
     package_versions,
+    read_json_object,
     read_manifest,
     remove_stale_temporaries,
     split_shards,
@@ -116,14 +117,8 @@ def part_provenance(path: Path) -> dict[str, Any] | None:
 
 def read_features_meta(layout: StoreLayout) -> dict[str, Any]:
     """``features/features.json`` as a dict; ``StoreError`` naming the file when it is not one."""
-    path, fix = layout.features_meta, "delete it and run build-features again (finished parts are kept)"
-    try:
-        info = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise StoreError(f"{path} is not valid JSON ({e}); {fix}") from None
-    if not isinstance(info, dict):
-        raise StoreError(f"{path} is not valid JSON (expected an object); {fix}")
-    return info
+    return read_json_object(layout.features_meta,
+                            "delete it and run build-features again (finished parts are kept)")
 
 
 def score_rows(batch: dict[str, Any], model: nn.Module, *, grad_norm: str,

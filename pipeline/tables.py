@@ -33,7 +33,6 @@ Fast evaluation: ``cdf_function`` (and ``pipeline.sampler``) turn knots into
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -41,7 +40,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from storage import StoreError, StoreLayout, atomic_write_json, atomic_write_parquet
+from storage import (
+    StoreError,
+    StoreLayout,
+    atomic_write_json,
+    atomic_write_parquet,
+    read_json_object,
+)
 from storage.schemas import CDF, CGF, FEATURE_NAMES, POINTS
 
 from .piecewise import EPS32, Piecewise
@@ -450,19 +455,8 @@ def _features_info(layout: StoreLayout) -> dict:
     if not layout.features_meta.is_file():
         raise TablesError(f"{layout.features_meta} missing: features are incomplete; finish "
                           "`swift-sampler pipeline build-features` first")
-    return _read_json(layout.features_meta, "delete it and run `swift-sampler pipeline "
-                      "build-features` again (finished parts are kept)")
-
-
-def _read_json(path, fix: str) -> dict:
-    """A JSON object from ``path``; ``TablesError`` naming the file and saying ``fix`` if not."""
-    try:
-        out = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TablesError(f"{path} is not valid JSON ({e}); {fix}") from None
-    if not isinstance(out, dict):
-        raise TablesError(f"{path} is not valid JSON (expected an object); {fix}")
-    return out
+    return read_json_object(layout.features_meta, "delete it and run `swift-sampler pipeline "
+                            "build-features` again (finished parts are kept)")
 
 
 def build_store_tables(store, *, quantiles: int = 1024, angles: int = 720, bins: int = 512) -> dict:
@@ -516,7 +510,7 @@ def load_tables(store) -> FeatureTables:
     if not layout.tables_meta.is_file():
         raise TablesError(f"{layout.tables_meta} missing: build the tables with "
                           "`swift-sampler pipeline build-features` first")
-    meta = _read_json(layout.tables_meta, "delete it and rebuild the tables with "
+    meta = read_json_object(layout.tables_meta, "delete it and rebuild the tables with "
                       "`swift-sampler pipeline build-features` (it keeps the scored parts)")
     info = _features_info(layout)
     if meta.get("features_checkpoint_sha256") != info.get("checkpoint_sha256") or \

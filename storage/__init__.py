@@ -23,6 +23,7 @@ from .layout import SPLITS, StoreError, StoreLayout, check_name
 from .manifest import (
     num_classes,
     package_versions,
+    read_json_object,
     read_manifest,
     sha256_file,
     split_shards,
@@ -48,6 +49,7 @@ __all__ = [
     "num_classes",
     "package_versions",
     "query",
+    "read_json_object",
     "read_manifest",
     "remove_stale_temporaries",
     "sha256_file",

@@ -50,13 +50,22 @@ def write_manifest(layout: StoreLayout, manifest: dict[str, Any]) -> None:
     atomic_write_json(layout.manifest, manifest)
 
 
+def read_json_object(path: str | Path, fix: str) -> dict[str, Any]:
+    """A JSON object read from ``path`` (parsed as data, never evaluated); ``StoreError`` naming
+    the file and saying ``fix`` when it is not one."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StoreError(f"{path} is not valid JSON ({e}); {fix}") from None
+    if not isinstance(obj, dict):
+        raise StoreError(f"{path} is not valid JSON (expected an object); {fix}")
+    return obj
+
+
 def read_manifest(layout: StoreLayout) -> dict[str, Any]:
     """Load and validate the manifest; raise ``StoreError`` naming what is wrong."""
     layout.require()
-    try:
-        manifest = json.loads(layout.manifest.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise StoreError(f"{layout.manifest} is not valid JSON ({e}); re-run ingest") from None
+    manifest = read_json_object(layout.manifest, "re-run ingest")
     _validate(manifest, layout.manifest)
     return manifest
 
