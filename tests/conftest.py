@@ -6,6 +6,12 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
+
+# CI runs the property tests on a fixed sequence of examples, so a run is reproducible.
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 # Two cores are shared by the suite: keep intra-op threads low so tests stay predictable.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -60,7 +60,8 @@ def test_tau_matches_slow_reference(z, kind):
     de = np.diff(s.endpoints)
     slope = max([abs(b - a) / d for a, b, d in zip(s.values, s.values[1:], de) if d > 1e-3] + [0])
     jumps = [d <= 1e-3 for d in de]
-    close = np.abs(got - ref) <= 0.01 * slope + 1e-9
+    # tau comes back as float32: 1e-6 covers its rounding where H is flat (slope 0).
+    close = np.abs(got - ref) <= 0.01 * slope + 1e-6
     if any(jumps):  # near a jump of H a 0.01 error in t may land on the other side
         assert close.mean() > 0.97
     else:
