@@ -9,7 +9,9 @@ exists), optionally followed by a short random delay so the kill lands mid-write
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -355,3 +357,13 @@ def state_dict_equal(a: dict, b: dict) -> list[str]:
 
     assert a.keys() == b.keys()
     return [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def main_in_process(*args) -> tuple[int, str]:
+    """The CLI in this process (same code path as the console script); (exit code, stderr)."""
+    from swift_sampler.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return code, err.getvalue()

@@ -3,8 +3,6 @@ and what the first writes is whole."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ from faultlib import (
     check_store,
     copy_store,
     ingest_args,
+    main_in_process,
     make_checkpoint,
 )
 
@@ -31,13 +30,6 @@ def base(tmp_path_factory) -> Path:
     return base_store(tmp_path_factory)
 
 
-def _main(*args) -> tuple[int, str]:
-    from swift_sampler.cli import main
-
-    err = io.StringIO()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in args])
-    return code, err.getvalue()
 
 
 def _refused(code: int, err: str) -> None:
@@ -51,7 +43,7 @@ def test_second_build_features_is_refused_while_one_holds_the_store(base, tmp_pa
     parts_before = StoreLayout(store).feature_parts()
     # This process plays the first run: it holds the stage's lock as build-features does.
     with exclusive_lock(StoreLayout(store).lock("features"), "build-features"):
-        code, err = _main("pipeline", "build-features", "--store", store, "--checkpoint", ckpt,
+        code, err = main_in_process("pipeline", "build-features", "--store", store, "--checkpoint", ckpt,
                           *FEATURE_OPTS)
     _refused(code, err)
     assert "build-features" in err and "lock" in err
@@ -62,14 +54,14 @@ def test_second_ingest_is_refused_while_one_runs(tmp_path):
     store = tmp_path / "store"
     store.mkdir()
     with exclusive_lock(StoreLayout(store).lock("ingest"), f"store {StoreLayout(store).root}"):
-        _refused(*_main(*ingest_args(store)))
+        _refused(*main_in_process(*ingest_args(store)))
     assert sorted(p.name for p in store.iterdir()) == [".lock-ingest"]
 
 
 def test_second_training_of_the_same_run_is_refused(base, tmp_path):
     store = copy_store(base, tmp_path / "store")
     with exclusive_lock(StoreLayout(store).lock("run-r"), "run r"):
-        _refused(*_main("train", "--store", store, "--name", "r", "--preset", "digits",
+        _refused(*main_in_process("train", "--store", store, "--name", "r", "--preset", "digits",
                         "--epochs", "1", "--workers", "0", "--resume"))
     assert not (StoreLayout(store).run("r") / "checkpoint.pt").exists()
 
@@ -86,7 +78,7 @@ def test_second_search_of_the_same_name_is_refused(base, tmp_path):
                           *FEATURE_OPTS) == 0
     folder = StoreLayout(store).search("s")
     with exclusive_lock(folder / ".lock", "search 's'"):
-        code, err = _main("search", "run", "--store", store, "--checkpoint", ckpt, "--name", "s",
+        code, err = main_in_process("search", "run", "--store", store, "--checkpoint", ckpt, "--name", "s",
                           "--steps", "1", "--finetune-epochs", "1", "--workers", "0")
     _refused(code, err)
     assert not (folder / "trials.parquet").exists()

@@ -4,14 +4,20 @@ configs are data, and no name or path from a file makes a stage write outside it
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
-from faultlib import assert_user_error, base_store, copy_store, make_checkpoint, run_cli
+from faultlib import (
+    assert_user_error,
+    base_store,
+    copy_store,
+    main_in_process,
+    make_checkpoint,
+    run_cli,
+)
 
 from storage import QueryError, StoreError, StoreLayout, check_name, query, read_manifest
 
@@ -21,14 +27,6 @@ def base(tmp_path_factory) -> Path:
     return base_store(tmp_path_factory)
 
 
-def _main(*args) -> tuple[int, str]:
-    """The CLI in this process (same code path as the console script); (exit code, stderr)."""
-    from swift_sampler.cli import main
-
-    err = io.StringIO()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in args])
-    return code, err.getvalue()
 
 
 # -- checkpoints -------------------------------------------------------------------------------
@@ -74,13 +72,13 @@ def test_checkpoint_that_runs_code_is_refused_by_every_command(base, tmp_path):
     # ... and every other command that reads a checkpoint through the same entry point.
     for args in (("pipeline", "build-features", "--store", store, "--checkpoint", legacy),
                  ("train", "--store", store, "--name", "x", "--init", evil, "--epochs", "1")):
-        code, err = _main(*args)
+        code, err = main_in_process(*args)
         assert code == 2 and "cannot read checkpoint" in err and "Traceback" not in err, err
     # A checkpoint planted in a run folder is refused on --resume as well.
     run = StoreLayout(store).run("planted")
     run.mkdir(parents=True)
     (run / "checkpoint.pt").write_bytes(evil.read_bytes())
-    code, err = _main("train", "--store", store, "--name", "planted", "--resume", "--epochs", "1",
+    code, err = main_in_process("train", "--store", store, "--name", "planted", "--resume", "--epochs", "1",
                       "--workers", "0")
     assert code == 2 and "cannot read checkpoint" in err, err
     assert not marker.exists(), "unpickling a checkpoint ran code"
@@ -149,7 +147,7 @@ def test_sql_explain_analyze_cannot_write_into_the_store(sql_store):
 
 def test_sql_cli_refusal_is_a_clean_error(sql_store):
     store, out = sql_store
-    code, err = _main("sql", store, f"COPY (SELECT * FROM samples) TO '{out}/x.csv'")
+    code, err = main_in_process("sql", store, f"COPY (SELECT * FROM samples) TO '{out}/x.csv'")
     assert code == 2 and "read-only" in err and "Traceback" not in err, err
     assert list(out.iterdir()) == []
 
@@ -217,7 +215,7 @@ def test_manifest_with_escaping_shard_name_stops_each_stage(base, tmp_path):
     ckpt = make_checkpoint(base, tmp_path / "w.pt")
     for args in (("pipeline", "build-features", "--store", store, "--checkpoint", ckpt),
                  ("train", "--store", store, "--name", "r", "--epochs", "1", "--workers", "0")):
-        code, err = _main(*args)
+        code, err = main_in_process(*args)
         assert code == 2 and "bad shard file name" in err, err
     assert not (tmp_path / "escape.tar").exists()
     assert not (store / "features").exists() and not (store / "runs").exists()
@@ -233,7 +231,7 @@ def test_run_and_search_names_cannot_leave_the_store(base, tmp_path, name):
 
 def test_train_with_escaping_run_name_is_refused(base, tmp_path):
     store = copy_store(base, tmp_path / "store")
-    code, err = _main("train", "--store", store, "--name", "../../outside", "--epochs", "1",
+    code, err = main_in_process("train", "--store", store, "--name", "../../outside", "--epochs", "1",
                       "--workers", "0")
     assert code == 2 and "invalid run name" in err, err
     assert not (tmp_path / "outside").exists() and not (store / "runs").exists()
@@ -244,7 +242,7 @@ def test_search_with_escaping_name_is_refused(base, tmp_path):
         pytest.skip("`swift-sampler search run` is not in place yet")
     store = copy_store(base, tmp_path / "store")
     ckpt = make_checkpoint(base, tmp_path / "w.pt")
-    code, err = _main("search", "run", "--store", store, "--checkpoint", ckpt,
+    code, err = main_in_process("search", "run", "--store", store, "--checkpoint", ckpt,
                       "--name", "../outside", "--steps", "1")
     assert code == 2 and "invalid search name" in err, err
     assert not (tmp_path / "outside").exists()
