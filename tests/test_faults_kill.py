@@ -130,12 +130,17 @@ def _check_features_resumed(store: Path, reference) -> None:
     assert temporaries(store) == []
 
 
-def test_build_features_killed_after_k_parts_resumes_to_identical_rows(features_reference, tmp_path):
-    ref_store, ckpt, _ = features_reference
-    store = copy_store(ref_store, tmp_path / "store")
+def _store_without_features(ref_store, dst):
+    store = copy_store(ref_store, dst)
     for d in ("features", "tables"):
         for p in (store / d).iterdir():
             p.unlink()
+    return store
+
+
+def test_build_features_killed_after_k_parts_resumes_to_identical_rows(features_reference, tmp_path):
+    ref_store, ckpt, _ = features_reference
+    store = _store_without_features(ref_store, tmp_path / "store")
     cmd = _features_cmd(store, ckpt)
     with Running(*cmd) as r:
         assert r.kill_when(files_at_least(store / "features", "part-*.parquet", 3)), \
@@ -156,10 +161,7 @@ def test_build_features_killed_after_k_parts_resumes_to_identical_rows(features_
 @pytest.mark.parametrize("point", ["first-part", "mid-write", "before-tables"])
 def test_build_features_killed_at_various_points_resumes(features_reference, tmp_path, point):
     ref_store, ckpt, _ = features_reference
-    store = copy_store(ref_store, tmp_path / "store")
-    for d in ("features", "tables"):
-        for p in (store / d).iterdir():
-            p.unlink()
+    store = _store_without_features(ref_store, tmp_path / "store")
     cmd = _features_cmd(store, ckpt)
     rng = random.Random(point)
     rounds = {
