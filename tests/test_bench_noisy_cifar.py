@@ -185,6 +185,19 @@ def test_tiny_benchmark_end_to_end_and_resume(shared_cifar, tmp_path, capsys):
     assert _last_json(capsys.readouterr().out)["test_top1"] == summary["test_top1"]
     assert {p: p.read_bytes() for p in (out / "seed-0" / "methods").glob("*.json")} == before
 
-    # Other settings in the same folder are refused, naming the difference.
-    assert main([*argv, "--epochs", "2"]) == 2
+    # Other search settings re-run the ss methods alone: one more trial extends each search
+    # (same folder), the other methods' results are kept byte for byte.
+    assert main([*argv, "--steps", "3"]) == 0
+    capsys.readouterr()
+    after = {p.name: p.read_bytes() for p in (out / "seed-0" / "methods").glob("*.json")}
+    for p, data in before.items():
+        assert (after[p.name] == data) == (p.stem not in ("ss", "ss-cdf", "ss-random")), p.name
+    for m in ("ss", "ss-cdf", "ss-random"):
+        result = json.loads(after[f"{m}.json"])
+        assert result["search_settings"]["steps"] == 3 and result["search"]["trials"] == 3
+        assert result["search"]["search"] == config.search_name(m)
+        assert result["run"].startswith(config.search_name(m) + "-t")
+
+    # Other data or training settings in the same folder are refused, naming the difference.
+    assert main([*argv, "--steps", "3", "--epochs", "2"]) == 2
     assert "epochs" in capsys.readouterr().err

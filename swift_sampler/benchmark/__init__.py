@@ -12,8 +12,8 @@ timing, features), ``methods`` (one function per peer), ``ss`` (search, retrain,
 ``report`` (results.json, results.md), ``runner`` (seeds x methods, resumable, figures).
 
 ``cpu-quick`` sizes (two CPU cores, about an hour for the default methods): tiny-cnn, 20,000
-noisy train / 5,000 noisy val / 10,000 clean test images, 12 epochs at batch 128; search 15
-trials x 2 fine-tune epochs; 4 crops per image; cleanlab 3-fold.
+noisy train / 5,000 noisy val / 10,000 clean test images, 12 epochs at batch 128; search 18
+trials x 3 fine-tune epochs at 0.5x the recipe's lr; 4 crops per image; cleanlab 3-fold.
 """
 
 from .config import DEFAULT_METHODS, METHODS, PRESETS, BenchConfig, resolve_bench

@@ -1,8 +1,10 @@
 """Run the benchmark: seeds x methods, resumable, then figures and the report.
 
-``OUT/`` holds ``bench.json`` (the settings; a rerun with other settings is refused),
+``OUT/`` holds ``bench.json`` (the settings; a rerun with other data or training settings is
+refused, one with other search settings re-runs the ss methods only),
 ``seed-S/{noisy,clean}`` (the stores, with runs, features and searches inside),
-``seed-S/methods/METHOD.json`` (one finished method: a rerun skips it),
+``seed-S/methods/METHOD.json`` (one finished method: a rerun skips it unless, for an ss
+method, the search settings it recorded differ from the current ones),
 ``seed-S/verify-ranks.json``, ``figures/*.png``, ``results.json`` and ``results.md``.
 Methods may be added on a rerun (``--methods``), and so may seeds.
 """
@@ -17,7 +19,7 @@ from typing import Any
 
 from storage import StoreError, atomic_write_text
 
-from .config import SEARCHES, BenchConfig, planned_work
+from .config import SEARCH_KEYS, SEARCHES, BenchConfig, planned_work
 from .context import SeedRun
 from .methods import METHOD_FUNCTIONS
 from .report import aggregate, markdown
@@ -33,7 +35,7 @@ def run_benchmark(config: BenchConfig, *, log: Callable[[str], None] = print,
     t0 = time.perf_counter()
     out = Path(config.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    _check_settings(out / "bench.json", config)
+    _check_settings(out / "bench.json", config, log)
     write_json(out / "bench.json", config.definition())
     seeds: dict[int, dict[str, dict[str, Any]]] = {}
     verify: dict[int, dict[str, Any]] = {}
@@ -72,8 +74,11 @@ def run_benchmark(config: BenchConfig, *, log: Callable[[str], None] = print,
 def _method(run: SeedRun, method: str, path: Path, log) -> dict[str, Any]:
     if path.is_file():
         result = json.loads(path.read_text())
-        log(f"[seed {run.seed}] {method:<11} done before: test top-1 {result['test_top1']:.2%}")
-        return result
+        if method not in SEARCHES or result.get("search_settings") == run.config.search_settings():
+            log(f"[seed {run.seed}] {method:<11} done before: test top-1 {result['test_top1']:.2%}")
+            return result
+        log(f"[seed {run.seed}] {method:<11} search settings changed since the stored result "
+            f"({result.get('search_settings')} -> {run.config.search_settings()}); running again")
     log(f"[seed {run.seed}] {method:<11} running ...")
     t0 = time.perf_counter()
     result = {"method": method, "seed": run.seed, **METHOD_FUNCTIONS[method](run)}
@@ -89,7 +94,9 @@ def _verify(run: SeedRun, m: int, path: Path, log) -> dict[str, Any]:
 
     if path.is_file():
         doc = json.loads(path.read_text())
-        if doc["samplers"] >= min(m, run.config.steps):
+        # the same search, cut at the same trial, at least as many samplers retrained
+        if (doc["search"] == run.config.search_name("ss") and doc.get("steps") == run.config.steps
+                and doc["samplers"] >= min(m, run.config.steps)):
             return doc
     log(f"[seed {run.seed}] verify-ranks: training the last {m} samplers of ss from scratch ...")
     doc = verify_ranks(run, m)
@@ -127,14 +134,14 @@ def draw_figures(run: SeedRun, folder: Path, methods: tuple[str, ...]) -> dict[s
                 lambda mod: mod.plot_noise_density(run.noisy, out=folder / "noise_density.png"))
     else:
         missing.append("noise density (Fig. 1a): no features (run small-loss or ss)")
-    best = layout.search(SEARCHES["ss"][0]) / "best_sampler.json"
+    best = layout.search(run.config.search_name("ss")) / "best_sampler.json"
     if "ss" in methods and best.is_file():
         attempt("sampler (Fig. 1b, 2b)", "sampler",
                 lambda mod: mod.plot_sampler(best, run.noisy, out_dir=folder))
     else:
         missing.append("sampler (Fig. 1b, 2b): no ss search")
-    names = [SEARCHES[m][0] for m in SEARCHES
-             if m in methods and (layout.search(SEARCHES[m][0]) / "trials.parquet").is_file()]
+    names = [run.config.search_name(m) for m in SEARCHES
+             if m in methods and (layout.search(run.config.search_name(m)) / "trials.parquet").is_file()]
     if names:
         attempt("search curves (Fig. 3)", "search",
                 lambda mod: mod.plot_search(run.noisy, names, out=folder / "search.png"))
@@ -146,12 +153,17 @@ def draw_figures(run: SeedRun, folder: Path, methods: tuple[str, ...]) -> dict[s
             "figures_missing": missing}
 
 
-def _check_settings(path: Path, config: BenchConfig) -> None:
+def _check_settings(path: Path, config: BenchConfig, log: Callable[[str], None]) -> None:
+    """Refuse other data or training settings; report other search settings (they re-run the
+    ss methods alone, in search folders of their own)."""
     if not path.is_file():
         return
     stored, now = json.loads(path.read_text()), json.loads(json.dumps(config.definition()))
     diff = sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
-    if diff:
-        details = "; ".join(f"{k}: stored {stored.get(k)!r}, now {now.get(k)!r}" for k in diff)
+    details = "; ".join(f"{k}: stored {stored.get(k)!r}, now {now.get(k)!r}" for k in diff)
+    if set(diff) - set(SEARCH_KEYS):
         raise StoreError(f"{path.parent} holds a benchmark with other settings ({details}); "
                          "rerun with those settings to resume it, or choose another --out")
+    if diff:
+        log(f"search settings changed ({details}): the ss methods run again; the other methods' "
+            "results are kept")

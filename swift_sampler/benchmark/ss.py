@@ -3,8 +3,11 @@
 ``swift_sampler(run, "ss")`` runs Algorithm 1 (GP-UCB, T = cgf) from ``w_share`` with the
 store's features, then trains the benchmark's recipe from scratch with the best sampler in the
 2x oversample-and-filter stage. ``ss-cdf`` (T = cdf) and ``ss-random`` (random agent) are the
-paper's ablations (Fig. 3). The search is ``STORE/searches/NAME``, resumable like
-``swift-sampler search run`` (same settings, so either can resume the other).
+paper's ablations (Fig. 3). The search is ``STORE/searches/NAME`` with NAME from
+``BenchConfig.search_name`` (method and fine-tune recipe, e.g. ``ss-e3-lr0.5``), resumable like
+``swift-sampler search run`` (same settings, so either can resume the other). The retraining
+run is named after the search and its best trial, so a longer search that finds another best
+sampler trains anew instead of reusing a run of the old one.
 
 ``verify_ranks(run, m)`` is the inner-loop check of PAPER.md appendix A.1.1: the last ``m``
 samplers of the ``ss`` search are trained from scratch; SR is Spearman's rank correlation of
@@ -34,7 +37,9 @@ def _sampler_hook(run: SeedRun, sampler: Sampler):
 
 
 def run_search(run: SeedRun, name: str, agent: str, transform: str) -> dict[str, Any]:
-    """Run (or resume) search ``name``; return ``search.run.search``'s summary."""
+    """Run (or resume, or extend) search ``name``; return ``search.run.search``'s summary plus
+    ``seconds``, the wall time of its trials (all sessions of it together)."""
+    from search.loop import read_trials
     from search.objective import FinetuneSettings
     from search.run import search
 
@@ -47,22 +52,26 @@ def run_search(run: SeedRun, name: str, agent: str, transform: str) -> dict[str,
                 f"(best {best:.2%}, kept {row['kept_fraction']:.0%}, {row['seconds']:.0f}s, "
                 f"ETA {progress['eta_s'] / 60:.0f} min)")
 
-    with run.timed(f"search:{name}"):
-        return search(run.noisy, run.checkpoint("uniform"), name=name, steps=c.steps, agent=agent,
-                      transform=transform, seed=run.seed,
-                      finetune=FinetuneSettings(epochs=c.finetune_epochs,
-                                                lr_fraction=c.finetune_lr_fraction), workers=c.workers,
-                      on_trial=on_trial)
+    found = search(run.noisy, run.checkpoint("uniform"), name=name, steps=c.steps, agent=agent,
+                   transform=transform, seed=run.seed,
+                   finetune=FinetuneSettings(epochs=c.finetune_epochs,
+                                             lr_fraction=c.finetune_lr_fraction), workers=c.workers,
+                   on_trial=on_trial)
+    trials = read_trials(Path(found["trials_path"]))[: c.steps]
+    return {**found, "seconds": round(sum(float(t["seconds"] or 0.0) for t in trials), 2)}
 
 
 def swift_sampler(run: SeedRun, method: str) -> dict[str, Any]:
     """Search (``SEARCHES[method]``), then train from scratch with the best sampler."""
-    name, agent, transform = SEARCHES[method]
+    _, agent, transform = SEARCHES[method]
+    name = run.config.search_name(method)
     found = run_search(run, name, agent, transform)
     sampler, _ = load_sampler(found["best_sampler"])
-    model, summary = run.train(method, hook=_sampler_hook(run, sampler))
+    retrain = f"{name}-t{found['best_trial']:03d}"
+    model, summary = run.train(retrain, hook=_sampler_hook(run, sampler))
     epochs = run.config.epochs
-    return {**run.scores(model), "seconds": run.seconds(f"search:{name}", f"run:{method}"),
+    return {**run.scores(model), "seconds": round(found["seconds"] + run.seconds(f"run:{retrain}"), 2),
+            "search_settings": run.config.search_settings(), "run": retrain,
             "train_runs": 1.0 + found["epochs"] / epochs,
             "search_epochs": found["epochs"], "search_cost_runs": found["epochs"] / epochs,
             "search": {k: found[k] for k in ("search", "trials", "failed", "best_trial", "best_score",
@@ -77,7 +86,8 @@ def verify_ranks(run: SeedRun, m: int) -> dict[str, Any]:
     from search.loop import read_trials
     from train.evaluate import evaluate
 
-    name, _, transform = SEARCHES["ss"]
+    transform = SEARCHES["ss"][2]
+    name = run.config.search_name("ss")
     folder = _search_folder(run, name)
     trials = [t for t in read_trials(folder / "trials.parquet")[: run.config.steps] if t["status"] == "ok"]
     chosen = trials[-m:]
@@ -87,14 +97,15 @@ def verify_ranks(run: SeedRun, m: int) -> dict[str, Any]:
     rows = []
     for t in chosen:
         sampler = Sampler.from_point(np.asarray(t["point"]), tables, transform)
-        model, _ = run.train(f"verify-trial{t['trial']:03d}", hook=_sampler_hook(run, sampler))
+        model, _ = run.train(f"verify-{name}-t{t['trial']:03d}", hook=_sampler_hook(run, sampler))
         val = evaluate(run.noisy, model, "val", workers=run.config.workers)
         rows.append({"trial": int(t["trial"]), "finetune_score": float(t["score"]),
                      "scratch_score": float(val["top1"])})
     ft = np.array([r["finetune_score"] for r in rows])
     scratch = np.array([r["scratch_score"] for r in rows])
-    return {"search": name, "samplers": len(rows), "rows": rows, **rank_agreement(ft, scratch),
-            "seconds": run.seconds(*(f"run:verify-trial{r['trial']:03d}" for r in rows)),
+    return {"search": name, "steps": run.config.steps, "samplers": len(rows), "rows": rows,
+            **rank_agreement(ft, scratch),
+            "seconds": run.seconds(*(f"run:verify-{name}-t{r['trial']:03d}" for r in rows)),
             "train_runs": float(len(rows))}
 
 

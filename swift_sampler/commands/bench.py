@@ -37,6 +37,8 @@ def register(sub, groups) -> None:
                    help="retrain the last M samplers of the ss search from scratch; report SR and TR")
     p.add_argument("--steps", type=int, default=None, help="search trials E_o (preset)")
     p.add_argument("--finetune-epochs", type=int, default=None, help="E_f (preset)")
+    p.add_argument("--finetune-lr-fraction", type=float, default=None, metavar="F",
+                   help="fine-tune peak lr as a fraction of the training lr (preset)")
     p.add_argument("--limit", type=int, default=None, help="images taken from --data (preset)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs of every method (preset)")
     p.add_argument("--cleanlab-folds", type=int, default=None, help="k of cleanlab's cross-validation (preset)")
@@ -53,7 +55,8 @@ def run(args) -> int:
     config = resolve_bench(
         args.data, args.out, preset="tiny" if args.tiny else args.preset, noise=args.noise,
         methods=args.methods, seeds=args.seeds, verify_ranks=args.verify_ranks, steps=args.steps,
-        finetune_epochs=args.finetune_epochs, limit=args.limit, epochs=args.epochs,
+        finetune_epochs=args.finetune_epochs, finetune_lr_fraction=args.finetune_lr_fraction,
+        limit=args.limit, epochs=args.epochs,
         cleanlab_folds=args.cleanlab_folds, crops_per_image=args.crops_per_image,
         workers=args.workers, progress=False if (args.no_progress or args.json) else None)
     log = (lambda msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
