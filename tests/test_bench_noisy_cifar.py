@@ -198,6 +198,10 @@ def test_tiny_benchmark_end_to_end_and_resume(shared_cifar, tmp_path, capsys):
         assert result["search"]["search"] == config.search_name(m)
         assert result["run"].startswith(config.search_name(m) + "-t")
 
+    # Fewer steps than a search holds would count its cost and its best over different trials.
+    assert main([*argv, "--steps", "2"]) == 2
+    assert "already holds 3 trials" in capsys.readouterr().err
+
     # Other data or training settings in the same folder are refused, naming the difference.
     assert main([*argv, "--steps", "3", "--epochs", "2"]) == 2
     assert "epochs" in capsys.readouterr().err

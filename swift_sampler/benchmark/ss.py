@@ -44,6 +44,10 @@ def run_search(run: SeedRun, name: str, agent: str, transform: str) -> dict[str,
     from search.run import search
 
     c = run.config
+    held = read_trials(_search_folder(run, name) / "trials.parquet")
+    if len(held) > c.steps:  # its best and its cost would then count different trials
+        raise ValueError(f"search {name!r} of {run.noisy} already holds {len(held)} trials, more "
+                         f"than --steps {c.steps}; pass --steps {len(held)} or more, or another --out")
     run.ensure_features()
 
     def on_trial(row: dict[str, Any], progress: dict[str, Any]) -> None:
