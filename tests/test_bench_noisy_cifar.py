@@ -10,7 +10,13 @@ import pytest
 import torch
 from scipy.stats import rankdata
 
-from swift_sampler.benchmark.config import METHODS, parse_methods, planned_work, resolve_bench
+from swift_sampler.benchmark.config import (
+    METHODS,
+    BenchConfig,
+    parse_methods,
+    planned_work,
+    resolve_bench,
+)
 from swift_sampler.benchmark.methods import small_loss_weights
 from swift_sampler.benchmark.report import gap_share, spread
 from swift_sampler.benchmark.ss import rank_agreement
@@ -115,6 +121,21 @@ def test_settings_are_checked(tmp_path):
         resolve_bench(tmp_path, tmp_path / "o", preset="tiny", verify_ranks=2, methods="uniform")
     with pytest.raises(ValueError, match="noise"):
         resolve_bench(tmp_path, tmp_path / "o", preset="tiny", noise="gaussian:0.3")
+
+
+def test_search_settings_name_the_search_and_scale_its_cost(tmp_path):
+    one = resolve_bench(tmp_path, tmp_path / "o", preset="cpu-quick", methods="all")
+    two = resolve_bench(tmp_path, tmp_path / "o", preset="cpu-quick", methods="all", finetune_repeats=2)
+    assert one.search_name("ss") == "ss-e3-lr0.5" and two.search_name("ss-cdf") == "ss-cdf-e3-lr0.5-r2"
+    counts = {"train": 1000, "val": 100, "test": 100}
+    w1, w2 = planned_work(one, counts), planned_work(two, counts)
+    search = one.steps * one.finetune_epochs * counts["train"]
+    assert w2["ss"]["train"] - w1["ss"]["train"] == search and w2["uniform"] == w1["uniform"]
+    # settings stored before a field existed read as that field's default
+    older = {k: v for k, v in one.search_settings().items() if k != "finetune_repeats"}
+    assert BenchConfig.with_defaults(older) == one.search_settings() != two.search_settings()
+    with pytest.raises(ValueError, match="finetune-repeats"):
+        resolve_bench(tmp_path, tmp_path / "o", preset="tiny", finetune_repeats=0)
 
 
 def test_clean_twin_is_checked(tmp_path):

@@ -22,7 +22,7 @@ SEARCHES = {"ss": ("ss", "gp-ucb", "cgf"), "ss-cdf": ("ss-cdf", "gp-ucb", "cdf")
             "ss-random": ("ss-random", "random", "cgf")}
 # Settings only the searches depend on. Changing them re-runs the ss methods alone: the other
 # methods' results stay valid, and each fine-tune recipe gets its own search folder.
-SEARCH_KEYS = ("steps", "finetune_epochs", "finetune_lr_fraction")
+SEARCH_KEYS = ("steps", "finetune_epochs", "finetune_lr_fraction", "finetune_repeats")
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,9 @@ class BenchConfig:
     # (44.8), so cpu-quick uses 3 x 0.5 (chosen on val scores only).
     finetune_epochs: int = 3
     finetune_lr_fraction: float = 0.5
+    # Fine-tunes per trial (different seeds), scores averaged: the objective's seed noise falls
+    # by sqrt(repeats) at repeats x the search cost.
+    finetune_repeats: int = 1
     crops_per_image: int = 4
     cleanlab_folds: int = 3
     workers: int = 2
@@ -82,12 +85,22 @@ class BenchConfig:
         """The part of ``definition()`` that only the ss methods depend on."""
         return {k: getattr(self, k) for k in SEARCH_KEYS}
 
+    @staticmethod
+    def with_defaults(stored: dict[str, Any]) -> dict[str, Any]:
+        """Stored settings with the fields they predate filled in by their defaults (a field
+        is only ever added with a default that reproduces the behaviour before it)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(BenchConfig)
+                    if f.default is not dataclasses.MISSING}
+        return {**{k: defaults[k] for k in SEARCH_KEYS}, **stored}
+
     def search_name(self, method: str) -> str:
         """Search folder of an ss method, named by its fine-tune recipe (``ss-e3-lr0.5``).
 
-        The trial count is left out: a search with more steps extends the same folder.
+        The trial count is left out: a search with more steps extends the same folder; repeats
+        show as ``-r2`` when there is more than one.
         """
-        return f"{SEARCHES[method][0]}-e{self.finetune_epochs}-lr{self.finetune_lr_fraction:g}"
+        repeats = f"-r{self.finetune_repeats}" if self.finetune_repeats > 1 else ""
+        return f"{SEARCHES[method][0]}-e{self.finetune_epochs}-lr{self.finetune_lr_fraction:g}{repeats}"
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -147,7 +160,8 @@ def parse_methods(text: str) -> tuple[str, ...]:
 
 def check(c: BenchConfig) -> None:
     parse_noise(c.noise)
-    for name in ("seeds", "epochs", "batch_size", "steps", "finetune_epochs", "crops_per_image"):
+    for name in ("seeds", "epochs", "batch_size", "steps", "finetune_epochs", "finetune_repeats",
+                 "crops_per_image"):
         if int(getattr(c, name)) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
     if c.cleanlab_folds < 2:
@@ -184,8 +198,8 @@ def planned_work(c: BenchConfig, counts: dict[str, int]) -> dict[str, dict[str, 
         work["cleanlab"]["forward"] += c.cleanlab_folds * n
     for m in SEARCHES:
         if m in work:
-            work[m]["train"] += c.steps * c.finetune_epochs * n
-            work[m]["forward"] += c.steps * val
+            work[m]["train"] += c.steps * c.finetune_epochs * c.finetune_repeats * n
+            work[m]["forward"] += c.steps * c.finetune_repeats * val
     if work.keys() & {"small-loss", *SEARCHES}:
         work["features"] = {"train": 0.0, "forward": float(c.crops_per_image * n)}
         if "uniform" not in work:  # w_share is trained anyway

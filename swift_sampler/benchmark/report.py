@@ -78,7 +78,8 @@ def markdown(doc: dict[str, Any]) -> str:
         f"noise `{c['noise']}` (realised on train {_pct(realised.get('train'))}%); every method "
         f"trains {c['epochs']} epochs at batch {c['batch_size']}, lr {c['lr']:g} "
         f"(`{c['train_preset']}` recipe), equal optimiser steps; search {c['steps']} trials x "
-        f"{c['finetune_epochs']} fine-tune epochs at {c.get('finetune_lr_fraction', 1.0):g}x the lr, "
+        f"{c['finetune_epochs']} fine-tune epochs at {c.get('finetune_lr_fraction', 1.0):g}x the lr"
+        f"{_repeats(c.get('finetune_repeats', 1))}, "
         f"{c['crops_per_image']} crops per image; "
         f"cleanlab {c['cleanlab_folds']}-fold; {c['seeds']} seed(s), mean ± std.", "",
         "| method | clean-test top-1 | val top-1 (noisy) | sampler gap recovered | "
@@ -116,6 +117,10 @@ def markdown(doc: dict[str, Any]) -> str:
     for note in doc.get("figures_missing", []):
         lines.append(f"- not drawn: {note}")
     return "\n".join(lines) + "\n"
+
+
+def _repeats(n: int) -> str:
+    return f", {n} fine-tunes per trial averaged" if n > 1 else ""
 
 
 def _pct(x: float | None) -> str:

@@ -74,7 +74,9 @@ def run_benchmark(config: BenchConfig, *, log: Callable[[str], None] = print,
 def _method(run: SeedRun, method: str, path: Path, log) -> dict[str, Any]:
     if path.is_file():
         result = json.loads(path.read_text())
-        if method not in SEARCHES or result.get("search_settings") == run.config.search_settings():
+        stored = result.get("search_settings")  # absent: made before settings were recorded
+        if method not in SEARCHES or (
+                stored is not None and BenchConfig.with_defaults(stored) == run.config.search_settings()):
             log(f"[seed {run.seed}] {method:<11} done before: test top-1 {result['test_top1']:.2%}")
             return result
         log(f"[seed {run.seed}] {method:<11} search settings changed since the stored result "
@@ -158,7 +160,8 @@ def _check_settings(path: Path, config: BenchConfig, log: Callable[[str], None])
     ss methods alone, in search folders of their own)."""
     if not path.is_file():
         return
-    stored, now = json.loads(path.read_text()), json.loads(json.dumps(config.definition()))
+    stored = BenchConfig.with_defaults(json.loads(path.read_text()))
+    now = json.loads(json.dumps(config.definition()))
     diff = sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
     details = "; ".join(f"{k}: stored {stored.get(k)!r}, now {now.get(k)!r}" for k in diff)
     if set(diff) - set(SEARCH_KEYS):

@@ -58,8 +58,8 @@ def run_search(run: SeedRun, name: str, agent: str, transform: str) -> dict[str,
 
     found = search(run.noisy, run.checkpoint("uniform"), name=name, steps=c.steps, agent=agent,
                    transform=transform, seed=run.seed,
-                   finetune=FinetuneSettings(epochs=c.finetune_epochs,
-                                             lr_fraction=c.finetune_lr_fraction), workers=c.workers,
+                   finetune=FinetuneSettings(epochs=c.finetune_epochs, lr_fraction=c.finetune_lr_fraction,
+                                             repeats=c.finetune_repeats), workers=c.workers,
                    on_trial=on_trial)
     trials = read_trials(Path(found["trials_path"]))[: c.steps]
     return {**found, "seconds": round(sum(float(t["seconds"] or 0.0) for t in trials), 2)}

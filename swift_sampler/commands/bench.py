@@ -39,6 +39,8 @@ def register(sub, groups) -> None:
     p.add_argument("--finetune-epochs", type=int, default=None, help="E_f (preset)")
     p.add_argument("--finetune-lr-fraction", type=float, default=None, metavar="F",
                    help="fine-tune peak lr as a fraction of the training lr (preset)")
+    p.add_argument("--finetune-repeats", type=int, default=None, metavar="R",
+                   help="fine-tunes per search trial, scores averaged (default 1)")
     p.add_argument("--limit", type=int, default=None, help="images taken from --data (preset)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs of every method (preset)")
     p.add_argument("--cleanlab-folds", type=int, default=None, help="k of cleanlab's cross-validation (preset)")
@@ -56,6 +58,7 @@ def run(args) -> int:
         args.data, args.out, preset="tiny" if args.tiny else args.preset, noise=args.noise,
         methods=args.methods, seeds=args.seeds, verify_ranks=args.verify_ranks, steps=args.steps,
         finetune_epochs=args.finetune_epochs, finetune_lr_fraction=args.finetune_lr_fraction,
+        finetune_repeats=args.finetune_repeats,
         limit=args.limit, epochs=args.epochs,
         cleanlab_folds=args.cleanlab_folds, crops_per_image=args.crops_per_image,
         workers=args.workers, progress=False if (args.no_progress or args.json) else None)
