@@ -41,7 +41,8 @@ def search(
 
     The first proposal is the uniform sampler; each trial fine-tunes w_share with the proposed
     sampler (``finetune``) and scores top-1 on val. Returns ``loop.summarize``'s dict plus
-    ``epochs``, the fine-tune epochs spent (the search's cost).
+    ``epochs``, the fine-tune epochs spent (the search's cost), and ``trial_seconds``, the wall
+    time of those trials (every session of the search together).
     """
     objective = FinetuneObjective(store, checkpoint, finetune or FinetuneSettings(),
                                   workers=workers, device=device)
@@ -65,4 +66,5 @@ def search(
                     "features_checkpoint_sha256": info["features_checkpoint_sha256"]},
         on_trial=on_trial, is_main=is_main, broadcast=broadcast)
     trials = read_trials(Path(summary["trials_path"]))[:steps]
-    return {**summary, "epochs": int(sum(t["epochs"] for t in trials))}
+    return {**summary, "epochs": int(sum(t["epochs"] for t in trials)),
+            "trial_seconds": round(sum(float(t["seconds"] or 0.0) for t in trials), 2)}

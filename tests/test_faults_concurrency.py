@@ -30,8 +30,6 @@ def base(tmp_path_factory) -> Path:
     return base_store(tmp_path_factory)
 
 
-
-
 def _refused(code: int, err: str) -> None:
     assert code == 2, err
     assert "in use by another process" in err and "Traceback" not in err, err
@@ -44,7 +42,7 @@ def test_second_build_features_is_refused_while_one_holds_the_store(base, tmp_pa
     # This process plays the first run: it holds the stage's lock as build-features does.
     with exclusive_lock(StoreLayout(store).lock("features"), "build-features"):
         code, err = main_in_process("pipeline", "build-features", "--store", store, "--checkpoint", ckpt,
-                          *FEATURE_OPTS)
+                                    *FEATURE_OPTS)
     _refused(code, err)
     assert "build-features" in err and "lock" in err
     assert StoreLayout(store).feature_parts() == parts_before
@@ -62,7 +60,7 @@ def test_second_training_of_the_same_run_is_refused(base, tmp_path):
     store = copy_store(base, tmp_path / "store")
     with exclusive_lock(StoreLayout(store).lock("run-r"), "run r"):
         _refused(*main_in_process("train", "--store", store, "--name", "r", "--preset", "digits",
-                        "--epochs", "1", "--workers", "0", "--resume"))
+                                  "--epochs", "1", "--workers", "0", "--resume"))
     assert not (StoreLayout(store).run("r") / "checkpoint.pt").exists()
 
 
@@ -79,7 +77,7 @@ def test_second_search_of_the_same_name_is_refused(base, tmp_path):
     folder = StoreLayout(store).search("s")
     with exclusive_lock(folder / ".lock", "search 's'"):
         code, err = main_in_process("search", "run", "--store", store, "--checkpoint", ckpt, "--name", "s",
-                          "--steps", "1", "--finetune-epochs", "1", "--workers", "0")
+                                    "--steps", "1", "--finetune-epochs", "1", "--workers", "0")
     _refused(code, err)
     assert not (folder / "trials.parquet").exists()
 

@@ -79,7 +79,7 @@ def test_checkpoint_that_runs_code_is_refused_by_every_command(base, tmp_path):
     run.mkdir(parents=True)
     (run / "checkpoint.pt").write_bytes(evil.read_bytes())
     code, err = main_in_process("train", "--store", store, "--name", "planted", "--resume", "--epochs", "1",
-                      "--workers", "0")
+                                "--workers", "0")
     assert code == 2 and "cannot read checkpoint" in err, err
     assert not marker.exists(), "unpickling a checkpoint ran code"
     assert not (store / "features").exists()
@@ -232,7 +232,7 @@ def test_run_and_search_names_cannot_leave_the_store(base, tmp_path, name):
 def test_train_with_escaping_run_name_is_refused(base, tmp_path):
     store = copy_store(base, tmp_path / "store")
     code, err = main_in_process("train", "--store", store, "--name", "../../outside", "--epochs", "1",
-                      "--workers", "0")
+                                "--workers", "0")
     assert code == 2 and "invalid run name" in err, err
     assert not (tmp_path / "outside").exists() and not (store / "runs").exists()
 
@@ -243,6 +243,6 @@ def test_search_with_escaping_name_is_refused(base, tmp_path):
     store = copy_store(base, tmp_path / "store")
     ckpt = make_checkpoint(base, tmp_path / "w.pt")
     code, err = main_in_process("search", "run", "--store", store, "--checkpoint", ckpt,
-                      "--name", "../outside", "--steps", "1")
+                                "--name", "../outside", "--steps", "1")
     assert code == 2 and "invalid search name" in err, err
     assert not (tmp_path / "outside").exists()

@@ -80,7 +80,7 @@ def _method(run: SeedRun, method: str, path: Path, log) -> dict[str, Any]:
             log(f"[seed {run.seed}] {method:<11} done before: test top-1 {result['test_top1']:.2%}")
             return result
         log(f"[seed {run.seed}] {method:<11} search settings changed since the stored result "
-            f"({result.get('search_settings')} -> {run.config.search_settings()}); running again")
+            f"({stored} -> {run.config.search_settings()}); running again")
     log(f"[seed {run.seed}] {method:<11} running ...")
     t0 = time.perf_counter()
     result = {"method": method, "seed": run.seed, **METHOD_FUNCTIONS[method](run)}
@@ -142,8 +142,8 @@ def draw_figures(run: SeedRun, folder: Path, methods: tuple[str, ...]) -> dict[s
                 lambda mod: mod.plot_sampler(best, run.noisy, out_dir=folder))
     else:
         missing.append("sampler (Fig. 1b, 2b): no ss search")
-    names = [run.config.search_name(m) for m in SEARCHES
-             if m in methods and (layout.search(run.config.search_name(m)) / "trials.parquet").is_file()]
+    searched = [run.config.search_name(m) for m in SEARCHES if m in methods]
+    names = [n for n in searched if (layout.search(n) / "trials.parquet").is_file()]
     if names:
         attempt("search curves (Fig. 3)", "search",
                 lambda mod: mod.plot_search(run.noisy, names, out=folder / "search.png"))

@@ -37,8 +37,7 @@ def _sampler_hook(run: SeedRun, sampler: Sampler):
 
 
 def run_search(run: SeedRun, name: str, agent: str, transform: str) -> dict[str, Any]:
-    """Run (or resume, or extend) search ``name``; return ``search.run.search``'s summary plus
-    ``seconds``, the wall time of its trials (all sessions of it together)."""
+    """Run (or resume, or extend) search ``name``; return ``search.run.search``'s summary."""
     from search.loop import read_trials
     from search.objective import FinetuneSettings
     from search.run import search
@@ -56,13 +55,11 @@ def run_search(run: SeedRun, name: str, agent: str, transform: str) -> dict[str,
                 f"(best {best:.2%}, kept {row['kept_fraction']:.0%}, {row['seconds']:.0f}s, "
                 f"ETA {progress['eta_s'] / 60:.0f} min)")
 
-    found = search(run.noisy, run.checkpoint("uniform"), name=name, steps=c.steps, agent=agent,
-                   transform=transform, seed=run.seed,
-                   finetune=FinetuneSettings(epochs=c.finetune_epochs, lr_fraction=c.finetune_lr_fraction,
-                                             repeats=c.finetune_repeats), workers=c.workers,
-                   on_trial=on_trial)
-    trials = read_trials(Path(found["trials_path"]))[: c.steps]
-    return {**found, "seconds": round(sum(float(t["seconds"] or 0.0) for t in trials), 2)}
+    return search(run.noisy, run.checkpoint("uniform"), name=name, steps=c.steps, agent=agent,
+                  transform=transform, seed=run.seed,
+                  finetune=FinetuneSettings(epochs=c.finetune_epochs, lr_fraction=c.finetune_lr_fraction,
+                                            repeats=c.finetune_repeats), workers=c.workers,
+                  on_trial=on_trial)
 
 
 def swift_sampler(run: SeedRun, method: str) -> dict[str, Any]:
@@ -74,7 +71,7 @@ def swift_sampler(run: SeedRun, method: str) -> dict[str, Any]:
     retrain = f"{name}-t{found['best_trial']:03d}"
     model, summary = run.train(retrain, hook=_sampler_hook(run, sampler))
     epochs = run.config.epochs
-    return {**run.scores(model), "seconds": round(found["seconds"] + run.seconds(f"run:{retrain}"), 2),
+    return {**run.scores(model), "seconds": round(found["trial_seconds"] + run.seconds(f"run:{retrain}"), 2),
             "search_settings": run.config.search_settings(), "run": retrain,
             "train_runs": 1.0 + found["epochs"] / epochs,
             "search_epochs": found["epochs"], "search_cost_runs": found["epochs"] / epochs,
