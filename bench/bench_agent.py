@@ -22,7 +22,7 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from search.agents import create_agent
+from swift_sampler.search.agents import create_agent
 
 DIM = 10
 

@@ -25,17 +25,23 @@ from pathlib import Path
 
 import torch
 
-from pipeline.features import batch_crops, build_features, make_crops, output_size, read_shard
-from pipeline.scoring import score_batch
-from storage import StoreLayout, num_classes, read_manifest, split_shards
+from swift_sampler.pipeline.features import (
+    batch_crops,
+    build_features,
+    make_crops,
+    output_size,
+    read_shard,
+)
+from swift_sampler.pipeline.scoring import score_batch
+from swift_sampler.storage import StoreLayout, num_classes, read_manifest, split_shards
 
 
 def load(args, manifest):
     if args.checkpoint:
-        from train.checkpoint import load_model
+        from swift_sampler.train.checkpoint import load_model
 
         return load_model(args.checkpoint)[0]
-    from train.models import create_model
+    from swift_sampler.train.models import create_model
 
     image = manifest["image"]
     size = args.image_size or image.get("height") or 32

@@ -46,8 +46,8 @@ def main() -> None:
 
     import torchvision.io  # noqa: F401  (import cost is not ingest cost)
 
-    from pipeline.ingest import ingest
-    from pipeline.sources import imagefolder
+    from swift_sampler.pipeline.ingest import ingest
+    from swift_sampler.pipeline.sources import imagefolder
 
     src = imagefolder(args.source)
     files = [(it.path, it.label) for it in src.items][: args.limit]

@@ -100,7 +100,7 @@ def searched_samplers(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def make_sampler(item: dict[str, Any], tables):
-    from pipeline.sampler import Sampler
+    from swift_sampler.pipeline.sampler import Sampler
 
     p = item["params"]
     return Sampler((0.0, p["e1"], p["e2"], p["e3"], 1.0), tuple(p[f"v{i}"] for i in range(5)),
@@ -134,7 +134,7 @@ class Study:
         self.log(f"{name} ...")
         t0 = time.perf_counter()
         result = {"name": name, **fn(), "seconds": round(time.perf_counter() - t0, 1)}
-        from storage import atomic_write_json
+        from swift_sampler.storage import atomic_write_json
 
         atomic_write_json(self.units / f"{name}.json", result)
         self.log(f"{name}: {json.dumps({k: v for k, v in result.items() if k != 'name'})}")
@@ -142,8 +142,8 @@ class Study:
 
     # -- shared stages --------------------------------------------------------------------
     def prepare(self) -> None:
-        from pipeline.ingest import ingest
-        from storage import StoreLayout
+        from swift_sampler.pipeline.ingest import ingest
+        from swift_sampler.storage import StoreLayout
 
         c = self.config
         if not StoreLayout(self.store).manifest.is_file():
@@ -153,12 +153,12 @@ class Study:
                    noise=c.noise, seed=0, limit=c.limit, shard_size=c.shard_size, progress=False)
         self.unit("w_share", self._train_w_share)
         self._features()
-        from pipeline.tables import load_tables
+        from swift_sampler.pipeline.tables import load_tables
 
         self.tables = load_tables(self.store)
 
     def _recipe(self, name: str | None, seed: int, epochs: int | None = None, **extra):
-        from train.presets import resolve_config
+        from swift_sampler.train.presets import resolve_config
 
         c = self.config
         # The benchmark's recipe (SeedRun.train), the same for every panel sampler.
@@ -167,9 +167,9 @@ class Study:
                               workers=c.workers, progress=False, val_split="", **extra)
 
     def _train_w_share(self) -> dict[str, Any]:
-        from storage import StoreLayout
-        from train.checkpoint import load_checkpoint
-        from train.trainer import fit
+        from swift_sampler.storage import StoreLayout
+        from swift_sampler.train.checkpoint import load_checkpoint
+        from swift_sampler.train.trainer import fit
 
         run = StoreLayout(self.store).run("uniform")
         ckpt = run / "checkpoint.pt"
@@ -182,10 +182,10 @@ class Study:
         return {**self.scores(result.model), "epochs": self.config.epochs}
 
     def _features(self) -> None:
-        from pipeline.features import build_features
-        from storage import StoreLayout, sha256_file
-        from train.checkpoint import load_model
-        from train.distributed import pick_device
+        from swift_sampler.pipeline.features import build_features
+        from swift_sampler.storage import StoreLayout, sha256_file
+        from swift_sampler.train.checkpoint import load_model
+        from swift_sampler.train.distributed import pick_device
 
         layout = StoreLayout(self.store)
         ckpt = layout.run("uniform") / "checkpoint.pt"
@@ -203,7 +203,7 @@ class Study:
         """Noisy-val top-1 and mean probability of the val label; clean-test top-1."""
         import torch
 
-        from train.evaluate import predict
+        from swift_sampler.train.evaluate import predict
 
         out = {}
         for split in ("val", "test"):
@@ -215,13 +215,13 @@ class Study:
         return out
 
     def _hook(self, item, seed):
-        from train.sampling import create_sampler_hook
+        from swift_sampler.train.sampling import create_sampler_hook
 
         return create_sampler_hook(self.store, make_sampler(item, self.tables), features="store", seed=seed)
 
     # -- the truth and the proxies --------------------------------------------------------
     def truth(self, item, seed: int) -> dict[str, Any]:
-        from train.trainer import fit
+        from swift_sampler.train.trainer import fit
 
         def run():
             result = fit(self._recipe(f"truth-{item['name']}-s{seed}", seed, resume=True),
@@ -236,8 +236,8 @@ class Study:
         return self.unit(f"{proxy}-{item['name']}-s{seed}", lambda: getattr(self, "_" + proxy.split("-")[0])(item, seed))
 
     def _finetune(self, item, seed):
-        from search.objective import FinetuneObjective, FinetuneSettings
-        from storage import StoreLayout
+        from swift_sampler.search.objective import FinetuneObjective, FinetuneSettings
+        from swift_sampler.storage import StoreLayout
 
         c = self.config
         objective = FinetuneObjective(self.store, StoreLayout(self.store).run("uniform") / "checkpoint.pt",
@@ -248,8 +248,8 @@ class Study:
         return {**self.scores(model), **info}
 
     def _early(self, item, seed):
-        from storage import StoreLayout
-        from train.trainer import fit
+        from swift_sampler.storage import StoreLayout
+        from swift_sampler.train.trainer import fit
 
         c = self.config
         start = max(c.epochs - c.finetune_epochs, 1)
@@ -267,7 +267,7 @@ class Study:
                 "kept_fraction": s.get("kept_fraction"), "flipped_kept_share": s.get("flipped_kept_share")}
 
     def _scratch(self, item, seed):
-        from train.trainer import fit
+        from swift_sampler.train.trainer import fit
 
         c = self.config
         result = fit(self._recipe(None, seed, epochs=c.finetune_epochs, save_checkpoints=False),

@@ -36,7 +36,7 @@ def time_batches(loader, batches: int) -> float:
 
 
 def ours(store: str, workers: int, batch_size: int, epoch: int):
-    from train.loader import create_loader
+    from swift_sampler.train.loader import create_loader
 
     loader, ds = create_loader(store, "train", batch_size=batch_size, num_workers=workers,
                                seed=epoch)

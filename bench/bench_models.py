@@ -37,7 +37,7 @@ def step_times(model, x, y, steps: int, warmup: int, train: bool) -> float:
 
 
 def main() -> None:
-    from train.models import count_parameters, create_model
+    from swift_sampler.train.models import count_parameters, create_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="tiny-cnn,resnet18")

@@ -62,7 +62,7 @@ def log(msg: str) -> None:
 
 def prepare_store(store: str, folder: str, *, default: bool) -> dict[str, Any]:
     """Make sure ``store`` is ingested and has features (and tables); report what was built."""
-    from storage import StoreLayout
+    from swift_sampler.storage import StoreLayout
 
     layout = StoreLayout(store)
     built: dict[str, Any] = {}
@@ -70,7 +70,7 @@ def prepare_store(store: str, folder: str, *, default: bool) -> dict[str, Any]:
         if not default:
             raise SystemExit(f"error: {store} is not a store (no manifest.json); ingest it first "
                              "or leave out --store to build the default one")
-        from pipeline.ingest import ingest
+        from swift_sampler.pipeline.ingest import ingest
 
         log(f"ingesting 5000 images of {folder} into {store} ...")
         t0 = time.perf_counter()
@@ -78,9 +78,9 @@ def prepare_store(store: str, folder: str, *, default: bool) -> dict[str, Any]:
                progress=False)
         built["ingest_s"] = round(time.perf_counter() - t0, 1)
     if not layout.features_meta.is_file() or not layout.tables_meta.is_file():
-        from pipeline.features import build_features
-        from storage import read_manifest
-        from train.models import create_model
+        from swift_sampler.pipeline.features import build_features
+        from swift_sampler.storage import read_manifest
+        from swift_sampler.train.models import create_model
 
         manifest = read_manifest(layout)
         image = manifest["image"]
@@ -98,7 +98,7 @@ def prepare_store(store: str, folder: str, *, default: bool) -> dict[str, Any]:
 def image_weights(store: str, sampler) -> tuple[np.ndarray, np.ndarray, float]:
     """Per train image (dense index): mean tau of its stored crops, float64 ``(N,)``; the
     ``source`` path of each, ``(N,)`` str; and the fraction of stored crops with tau = 0."""
-    from storage import StoreLayout
+    from swift_sampler.storage import StoreLayout
 
     layout = StoreLayout(store)
     feats = pq.read_table(layout.feature_parts(), columns=["index", "loss", "entropy_r"])
@@ -121,8 +121,8 @@ def image_weights(store: str, sampler) -> tuple[np.ndarray, np.ndarray, float]:
 
 def create_ours(store: str, hook, *, batch_size: int, workers: int, pin_memory: bool, seed: int):
     """The loader ``train.trainer.fit`` builds for ``hook`` (None: uniform sampling)."""
-    from train.loader import create_loader
-    from train.trainer import SamplerHook
+    from swift_sampler.train.loader import create_loader
+    from swift_sampler.train.trainer import SamplerHook
 
     hook = hook or SamplerHook(candidates_per_image=1)
     return create_loader(
@@ -230,9 +230,9 @@ def main() -> None:
     if args.repeats < 1 or args.batch_size < 1 or args.workers < 0 or (args.images or 1) < 1:
         ap.error("--repeats, --batch-size and --images must be positive, --workers >= 0")
 
-    from pipeline.sampler import Sampler
-    from pipeline.tables import load_tables
-    from train.sampling import create_sampler_hook
+    from swift_sampler.pipeline.sampler import Sampler
+    from swift_sampler.pipeline.tables import load_tables
+    from swift_sampler.train.sampling import create_sampler_hook
 
     # The main process only receives batches; leave the cores to the workers.
     torch.set_num_threads(1)

@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from storage.schemas import FEATURES, SAMPLES  # noqa: E402
+from swift_sampler.storage.schemas import FEATURES, SAMPLES  # noqa: E402
 
 IMAGENET = 1_281_167
 CLASSES = 1000
@@ -51,25 +51,25 @@ pass
 """,
     "read": """
 import pyarrow.dataset as ds
-from storage import StoreLayout
+from swift_sampler.storage import StoreLayout
 parts = [str(p) for p in StoreLayout(store).feature_parts()]
 t = ds.dataset(parts, format="parquet").to_table()
 extra = {"rows": t.num_rows, "arrow_mb": round(t.nbytes / 2**20, 1)}
 """,
     "read_columns": """
-from pipeline.tables import read_feature_columns
+from swift_sampler.pipeline.tables import read_feature_columns
 cols = read_feature_columns(store)
 extra = {"rows": int(cols["loss"].size)}
 """,
     "tables": """
-from pipeline.tables import build_store_tables
+from swift_sampler.pipeline.tables import build_store_tables
 meta = build_store_tables(store)
 extra = {"rows": meta["rows"], "quantiles": meta["quantiles"], "angles": meta["angles"]}
 """,
     "tau": """
 import time
-from pipeline.sampler import Sampler
-from pipeline.tables import load_tables, read_feature_columns
+from swift_sampler.pipeline.sampler import Sampler
+from swift_sampler.pipeline.tables import load_tables, read_feature_columns
 tables = load_tables(store)
 cols = read_feature_columns(store, ("loss", "entropy_r"))
 s = Sampler((0.0, 0.2, 0.5, 0.8, 1.0), (0.1, 1.0, 0.6, 0.2, 0.0), 0.6, -0.8, "cgf",
@@ -80,12 +80,12 @@ extra = {"rows": int(tau.size), "tau_only_s": round(time.perf_counter() - t_tau,
          "mean_tau": float(tau.mean())}
 """,
     "sql_mean": """
-from storage import query
+from swift_sampler.storage import query
 t = query(store, "SELECT label, avg(loss) AS mean_loss, count(*) AS n FROM features GROUP BY label")
 extra = {"groups": t.num_rows, "rows": int(sum(t["n"].to_pylist()))}
 """,
     "sql_cdf": """
-from storage import query
+from swift_sampler.storage import query
 t = query(store, "SELECT floor(cdf_loss * 10) AS decile, avg(cdf_entropy_r) AS mean_cdf_er, "
                  "avg(CAST(noisy AS DOUBLE)) AS flipped, count(*) AS n FROM features GROUP BY 1 ORDER BY 1")
 extra = {"groups": t.num_rows, "rows": int(sum(t["n"].to_pylist()))}

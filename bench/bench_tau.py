@@ -16,8 +16,8 @@ import time
 
 import numpy as np
 
-from pipeline.sampler import Sampler
-from pipeline.tables import build_tables
+from swift_sampler.pipeline.sampler import Sampler
+from swift_sampler.pipeline.tables import build_tables
 
 
 def timed(fn, runs: int) -> tuple[float, list[float]]:

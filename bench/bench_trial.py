@@ -36,10 +36,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.sampler import Sampler, uniform_sampler  # noqa: E402
-from pipeline.tables import load_tables  # noqa: E402
-from search.objective import FinetuneObjective, FinetuneSettings  # noqa: E402
-from search.space import sobol_points  # noqa: E402
+from swift_sampler.pipeline.sampler import Sampler, uniform_sampler  # noqa: E402
+from swift_sampler.pipeline.tables import load_tables  # noqa: E402
+from swift_sampler.search.objective import FinetuneObjective, FinetuneSettings  # noqa: E402
+from swift_sampler.search.space import sobol_points  # noqa: E402
 
 
 def panel(tables, transform: str, n_sobol: int) -> dict[str, Sampler]:
@@ -70,11 +70,11 @@ def spearman(a, b) -> float:
 
 def build_digits(root: Path) -> tuple[Path, Path]:
     """Digits with 40% symmetric noise, w_share (the digits preset) and its features."""
-    from pipeline.features import build_features
-    from pipeline.ingest import ingest
-    from storage import StoreLayout, sha256_file
-    from train.presets import resolve_config
-    from train.trainer import fit
+    from swift_sampler.pipeline.features import build_features
+    from swift_sampler.pipeline.ingest import ingest
+    from swift_sampler.storage import StoreLayout, sha256_file
+    from swift_sampler.train.presets import resolve_config
+    from swift_sampler.train.trainer import fit
 
     ckpt = StoreLayout(root).run("w_share") / "checkpoint.pt"
     if not (root / "features" / "features.json").is_file():
@@ -178,11 +178,11 @@ def main(argv=None) -> dict:
 
 def from_scratch(store, ckpt, samplers: dict[str, Sampler], seeds: int, workers: int) -> dict[str, float]:
     """Mean test top-1 over ``seeds`` of training from scratch with each sampler (appendix A.1.1)."""
-    from train.checkpoint import load_checkpoint
-    from train.evaluate import evaluate
-    from train.presets import resolve_config
-    from train.sampling import create_sampler_hook
-    from train.trainer import fit
+    from swift_sampler.train.checkpoint import load_checkpoint
+    from swift_sampler.train.evaluate import evaluate
+    from swift_sampler.train.presets import resolve_config
+    from swift_sampler.train.sampling import create_sampler_hook
+    from swift_sampler.train.trainer import fit
 
     recipe = load_checkpoint(ckpt)["config"]
     out = {}

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from storage import StoreError
+from swift_sampler.storage import StoreError
 
 from .crops import Crop, apply_crop, crop_policy, plain_crop, sample_crop
 from .decode import CorruptSampleError, decode

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from storage import (
+from swift_sampler.storage import (
     StoreError,
     StoreLayout,
     atomic_write_json,
@@ -48,7 +48,7 @@ from storage import (
     remove_stale_temporaries,
     split_shards,
 )
-from storage.schemas import FEATURES
+from swift_sampler.storage.schemas import FEATURES
 
 from .crop_stream import (
     ShardCrops,

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from storage import (
+from swift_sampler.storage import (
     SPLITS,
     StoreError,
     StoreLayout,
@@ -46,7 +46,7 @@ from storage import (
     remove_stale_temporaries,
     write_manifest,
 )
-from storage.schemas import SAMPLES
+from swift_sampler.storage.schemas import SAMPLES
 
 from .noise import expected_rate, inject_noise, parse_noise
 from .shards import write_shards

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from storage import StoreLayout, atomic_write_text, read_manifest
-from storage.schemas import FEATURE_NAMES
+from swift_sampler.storage import StoreLayout, atomic_write_text, read_manifest
+from swift_sampler.storage.schemas import FEATURE_NAMES
 
 from .sampler import PARAMETERS, TRANSFORMS, Sampler, SamplerError
 from .tables import FeatureTables, TablesError

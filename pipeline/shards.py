@@ -33,7 +33,13 @@ from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from storage import StoreError, StoreLayout, atomic_writer, read_manifest, split_shards
+from swift_sampler.storage import (
+    StoreError,
+    StoreLayout,
+    atomic_writer,
+    read_manifest,
+    split_shards,
+)
 
 BLOCK = 512
 IMAGE_EXTS = ("jpg", "png")

@@ -40,14 +40,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from storage import (
+from swift_sampler.storage import (
     StoreError,
     StoreLayout,
     atomic_write_json,
     atomic_write_parquet,
     read_json_object,
 )
-from storage.schemas import CDF, CGF, FEATURE_NAMES, POINTS
+from swift_sampler.storage.schemas import CDF, CGF, FEATURE_NAMES, POINTS
 
 from .piecewise import EPS32, Piecewise
 

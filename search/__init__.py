@@ -1,6 +1,6 @@
 """search: the outer loop of the Swift Sampler (PAPER.md §3.3-3.4, Algorithm 1).
 
-    from search import FinetuneObjective, FinetuneSettings, run_search
+    from swift_sampler.search import FinetuneObjective, FinetuneSettings, run_search
     objective = FinetuneObjective(store, "STORE/runs/w_share/checkpoint.pt", FinetuneSettings(epochs=5))
     summary = run_search(store, "ss", objective, make_sampler, settings=..., steps=40)
 

@@ -37,9 +37,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.sampler import PARAMETERS, Sampler
-from pipeline.sampler_file import save_sampler
-from storage import (
+from swift_sampler.pipeline.sampler import PARAMETERS, Sampler
+from swift_sampler.pipeline.sampler_file import save_sampler
+from swift_sampler.storage import (
     StoreError,
     StoreLayout,
     atomic_write_json,
@@ -47,7 +47,7 @@ from storage import (
     exclusive_lock,
     remove_stale_temporaries,
 )
-from storage.schemas import TRIALS
+from swift_sampler.storage.schemas import TRIALS
 
 from .agents import create_agent
 

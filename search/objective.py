@@ -40,16 +40,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.sampler import Sampler
-from pipeline.sampler_file import SamplerFileError, check_not_all_zero
-from storage import StoreError, StoreLayout, read_manifest, sha256_file
-from train.checkpoint import CheckpointError, load_checkpoint
-from train.distributed import DistInfo, all_reduce_sum, init_distributed
-from train.evaluate import noise_diagnostics, predict_batches
-from train.loader import create_loader
-from train.presets import resolve_config
-from train.schedules import SCHEDULES
-from train.trainer import SamplerHook, TrainingDiverged, fit
+from swift_sampler.pipeline.sampler import Sampler
+from swift_sampler.pipeline.sampler_file import SamplerFileError, check_not_all_zero
+from swift_sampler.storage import StoreError, StoreLayout, read_manifest, sha256_file
+from swift_sampler.train.checkpoint import CheckpointError, load_checkpoint
+from swift_sampler.train.distributed import DistInfo, all_reduce_sum, init_distributed
+from swift_sampler.train.evaluate import noise_diagnostics, predict_batches
+from swift_sampler.train.loader import create_loader
+from swift_sampler.train.presets import resolve_config
+from swift_sampler.train.schedules import SCHEDULES
+from swift_sampler.train.trainer import SamplerHook, TrainingDiverged, fit
 
 from .loop import TrialResult
 
@@ -273,12 +273,12 @@ class FinetuneObjective:
     def _hook(self, sampler: Sampler, seed: int) -> SamplerHook:
         create_sampler_hook = self.hook_factory
         if create_sampler_hook is None:
-            from train.sampling import create_sampler_hook
+            from swift_sampler.train.sampling import create_sampler_hook
         if self.recipe["features"] == "store":
             return create_sampler_hook(self.store, sampler, features="store", seed=int(seed))
         device = _dist(self.device).device
         if self._frozen is None:
-            from train.checkpoint import load_model
+            from swift_sampler.train.checkpoint import load_model
 
             self._frozen, _ = load_model(self.checkpoint, device)
         return create_sampler_hook(self.store, sampler, features="online", scorer=self._frozen,

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.sampler import Sampler, uniform_sampler
-from pipeline.tables import load_tables
+from swift_sampler.pipeline.sampler import Sampler, uniform_sampler
+from swift_sampler.pipeline.tables import load_tables
 
 from .agents import create_agent
 from .loop import read_trials, run_search

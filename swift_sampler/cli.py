@@ -29,7 +29,7 @@ class UserError(Exception):
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    from storage import LockedError, QueryError, StoreError
+    from swift_sampler.storage import LockedError, QueryError, StoreError
 
     return (UserError, StoreError, QueryError, LockedError, FileNotFoundError, ValueError)
 

@@ -31,19 +31,19 @@ class DemoConfig:
 
 def run_demo(config: DemoConfig = DemoConfig(), log=print) -> dict[str, Any]:
     """Run every stage; return a summary with test accuracies, timings and artefact paths."""
-    from pipeline.features import build_features
-    from pipeline.ingest import ingest
-    from pipeline.sampler_file import load_sampler
-    from search.objective import FinetuneSettings
-    from search.run import search
-    from storage import sha256_file
     from swift_sampler.figures.noise_density import plot_noise_density
     from swift_sampler.figures.sampler import plot_sampler
     from swift_sampler.figures.search import plot_search
-    from train.evaluate import evaluate
-    from train.presets import resolve_config
-    from train.sampling import create_sampler_hook
-    from train.trainer import fit
+    from swift_sampler.pipeline.features import build_features
+    from swift_sampler.pipeline.ingest import ingest
+    from swift_sampler.pipeline.sampler_file import load_sampler
+    from swift_sampler.search.objective import FinetuneSettings
+    from swift_sampler.search.run import search
+    from swift_sampler.storage import sha256_file
+    from swift_sampler.train.evaluate import evaluate
+    from swift_sampler.train.presets import resolve_config
+    from swift_sampler.train.sampling import create_sampler_hook
+    from swift_sampler.train.trainer import fit
 
     root = Path(config.workdir).resolve()
     noisy, clean = root / "noisy", root / "clean"

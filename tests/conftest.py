@@ -22,7 +22,7 @@ SHARED_CIFAR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "da
 @pytest.fixture(scope="session")
 def digits_store(tmp_path_factory):
     """Digits with 40% symmetric noise on train/val; read-only for tests (copy to modify)."""
-    from pipeline.ingest import ingest
+    from swift_sampler.pipeline.ingest import ingest
 
     store = tmp_path_factory.mktemp("digits") / "store"
     ingest("digits", store, val_frac=0.2, test_frac=0.2, noise="symmetric:0.4", seed=0,

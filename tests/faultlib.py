@@ -29,8 +29,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from storage import StoreLayout, read_manifest, verify_shards
-from storage.atomic import TMP_PREFIX
+from swift_sampler.storage import StoreLayout, read_manifest, verify_shards
+from swift_sampler.storage.atomic import TMP_PREFIX
 
 CLI = (sys.executable, "-m", "swift_sampler")
 REPO = Path(__file__).resolve().parents[1]
@@ -193,7 +193,7 @@ def ingest_args(store: str | Path, **override) -> list[str]:
 def base_store(tmp_path_factory) -> Path:
     """The reference store (ingested in-process once per session); copy it before changing it."""
     if "digits" not in _BASE:
-        from pipeline.ingest import ingest
+        from swift_sampler.pipeline.ingest import ingest
 
         root = tmp_path_factory.mktemp("fault-base") / "store"
         ingest(INGEST["source"], root, **{k: v for k, v in INGEST.items() if k != "source"},
@@ -212,8 +212,8 @@ def make_checkpoint(store: str | Path, path: str | Path, *, seed: int = 0) -> Pa
     test what the stages do with it)."""
     import torch
 
-    from train.checkpoint import save_checkpoint
-    from train.models import create_model
+    from swift_sampler.train.checkpoint import save_checkpoint
+    from swift_sampler.train.models import create_model
 
     manifest = read_manifest(StoreLayout(store))
     torch.manual_seed(seed)
@@ -285,7 +285,7 @@ def check_store(store: str | Path) -> dict:
 
     Returns the manifest.
     """
-    from pipeline.shards import iter_tar
+    from swift_sampler.pipeline.shards import iter_tar
 
     layout = StoreLayout(store)
     manifest = read_manifest(layout)

@@ -13,8 +13,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from search.agents import AGENTS, GPUCBAgent, RandomAgent, create_agent
-from search.space import PointError, check_point, sobol_points
+from swift_sampler.search.agents import AGENTS, GPUCBAgent, RandomAgent, create_agent
+from swift_sampler.search.space import PointError, check_point, sobol_points
 
 DIM = 10
 UNIFORM = np.full(DIM, 0.5)
@@ -196,7 +196,7 @@ def test_process_exits_promptly_after_asks_and_tells():
     code = textwrap.dedent(
         """
         import numpy as np
-        from search.agents import create_agent
+        from swift_sampler.search.agents import create_agent
         agent = create_agent("gp-ucb", seed=0, n_sobol=1, acquisition_budget=200, batch_size=50)
         for _ in range(4):
             z = agent.ask()

@@ -29,8 +29,8 @@ from swift_sampler.cli import main
 def _weighted_batch(weights, index: list[int], size: int) -> dict:
     """Candidates for ``index`` through ``ImageWeights`` and the loader's collate, then the
     sampler stage's filter keeping ``size``."""
-    from train.loader import collate
-    from train.sampling import tau_filter
+    from swift_sampler.train.loader import collate
+    from swift_sampler.train.sampling import tau_filter
 
     samples = [{"index": i, "label": i % 3, "image": torch.full((3, 8, 8), i, dtype=torch.uint8)}
                for i in index]
@@ -54,8 +54,8 @@ def test_image_weights_keep_rows_aligned_and_never_zero_weight():
 
 def test_image_weights_keep_in_proportion_to_weight():
     # Keep 1 of the 4 candidates (2 per image): image 1 with probability 3/4.
-    from train.loader import collate
-    from train.sampling import tau_filter
+    from swift_sampler.train.loader import collate
+    from swift_sampler.train.sampling import tau_filter
 
     samples = [{"index": i, "label": 0, "image": torch.zeros(3, 8, 8, dtype=torch.uint8)} for i in (0, 1)]
     batch = collate(list(ImageWeights(np.array([1.0, 3.0]))(iter(samples), rng=np.random.default_rng(0),
@@ -139,9 +139,9 @@ def test_search_settings_name_the_search_and_scale_its_cost(tmp_path):
 
 
 def test_clean_twin_is_checked(tmp_path):
-    from pipeline.ingest import ingest
-    from storage import StoreError
     from swift_sampler.benchmark.stores import check_twins, ground_truth
+    from swift_sampler.pipeline.ingest import ingest
+    from swift_sampler.storage import StoreError
 
     kw = dict(val_frac=0.2, test_frac=0.2, limit=200, shard_size=100, progress=False)
     ingest("digits", tmp_path / "noisy", noise="symmetric:0.4", seed=0, **kw)

@@ -18,8 +18,8 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 SCRIPT = textwrap.dedent("""
     import os, sys, torch
     torch.set_num_threads(1)
-    from train.presets import resolve_config
-    from train.trainer import SamplerHook, fit
+    from swift_sampler.train.presets import resolve_config
+    from swift_sampler.train.trainer import SamplerHook, fit
 
     store, out = sys.argv[1], sys.argv[2]
     seen = []

@@ -18,7 +18,7 @@ from faultlib import (
     make_checkpoint,
 )
 
-from storage import StoreLayout, exclusive_lock
+from swift_sampler.storage import StoreLayout, exclusive_lock
 
 K = 4
 FEATURE_OPTS = ("--crops-per-image", str(K), "--quantiles", "32", "--angles", "8", "--seed", "1",
@@ -67,7 +67,7 @@ def test_second_training_of_the_same_run_is_refused(base, tmp_path):
 def test_second_search_of_the_same_name_is_refused(base, tmp_path):
     if not (Path(__file__).resolve().parents[1] / "swift_sampler/commands/search.py").is_file():
         pytest.skip("`swift-sampler search run` is not in place yet")
-    pytest.importorskip("train.sampling", reason="the oversample-and-filter stage is not in place yet")
+    pytest.importorskip("swift_sampler.train.sampling", reason="the oversample-and-filter stage is not in place yet")
     from faultlib import run_in_process
 
     store = copy_store(base, tmp_path / "store")

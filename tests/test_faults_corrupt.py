@@ -23,7 +23,14 @@ from faultlib import (
 )
 from PIL import Image
 
-from storage import QueryError, StoreError, StoreLayout, query, read_manifest, verify_shards
+from swift_sampler.storage import (
+    QueryError,
+    StoreError,
+    StoreLayout,
+    query,
+    read_manifest,
+    verify_shards,
+)
 
 K = 4
 FEATURE_OPTS = ("--crops-per-image", str(K), "--quantiles", "32", "--angles", "8",
@@ -55,7 +62,7 @@ def base(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def jpeg_store(tmp_path_factory) -> Path:
     """3 classes x 16 tiny JPEGs, ingested (JPEG bytes are copied into the shards as they are)."""
-    from pipeline.ingest import ingest
+    from swift_sampler.pipeline.ingest import ingest
 
     root = tmp_path_factory.mktemp("jpeg")
     rng = np.random.default_rng(0)
@@ -221,7 +228,7 @@ def test_cut_feature_part_is_a_clear_error_in_sql(featured, tmp_path):
 
 
 def test_cut_feature_part_is_a_clear_error_for_tables(featured, tmp_path):
-    from pipeline.tables import build_store_tables
+    from swift_sampler.pipeline.tables import build_store_tables
 
     store = copy_store(featured[0], tmp_path / "store")
     _cut_part(store)

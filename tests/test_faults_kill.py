@@ -35,7 +35,7 @@ from faultlib import (
     temporaries,
 )
 
-from storage import StoreLayout, read_manifest
+from swift_sampler.storage import StoreLayout, read_manifest
 
 K = 4  # crops per image: small, so build-features stays quick
 FEATURE_OPTS = ("--crops-per-image", str(K), "--quantiles", "64", "--angles", "16", "--seed", "1",
@@ -197,7 +197,7 @@ def train_reference(base, tmp_path_factory):
 
 
 def _load(path: Path) -> dict:
-    from train.checkpoint import load_checkpoint
+    from swift_sampler.train.checkpoint import load_checkpoint
 
     return load_checkpoint(path)
 
@@ -250,7 +250,7 @@ def _search_cmd(store: Path, ckpt: Path, name: str) -> tuple:
 def search_reference(features_reference):
     if not _search_available():
         pytest.skip("`swift-sampler search run` is not in place yet")
-    pytest.importorskip("train.sampling", reason="the oversample-and-filter stage is not in place yet")
+    pytest.importorskip("swift_sampler.train.sampling", reason="the oversample-and-filter stage is not in place yet")
     store, ckpt, _ = features_reference
     assert run_in_process(*_search_cmd(store, ckpt, "ref")) == 0
     return store, ckpt, check_trials(store, "ref", SEARCH_STEPS)

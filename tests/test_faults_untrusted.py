@@ -19,7 +19,14 @@ from faultlib import (
     run_cli,
 )
 
-from storage import QueryError, StoreError, StoreLayout, check_name, query, read_manifest
+from swift_sampler.storage import (
+    QueryError,
+    StoreError,
+    StoreLayout,
+    check_name,
+    query,
+    read_manifest,
+)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +59,7 @@ def _evil_checkpoints(tmp_path: Path) -> tuple[Path, list[Path]]:
 
 
 def test_checkpoint_that_runs_code_is_refused_in_process(tmp_path):
-    from train.checkpoint import CheckpointError, load_checkpoint, load_model
+    from swift_sampler.train.checkpoint import CheckpointError, load_checkpoint, load_model
 
     marker, paths = _evil_checkpoints(tmp_path)
     for path in paths:
@@ -87,7 +94,7 @@ def test_checkpoint_that_runs_code_is_refused_by_every_command(base, tmp_path):
 
 def test_genuine_checkpoint_still_loads(base, tmp_path):
     # The refusal above is not a refusal of everything: a real checkpoint round-trips.
-    from train.checkpoint import load_model
+    from swift_sampler.train.checkpoint import load_model
 
     path = make_checkpoint(base, tmp_path / "ok.pt")
     model, meta = load_model(path)
@@ -155,8 +162,8 @@ def test_sql_cli_refusal_is_a_clean_error(sql_store):
 # -- sampler files and configs are data --------------------------------------------------------
 
 def _uniform_doc() -> dict:
-    from pipeline.sampler import uniform_sampler
-    from pipeline.sampler_file import sampler_to_dict
+    from swift_sampler.pipeline.sampler import uniform_sampler
+    from swift_sampler.pipeline.sampler_file import sampler_to_dict
 
     return sampler_to_dict(uniform_sampler(None), {"store_id": "x"})
 
@@ -169,7 +176,7 @@ def _uniform_doc() -> dict:
     (lambda d: d["parameters"].update(evil=1.0), "unknown"),
 ])
 def test_sampler_file_fields_are_validated_never_evaluated(tmp_path, mutate, field):
-    from pipeline.sampler_file import SamplerFileError, load_sampler
+    from swift_sampler.pipeline.sampler_file import SamplerFileError, load_sampler
 
     marker = tmp_path / "code-ran"
     doc = _uniform_doc()
@@ -183,7 +190,7 @@ def test_sampler_file_fields_are_validated_never_evaluated(tmp_path, mutate, fie
 
 
 def test_sampler_file_with_nan_or_garbage_is_refused(tmp_path):
-    from pipeline.sampler_file import SamplerFileError, load_sampler
+    from swift_sampler.pipeline.sampler_file import SamplerFileError, load_sampler
 
     path = tmp_path / "s.json"
     path.write_text(json.dumps(_uniform_doc()).replace('"v0": 1.0', '"v0": NaN'))

@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pipeline.crops import apply_crop, plain_crop
-from pipeline.decode import decode
-from pipeline.features import NonFiniteScoreError, build_features, read_shard
-from pipeline.scoring import score_batch
-from storage import (
+from swift_sampler.pipeline.crops import apply_crop, plain_crop
+from swift_sampler.pipeline.decode import decode
+from swift_sampler.pipeline.features import NonFiniteScoreError, build_features, read_shard
+from swift_sampler.pipeline.scoring import score_batch
+from swift_sampler.storage import (
     LockedError,
     StoreError,
     StoreLayout,
@@ -27,7 +27,7 @@ from storage import (
     sha256_file,
     write_manifest,
 )
-from storage.schemas import FEATURES, SAMPLES
+from swift_sampler.storage.schemas import FEATURES, SAMPLES
 
 K = 4
 
@@ -182,8 +182,8 @@ def test_two_gloo_ranks_write_the_same_rows_as_one_process(tmp_path):
 
 
 def test_features_view_and_noise_density_figure(store):
-    from storage import query
     from swift_sampler.figures.noise_density import plot_noise_density
+    from swift_sampler.storage import query
 
     with pytest.raises(StoreError, match="build-features"):
         plot_noise_density(store)
@@ -234,8 +234,8 @@ def test_features_of_another_checkpoint_are_refused_unless_overwritten(store):
 
 def test_cli_builds_features_from_a_checkpoint(store, tmp_path, capsys):
     from swift_sampler.cli import main
-    from train.checkpoint import save_checkpoint
-    from train.models import create_model
+    from swift_sampler.train.checkpoint import save_checkpoint
+    from swift_sampler.train.models import create_model
 
     ckpt = tmp_path / "model.pt"
     save_checkpoint(ckpt, create_model("digits-net", 4, in_chans=1, image_size=8))

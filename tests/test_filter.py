@@ -9,7 +9,13 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from pipeline.filter import FilterStats, es_keys, filter_candidates, select, select_torch
+from swift_sampler.pipeline.filter import (
+    FilterStats,
+    es_keys,
+    filter_candidates,
+    select,
+    select_torch,
+)
 
 
 def inclusion_exact(tau, keep):

@@ -13,16 +13,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.features import build_features
-from pipeline.sampler import Sampler
-from pipeline.shards import TarWriter, iter_tar
-from pipeline.tables import load_tables
-from storage import StoreLayout, atomic_writer, read_manifest
-from storage.schemas import GROUND_TRUTH_COLUMNS
-from train.models import create_model
-from train.presets import resolve_config
-from train.sampling import create_sampler_hook
-from train.trainer import fit
+from swift_sampler.pipeline.features import build_features
+from swift_sampler.pipeline.sampler import Sampler
+from swift_sampler.pipeline.shards import TarWriter, iter_tar
+from swift_sampler.pipeline.tables import load_tables
+from swift_sampler.storage import StoreLayout, atomic_writer, read_manifest
+from swift_sampler.storage.schemas import GROUND_TRUTH_COLUMNS
+from swift_sampler.train.models import create_model
+from swift_sampler.train.presets import resolve_config
+from swift_sampler.train.sampling import create_sampler_hook
+from swift_sampler.train.trainer import fit
 
 POINT = np.array([0.3, 0.6, 0.8, 1.0, 0.9, 0.6, 0.2, 0.0, 1.0, 0.3])
 

@@ -10,14 +10,14 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline.crops import Crop, apply_crop
-from pipeline.decode import decode
-from pipeline.shards import write_shards
-from pipeline.sources import encode_png
-from storage import StoreError, StoreLayout, atomic_write_parquet, write_manifest
-from storage.schemas import SAMPLES
-from train.loader import ShardDataset, create_loader, cut_crops, replay_crops
-from train.shardio import read_tar
+from swift_sampler.pipeline.crops import Crop, apply_crop
+from swift_sampler.pipeline.decode import decode
+from swift_sampler.pipeline.shards import write_shards
+from swift_sampler.pipeline.sources import encode_png
+from swift_sampler.storage import StoreError, StoreLayout, atomic_write_parquet, write_manifest
+from swift_sampler.storage.schemas import SAMPLES
+from swift_sampler.train.loader import ShardDataset, create_loader, cut_crops, replay_crops
+from swift_sampler.train.shardio import read_tar
 
 
 def make_store(root, *, splits=None, size=8, channels=3, classes=4, shard_size=16, seed=0,

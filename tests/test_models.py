@@ -7,9 +7,14 @@ import math
 import pytest
 import torch
 
-from train.checkpoint import CheckpointError, load_model, load_weights, save_checkpoint
-from train.models import UnknownModelError, create_model
-from train.schedules import cosine, lr_at, multistep, one_cycle
+from swift_sampler.train.checkpoint import (
+    CheckpointError,
+    load_model,
+    load_weights,
+    save_checkpoint,
+)
+from swift_sampler.train.models import UnknownModelError, create_model
+from swift_sampler.train.schedules import cosine, lr_at, multistep, one_cycle
 
 CASES = [("tiny-cnn", 3, 32), ("digits-net", 1, 8), ("resnet18", 3, 16),
          ("torchvision:resnet18", 1, 32)]

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.noise import (
+from swift_sampler.pipeline.noise import (
     CIFAR10_CLASSES,
     NoiseSpec,
     NoiseSpecError,

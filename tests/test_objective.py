@@ -10,23 +10,23 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.sampler import Sampler, uniform_sampler
-from pipeline.sampler_file import check_provenance, load_sampler
-from pipeline.tables import load_tables
-from search.loop import read_trials, run_search
-from search.objective import FinetuneObjective, FinetuneSettings, check_search_inputs
-from storage import StoreError, StoreLayout, sha256_file
-from train.checkpoint import CheckpointError, save_checkpoint
-from train.models import create_model
+from swift_sampler.pipeline.sampler import Sampler, uniform_sampler
+from swift_sampler.pipeline.sampler_file import check_provenance, load_sampler
+from swift_sampler.pipeline.tables import load_tables
+from swift_sampler.search.loop import read_trials, run_search
+from swift_sampler.search.objective import FinetuneObjective, FinetuneSettings, check_search_inputs
+from swift_sampler.storage import StoreError, StoreLayout, sha256_file
+from swift_sampler.train.checkpoint import CheckpointError, save_checkpoint
+from swift_sampler.train.models import create_model
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """Digits (40% noise) with a short w_share and its features and tables."""
-    from pipeline.features import build_features
-    from pipeline.ingest import ingest
-    from train.presets import resolve_config
-    from train.trainer import fit
+    from swift_sampler.pipeline.features import build_features
+    from swift_sampler.pipeline.ingest import ingest
+    from swift_sampler.train.presets import resolve_config
+    from swift_sampler.train.trainer import fit
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("search-digits") / "store"

@@ -11,16 +11,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.sampler import UNIFORM, Sampler, SamplerError, uniform_sampler
-from pipeline.sampler_file import (
+from swift_sampler.pipeline.sampler import UNIFORM, Sampler, SamplerError, uniform_sampler
+from swift_sampler.pipeline.sampler_file import (
     SamplerFileError,
     check_not_all_zero,
     check_provenance,
     load_sampler,
     save_sampler,
 )
-from pipeline.tables import build_tables
-from storage import StoreError
+from swift_sampler.pipeline.tables import build_tables
+from swift_sampler.storage import StoreError
 
 N = 4000
 RNG = np.random.default_rng(7)

@@ -9,11 +9,11 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.sampler import Sampler, uniform_sampler
-from pipeline.sampler_file import load_sampler
-from pipeline.tables import build_tables
-from search.loop import TrialResult, best_so_far, read_trials, run_search, summarize
-from storage import LockedError, StoreError, StoreLayout, exclusive_lock, query
+from swift_sampler.pipeline.sampler import Sampler, uniform_sampler
+from swift_sampler.pipeline.sampler_file import load_sampler
+from swift_sampler.pipeline.tables import build_tables
+from swift_sampler.search.loop import TrialResult, best_so_far, read_trials, run_search, summarize
+from swift_sampler.storage import LockedError, StoreError, StoreLayout, exclusive_lock, query
 
 TARGET = np.linspace(0.2, 0.8, 10)
 
@@ -190,8 +190,8 @@ def test_trials_view_and_summary(tmp_path, tables):
 def test_damaged_trials_file_is_refused(tmp_path, tables):
     import pyarrow as pa
 
-    from storage import atomic_write_parquet
-    from storage.schemas import TRIALS
+    from swift_sampler.storage import atomic_write_parquet
+    from swift_sampler.storage.schemas import TRIALS
 
     store = make_store(tmp_path / "store")
     search(store, "s", FakeObjective(), tables, steps=3, agent="random")

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from storage import QueryError, query
 from swift_sampler.cli import main
+from swift_sampler.storage import QueryError, query
 
 
 def test_sql_counts_match_manifest(digits_store, capsys):

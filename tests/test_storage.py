@@ -11,8 +11,8 @@ import tarfile
 
 import pytest
 
-from pipeline.shards import tar_header, write_shards
-from storage import (
+from swift_sampler.pipeline.shards import tar_header, write_shards
+from swift_sampler.storage import (
     LockedError,
     StoreError,
     StoreLayout,

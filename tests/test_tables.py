@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.piecewise import Piecewise
-from pipeline.sampler import Sampler
-from pipeline.tables import (
+from swift_sampler.pipeline.piecewise import Piecewise
+from swift_sampler.pipeline.sampler import Sampler
+from swift_sampler.pipeline.tables import (
     FeatureTables,
     TablesError,
     build_store_tables,
@@ -130,20 +130,20 @@ def make_feature_store(root, n=2000, seed=0, store_id="s-1", sha="abc"):
     """A store with a manifest and one features part (what build-features leaves behind)."""
     import pyarrow as pa
 
-    from storage import atomic_write_json, atomic_write_parquet
-    from storage.schemas import FEATURES
+    from swift_sampler.storage import atomic_write_json, atomic_write_parquet
+    from swift_sampler.storage.schemas import FEATURES
 
     loss, er, w = make_features("lognormal", n, seed)
     cols = {name: np.zeros(n, dtype=t.to_pandas_dtype()) for name, t in zip(FEATURES.names, FEATURES.types)}
     cols.update(index=np.arange(n), loss=loss, entropy_r=er, grad_norm=w)
     root.mkdir(parents=True, exist_ok=True)
-    from storage.schemas import SAMPLES
+    from swift_sampler.storage.schemas import SAMPLES
 
     samples = {name: np.zeros(n, dtype=t.to_pandas_dtype()) for name, t in zip(SAMPLES.names, SAMPLES.types)}
     samples.update(split=["train"] * n, index=np.arange(n), key=[f"train-{i:08d}" for i in range(n)],
                    source=[""] * n)
     atomic_write_parquet(root / "samples.parquet", pa.table(samples, schema=SAMPLES))
-    from storage.manifest import FORMAT, VERSION
+    from swift_sampler.storage.manifest import FORMAT, VERSION
 
     atomic_write_json(root / "manifest.json", {"format": FORMAT, "version": VERSION, "store_id": store_id,
                                                "classes": ["a", "b"], "splits": {}, "noise": None, "seed": 0})
@@ -160,7 +160,7 @@ def test_store_tables_round_trip(tmp_path):
     assert meta["rows"] == 2000 and json.loads((store / "tables" / "tables.json").read_text()) == meta
     tab = load_tables(store)
     assert tab == build_tables(loss, er, w, quantiles=128, angles=16)
-    from storage import query
+    from swift_sampler.storage import query
 
     n = query(store, "SELECT count(*) AS n FROM cgf")["n"][0].as_py()
     assert n == 2 * 16 * 129

@@ -10,13 +10,13 @@ import pytest
 import torch
 from test_loader import make_store
 
-from storage import StoreError, StoreLayout
 from swift_sampler.cli import main
-from train.checkpoint import CheckpointError, load_checkpoint, load_model
-from train.evaluate import evaluate, predict
-from train.models import UnknownModelError
-from train.presets import resolve_config
-from train.trainer import TrainingDiverged, fit, train
+from swift_sampler.storage import StoreError, StoreLayout
+from swift_sampler.train.checkpoint import CheckpointError, load_checkpoint, load_model
+from swift_sampler.train.evaluate import evaluate, predict
+from swift_sampler.train.models import UnknownModelError
+from swift_sampler.train.presets import resolve_config
+from swift_sampler.train.trainer import TrainingDiverged, fit, train
 
 
 @pytest.fixture(autouse=True)
@@ -157,8 +157,8 @@ def write_features(store, k=4, seed=0):
     """A feature store by hand (schema FEATURES): K random pad crops per train image."""
     import pyarrow as pa
 
-    from storage import atomic_write_json, atomic_write_parquet
-    from storage.schemas import FEATURES
+    from swift_sampler.storage import atomic_write_json, atomic_write_parquet
+    from swift_sampler.storage.schemas import FEATURES
 
     layout = StoreLayout(store)
     n = pq.read_table(layout.samples, filters=[("split", "=", "train")]).num_rows
@@ -183,11 +183,11 @@ def write_features(store, k=4, seed=0):
 
 
 def test_stored_crops_filter_keeps_only_positive_tau_and_replays_exactly(small):
-    from pipeline.decode import decode
-    from pipeline.sampler import UNIFORM
-    from train.loader import ShardDataset, replay_crops
-    from train.sampling import StoredCrops, tau_filter
-    from train.shardio import read_tar
+    from swift_sampler.pipeline.decode import decode
+    from swift_sampler.pipeline.sampler import UNIFORM
+    from swift_sampler.train.loader import ShardDataset, replay_crops
+    from swift_sampler.train.sampling import StoredCrops, tau_filter
+    from swift_sampler.train.shardio import read_tar
 
     rows = write_features(small)
     stage = StoredCrops(small, UNIFORM)
@@ -215,8 +215,8 @@ def test_stored_crops_filter_keeps_only_positive_tau_and_replays_exactly(small):
 
 
 def test_train_with_sampler_logs_kept_fraction_and_flipped_share(small):
-    from pipeline.sampler import UNIFORM
-    from train.sampling import create_sampler_hook
+    from swift_sampler.pipeline.sampler import UNIFORM
+    from swift_sampler.train.sampling import create_sampler_hook
 
     write_features(small)
     hook = create_sampler_hook(small, UNIFORM, features="store")
@@ -228,8 +228,8 @@ def test_train_with_sampler_logs_kept_fraction_and_flipped_share(small):
 
 
 def test_sampler_needs_a_feature_store(small):
-    from pipeline.sampler import UNIFORM
-    from train.sampling import create_sampler_hook
+    from swift_sampler.pipeline.sampler import UNIFORM
+    from swift_sampler.train.sampling import create_sampler_hook
 
     with pytest.raises(StoreError, match="no feature store"):
         create_sampler_hook(small, UNIFORM, features="store")

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from storage import StoreError, atomic_writer
+from swift_sampler.storage import StoreError, atomic_writer
 
 from .models import Classifier, create_model
 

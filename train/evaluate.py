@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from storage import StoreError, StoreLayout, read_manifest
+from swift_sampler.storage import StoreError, StoreLayout, read_manifest
 
 from .checkpoint import CheckpointError, load_model, unwrap
 from .distributed import pick_device

@@ -56,11 +56,11 @@ import torch.nn.functional as F
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.crop_stream import output_size
-from pipeline.crops import Crop, apply_crop, plain_crop, sample_crop
-from pipeline.decode import CorruptSampleError, decode
-from pipeline.shards import IMAGE_EXTS, shard_infos
-from storage import StoreError, StoreLayout, read_manifest
+from swift_sampler.pipeline.crop_stream import output_size
+from swift_sampler.pipeline.crops import Crop, apply_crop, plain_crop, sample_crop
+from swift_sampler.pipeline.decode import CorruptSampleError, decode
+from swift_sampler.pipeline.shards import IMAGE_EXTS, shard_infos
+from swift_sampler.storage import StoreError, StoreLayout, read_manifest
 
 from .shardio import Shard, WorkerPlan, plan_worker, python_rng, read_shards, seed_ints, take_every
 

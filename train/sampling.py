@@ -25,11 +25,11 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from pipeline.crops import Crop
-from pipeline.filter import select, select_torch
-from pipeline.sampler import Sampler
-from pipeline.scoring import cross_entropy, entropy_r
-from storage import StoreError, StoreLayout
+from swift_sampler.pipeline.crops import Crop
+from swift_sampler.pipeline.filter import select, select_torch
+from swift_sampler.pipeline.sampler import Sampler
+from swift_sampler.pipeline.scoring import cross_entropy, entropy_r
+from swift_sampler.storage import StoreError, StoreLayout
 
 from .trainer import SamplerHook
 

@@ -25,7 +25,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from pipeline.shards import ShardChecksumError, ShardReadError, group_members, read_tar
+from swift_sampler.pipeline.shards import (
+    ShardChecksumError,
+    ShardReadError,
+    group_members,
+    read_tar,
+)
 
 __all__ = ["Shard", "ShardChecksumError", "ShardReadError", "WorkerPlan", "group_members", "plan_worker", "python_rng",
            "read_shards", "read_tar", "seed_ints", "take_every"]

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from storage import (
+from swift_sampler.storage import (
     StoreError,
     StoreLayout,
     atomic_write_json,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.noise import parse_noise
+from swift_sampler.pipeline.noise import parse_noise
 
 # Order of the results table. ``ss-cdf`` and ``ss-random`` are the paper's ablations (Fig. 3).
 METHODS = ("uniform", "clean", "oracle-mask", "small-loss", "cleanlab", "ss", "ss-cdf", "ss-random")

@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from storage import StoreLayout, sha256_file
-from train.checkpoint import load_model
-from train.distributed import pick_device
-from train.evaluate import evaluate
-from train.presets import resolve_config
-from train.trainer import SamplerHook, fit
+from swift_sampler.storage import StoreLayout, sha256_file
+from swift_sampler.train.checkpoint import load_model
+from swift_sampler.train.distributed import pick_device
+from swift_sampler.train.evaluate import evaluate
+from swift_sampler.train.presets import resolve_config
+from swift_sampler.train.trainer import SamplerHook, fit
 
 from .config import BenchConfig
 from .stores import write_json
@@ -92,7 +92,7 @@ class SeedRun:
 
     def ensure_features(self) -> dict[str, Any]:
         """Features and tables of the noisy store, built from ``w_share`` (once)."""
-        from pipeline.features import build_features
+        from swift_sampler.pipeline.features import build_features
 
         layout = StoreLayout(self.noisy)
         ckpt = self.checkpoint("uniform")

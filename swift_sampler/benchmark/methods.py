@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pyarrow.dataset as pads
 
-from storage import StoreLayout
+from swift_sampler.storage import StoreLayout
 
 from .context import SeedRun
 from .stores import ground_truth, known_noise_rate
@@ -102,7 +102,7 @@ def cleanlab(run: SeedRun) -> dict[str, Any]:
     from cleanlab.filter import find_label_issues
     from sklearn.model_selection import StratifiedKFold
 
-    from train.evaluate import predict
+    from swift_sampler.train.evaluate import predict
 
     k = run.config.cleanlab_folds
     labels = ground_truth(run.noisy)["label"]  # the training labels (noisy), as a user has them

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from storage import StoreError, atomic_write_text
+from swift_sampler.storage import StoreError, atomic_write_text
 
 from .config import SEARCH_KEYS, SEARCHES, BenchConfig, planned_work
 from .context import SeedRun
@@ -114,7 +114,7 @@ def draw_figures(run: SeedRun, folder: Path, methods: tuple[str, ...]) -> dict[s
     A figure whose inputs are missing (no features, no search) is listed in
     ``figures_missing`` with the reason, as is one whose plotting module is not installed.
     """
-    from storage import StoreLayout
+    from swift_sampler.storage import StoreLayout
 
     layout = StoreLayout(run.noisy)
     drawn: list[Path] = []

@@ -22,25 +22,25 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.sampler import Sampler
-from pipeline.sampler_file import load_sampler
-from pipeline.tables import load_tables
+from swift_sampler.pipeline.sampler import Sampler
+from swift_sampler.pipeline.sampler_file import load_sampler
+from swift_sampler.pipeline.tables import load_tables
 
 from .config import SEARCHES
 from .context import SeedRun
 
 
 def _sampler_hook(run: SeedRun, sampler: Sampler):
-    from train.sampling import create_sampler_hook
+    from swift_sampler.train.sampling import create_sampler_hook
 
     return create_sampler_hook(run.noisy, sampler, features="store", seed=run.seed)
 
 
 def run_search(run: SeedRun, name: str, agent: str, transform: str) -> dict[str, Any]:
     """Run (or resume, or extend) search ``name``; return ``search.run.search``'s summary."""
-    from search.loop import read_trials
-    from search.objective import FinetuneSettings
-    from search.run import search
+    from swift_sampler.search.loop import read_trials
+    from swift_sampler.search.objective import FinetuneSettings
+    from swift_sampler.search.run import search
 
     c = run.config
     held = read_trials(_search_folder(run, name) / "trials.parquet")
@@ -84,8 +84,8 @@ def swift_sampler(run: SeedRun, method: str) -> dict[str, Any]:
 
 def verify_ranks(run: SeedRun, m: int) -> dict[str, Any]:
     """Train the last ``m`` finished samplers of the ``ss`` search from scratch; SR and TR."""
-    from search.loop import read_trials
-    from train.evaluate import evaluate
+    from swift_sampler.search.loop import read_trials
+    from swift_sampler.train.evaluate import evaluate
 
     transform = SEARCHES["ss"][2]
     name = run.config.search_name("ss")
@@ -125,6 +125,6 @@ def rank_agreement(approx: np.ndarray, truth: np.ndarray) -> dict[str, float | N
 
 
 def _search_folder(run: SeedRun, name: str) -> Path:
-    from storage import StoreLayout
+    from swift_sampler.storage import StoreLayout
 
     return StoreLayout(run.noisy).search(name)

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.ingest import ingest
-from storage import StoreError, StoreLayout, read_manifest
+from swift_sampler.pipeline.ingest import ingest
+from swift_sampler.storage import StoreError, StoreLayout, read_manifest
 
 from .config import BenchConfig
 
@@ -64,7 +64,7 @@ def prepare_stores(config: BenchConfig, folder: Path, seed: int) -> dict[str, An
 
 
 def _spec(noise: str):
-    from pipeline.noise import parse_noise
+    from swift_sampler.pipeline.noise import parse_noise
 
     return parse_noise(noise)
 
@@ -102,7 +102,7 @@ def known_noise_rate(store: Path) -> float:
 
 
 def write_json(path: Path, doc: dict[str, Any]) -> None:
-    from storage import atomic_write_json
+    from swift_sampler.storage import atomic_write_json
 
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, _finite(json.loads(json.dumps(doc, default=_plain))))

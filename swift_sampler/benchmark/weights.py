@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from train.loader import random_crops
-from train.sampling import tau_filter
-from train.trainer import SamplerHook
+from swift_sampler.train.loader import random_crops
+from swift_sampler.train.sampling import tau_filter
+from swift_sampler.train.trainer import SamplerHook
 
 
 def _check_weights(weights: np.ndarray, what: str) -> np.ndarray:

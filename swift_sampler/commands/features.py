@@ -37,13 +37,13 @@ def register(sub, groups) -> None:
 def run(args) -> int:
     import torch
 
-    from pipeline.features import build_features
-    from storage import sha256_file
+    from swift_sampler.pipeline.features import build_features
+    from swift_sampler.storage import sha256_file
 
     if not os.path.isfile(args.checkpoint):
         raise UserError(f"checkpoint {args.checkpoint} not found")
     try:
-        from train.checkpoint import load_model
+        from swift_sampler.train.checkpoint import load_model
     except ImportError as e:
         raise UserError(f"cannot load checkpoints: {e}") from None
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

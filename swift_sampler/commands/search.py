@@ -57,11 +57,11 @@ def register(sub, groups) -> None:
 def run_search_command(args) -> int:
     import dataclasses
 
-    from search.agents import AGENTS
-    from search.objective import FinetuneSettings
-    from search.run import search
-    from storage import StoreLayout, check_name
-    from train.distributed import broadcast_object, init_distributed, shutdown
+    from swift_sampler.search.agents import AGENTS
+    from swift_sampler.search.objective import FinetuneSettings
+    from swift_sampler.search.run import search
+    from swift_sampler.storage import StoreLayout, check_name
+    from swift_sampler.train.distributed import broadcast_object, init_distributed, shutdown
 
     if args.agent not in AGENTS:
         raise UserError(f"unknown agent {args.agent!r}; choose one of: {', '.join(sorted(AGENTS))}")
@@ -115,8 +115,8 @@ class _LiveTable:
 
 
 def show_search_command(args) -> int:
-    from search.loop import best_so_far, read_settings, summarize
-    from storage import StoreError, StoreLayout, check_name, query
+    from swift_sampler.search.loop import best_so_far, read_settings, summarize
+    from swift_sampler.storage import StoreError, StoreLayout, check_name, query
 
     check_name(args.name, "search name")
     layout = StoreLayout(args.store).require()

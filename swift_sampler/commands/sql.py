@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from storage import available_views, query
+from swift_sampler.storage import available_views, query
 
 from ..cli import emit
 

@@ -70,11 +70,11 @@ def register(sub, groups) -> None:
 def run_train(args) -> int:
     import torch
 
-    from storage import StoreLayout, read_manifest
-    from train.checkpoint import load_checkpoint
-    from train.distributed import init_distributed, shutdown
-    from train.presets import default_preset, resolve_config
-    from train.trainer import train
+    from swift_sampler.storage import StoreLayout, read_manifest
+    from swift_sampler.train.checkpoint import load_checkpoint
+    from swift_sampler.train.distributed import init_distributed, shutdown
+    from swift_sampler.train.presets import default_preset, resolve_config
+    from swift_sampler.train.trainer import train
 
     manifest = read_manifest(StoreLayout(args.store))
     model = args.model
@@ -110,9 +110,13 @@ def run_train(args) -> int:
 
 
 def _sampler_hook(args, config, device):
-    from pipeline.sampler_file import check_not_all_zero, check_provenance, load_sampler
-    from train.checkpoint import load_model
-    from train.sampling import create_sampler_hook
+    from swift_sampler.pipeline.sampler_file import (
+        check_not_all_zero,
+        check_provenance,
+        load_sampler,
+    )
+    from swift_sampler.train.checkpoint import load_model
+    from swift_sampler.train.sampling import create_sampler_hook
 
     sampler, provenance = load_sampler(args.sampler)
     check_provenance(provenance, args.store, allow_foreign=args.allow_foreign_tables)
@@ -150,7 +154,7 @@ def _format_train(s: dict) -> str:
 
 
 def run_evaluate(args) -> int:
-    from train.evaluate import evaluate
+    from swift_sampler.train.evaluate import evaluate
 
     if not os.path.isfile(args.checkpoint):
         raise UserError(f"checkpoint {args.checkpoint} not found")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from storage import StoreError, StoreLayout, atomic_write_bytes, query
+from swift_sampler.storage import StoreError, StoreLayout, atomic_write_bytes, query
 
 _SQL = "SELECT cdf_loss, cdf_entropy_r, coalesce(noisy, false) AS noisy FROM features"
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.sampler_file import load_sampler
-from pipeline.tables import read_feature_columns
-from storage import StoreError, StoreLayout, atomic_writer
+from swift_sampler.pipeline.sampler_file import load_sampler
+from swift_sampler.pipeline.tables import read_feature_columns
+from swift_sampler.storage import StoreError, StoreLayout, atomic_writer
 
 GRID = 256
 PERCENTILE_BINS = 100

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from search.loop import best_so_far, read_settings, read_trials
-from storage import StoreError, StoreLayout, atomic_write_bytes
+from swift_sampler.search.loop import best_so_far, read_settings, read_trials
+from swift_sampler.storage import StoreError, StoreLayout, atomic_write_bytes
 
 
 def plot_search(store, names, out=None) -> Path:

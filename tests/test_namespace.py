@@ -1,0 +1,61 @@
+"""One namespace: everything imports as ``swift_sampler.*``, nothing bare top-level.
+
+A user's working directory often holds a ``train.py`` or ``search.py``; from such a folder the
+package and its CLI must still work, and the wheel must hold ``swift_sampler`` alone.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BARE = ("pipeline", "search", "train", "storage")
+
+
+def _run(code_or_args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *code_or_args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_works_from_a_folder_with_shadowing_scripts(tmp_path):
+    for name in ("train", "search", "pipeline", "storage"):
+        (tmp_path / f"{name}.py").write_text("raise SystemExit('the user script was imported')\n")
+    out = _run(["-m", "swift_sampler", "--help"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "swift-sampler" in out.stdout
+    out = _run(["-c", "import swift_sampler, swift_sampler.train.trainer, swift_sampler.search.run; "
+                "print(swift_sampler.__name__)"], tmp_path)
+    assert out.returncode == 0, out.stderr
+
+
+def test_no_bare_stage_package_is_importable(tmp_path):
+    for name in BARE:
+        out = _run(["-c", f"import {name}"], tmp_path)
+        assert out.returncode != 0 and "No module named" in out.stderr, (name, out.stdout, out.stderr)
+
+
+def test_no_module_imports_a_bare_stage_package():
+    pattern = re.compile(rf"^\s*(from|import)\s+({'|'.join(BARE)})(\.|\s|$)", re.M)
+    offenders = []
+    for folder in (*BARE, "swift_sampler", "bench", "tests"):
+        for path in (ROOT / folder).rglob("*.py"):
+            if pattern.search(path.read_text()):
+                offenders.append(str(path.relative_to(ROOT)))
+    assert offenders == []
+
+
+def test_wheel_holds_swift_sampler_alone(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                          "-q", "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr
+    (wheel,) = tmp_path.glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
+    assert top == {"swift_sampler"}
+    for stage in BARE:
+        assert f"swift_sampler/{stage}/__init__.py" in names
