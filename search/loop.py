@@ -14,6 +14,18 @@ Invariants of ``searches/NAME/`` (one writer at a time, held by ``searches/NAME/
   search would have asked next; trial ``n`` is evaluated with seed ``seed + n`` (``trial_seeds=
   "distinct"``) or ``seed`` (``"common"``), so a re-run trial repeats exactly.
 
+Phases (the ``phase`` column): trial 0 is the first initial point (the uniform sampler);
+with ``guard.repeats = r >= 1`` it is evaluated again on the fresh seeds ``seed + 1 ..
+seed + r`` ("noise" trials), which measures the inner loop's seed noise on this store; that noise bounds
+the GP's noise level below. Then "search" trials until ``steps`` of them are recorded. Then,
+with the guard on, the top ``guard.candidates`` points by GP posterior mean are evaluated on the
+same ``r`` seeds as the uniform sampler ("guard" trials, reusing any evaluation already made on
+such a seed), and ``best_sampler.json`` is the candidate that beats uniform by more than the
+measured noise, or the uniform sampler (``choice.guard_decision``). Before the guard has run it
+is the point of highest posterior mean. Only "search" trials are told to the agent. Every step
+is a function of the recorded trials, so a resumed search asks exactly what an uninterrupted
+one would.
+
 A failed trial (non-finite score, e.g. a diverged fine-tune) is recorded with ``status =
 "failed"`` and the worst score among the finished trials before it (0.0 when there is none),
 which is also what the agent is told, so it learns to avoid that region; the search goes on.
@@ -50,10 +62,41 @@ from swift_sampler.storage import (
 from swift_sampler.storage.schemas import TRIALS
 
 from .agents import create_agent
+from .choice import guard_decision, measured_noise, rank_candidates
 
 log = logging.getLogger(__name__)
 TRIAL_SEEDS = ("common", "distinct")
 TRIALS_FILE, SETTINGS_FILE, BEST_FILE = "trials.parquet", "search.json", "best_sampler.json"
+PHASES = ("search", "noise", "guard")
+
+
+@dataclass(frozen=True)
+class GuardSettings:
+    """The noise measurement and the no-harm guard (see the module docstring).
+
+    Attributes:
+        enabled: re-evaluate the top candidates against uniform before recommending one.
+        candidates: how many (by posterior mean) the guard re-evaluates.
+        repeats: fresh seeds per compared sampler; the uniform sampler is evaluated on them
+            even without the guard, to measure the noise (0: no noise trials, no guard).
+    """
+
+    enabled: bool = True
+    candidates: int = 2
+    repeats: int = 3
+
+    def check(self) -> GuardSettings:
+        if int(self.repeats) < 0 or int(self.candidates) < 1:
+            raise ValueError(f"guard repeats must be >= 0 and candidates >= 1, got "
+                             f"{self.repeats}, {self.candidates}")
+        if self.enabled and int(self.repeats) < 2:
+            raise ValueError("the guard compares samplers on >= 2 seeds; pass --guard-repeats 2 "
+                             "or more, or --no-guard")
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        return {"enabled": bool(self.enabled), "candidates": int(self.candidates),
+                "repeats": int(self.repeats)}
 
 
 @dataclass(frozen=True)
@@ -82,7 +125,10 @@ Objective = Callable[[Sampler, int], TrialResult]
 
 
 def read_trials(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a ``trials.parquet`` (empty when it does not exist), in trial order."""
+    """Rows of a ``trials.parquet`` (empty when it does not exist), in trial order.
+
+    Files written before the ``phase`` column existed read as all "search" trials.
+    """
     path = Path(path)
     if not path.is_file():
         return []
@@ -90,6 +136,8 @@ def read_trials(path: str | Path) -> list[dict[str, Any]]:
     if [r["trial"] for r in rows] != list(range(len(rows))):
         raise StoreError(f"{path} does not hold trials 0..{len(rows) - 1} in order; it was edited "
                          "by hand? Move it away and start a new search")
+    for r in rows:
+        r["phase"] = r.get("phase") or "search"
     return rows
 
 
@@ -105,12 +153,13 @@ def run_search(
     seed: int = 0,
     initial_points: tuple[np.ndarray, ...] = (),
     trial_seeds: str = "distinct",
+    guard: GuardSettings | None = None,
     provenance: dict[str, Any] | None = None,
     on_trial: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
     is_main: bool = True,
     broadcast: Callable[[Any], Any] = lambda x: x,
 ) -> dict[str, Any]:
-    """Run (or resume) the search ``name`` until ``steps`` trials are recorded.
+    """Run (or resume) the search ``name`` until ``steps`` search trials (and the guard) are recorded.
 
     Args:
         store: store directory (ingested).
@@ -119,13 +168,14 @@ def run_search(
             It must write nothing that a re-run of the same trial would not overwrite.
         make_sampler: maps a point of [0,1]^10 to a ``Sampler`` (tables and transform bound).
         settings: everything else that defines the search (JSON-able); stored in ``search.json``
-            with ``agent`` and ``seed`` and compared on resume.
-        steps: E_o, the number of trials to reach; may grow on resume.
-        agent, seed, initial_points: passed to ``create_agent``.
+            with ``agent``, ``seed``, ``trial_seeds`` and ``guard`` and compared on resume.
+        steps: E_o, the number of search trials to reach; may grow on resume.
+        agent, seed, initial_points: passed to ``create_agent``. ``initial_points[0]`` is the
+            baseline (the uniform sampler) that the noise trials and the guard evaluate.
         trial_seeds: "distinct": trial ``n``'s objective gets ``seed + n`` (independent noise,
-            which the GP's noise term models); "common": every trial gets ``seed`` (common
-            random numbers; on digits it did not cut the noise of score differences at the
-            default fine-tune lr, see ``bench/bench_trial.py``).
+            which the GP's noise term models); "common": every search trial gets ``seed``
+            (common random numbers: same data order, augmentation and filter keys).
+        guard: ``GuardSettings`` (default: on, 2 candidates, 3 seeds); needs initial points.
         provenance: merged into ``best_sampler.json``'s provenance (store_id, checkpoint sha).
         on_trial: called on rank 0 after each finished trial as ``on_trial(row, progress)``;
             ``progress`` has ``best`` (row), ``remaining`` and ``eta_s``.
@@ -144,9 +194,15 @@ def run_search(
         raise ValueError(f"steps must be >= 1, got {steps}")
     if trial_seeds not in TRIAL_SEEDS:
         raise ValueError(f"trial_seeds must be one of {', '.join(TRIAL_SEEDS)}, got {trial_seeds!r}")
+    guard = (guard or GuardSettings()).check()
+    baseline = np.asarray(initial_points[0], dtype=np.float64) if initial_points else None
+    if baseline is None:  # nothing to measure the noise on or to compare with
+        guard = GuardSettings(enabled=False, repeats=0)
     layout = StoreLayout(store).require()
     folder = layout.search(name)
-    settings = _jsonable({**settings, "agent": agent, "seed": int(seed), "trial_seeds": trial_seeds})
+    settings = _jsonable({**settings, "agent": agent, "seed": int(seed), "trial_seeds": trial_seeds,
+                          "guard": guard.to_json(),
+                          "baseline": None if baseline is None else baseline.tolist()})
     with exclusive_lock(folder / ".lock", f"search {name!r}") if is_main else _Null():
         trials: list[dict[str, Any]] = []
         bot = None
@@ -159,9 +215,10 @@ def run_search(
                 trials = read_trials(folder / TRIALS_FILE)
                 bot = create_agent(agent, dim=len(PARAMETERS), seed=seed, initial_points=initial_points)
                 for t in trials:
-                    bot.tell(np.asarray(t["point"], dtype=float), t["score"])
+                    if t["phase"] == "search":
+                        bot.tell(np.asarray(t["point"], dtype=float), t["score"])
                 if trials:
-                    _write_best(folder, trials, make_sampler, name, provenance)
+                    _write_best(folder, trials, make_sampler, name, provenance, settings, steps)
             except Exception as e:  # every rank must learn of it, or the others would hang
                 error = e
         start = broadcast(("error", str(error)) if error else ("start", len(trials)))
@@ -169,27 +226,32 @@ def run_search(
             raise error
         if start[0] == "error":
             raise StoreError(f"rank 0 failed: {start[1]}")
+        number = start[1]
         durations: list[float] = []
-        for number in range(start[1], steps):
-            point = np.asarray(broadcast(bot.ask() if is_main else None), dtype=np.float64)
+        while True:
+            task = broadcast(_next_task(trials, bot, settings, steps) if is_main else None)
+            if task is None:
+                break
+            phase, point, trial_seed = task[0], np.asarray(task[1], dtype=np.float64), int(task[2])
             sampler = make_sampler(point)
-            trial_seed = int(seed) + (number if trial_seeds == "distinct" else 0)
             t0 = time.perf_counter()
             result = objective(sampler, trial_seed)
             seconds = time.perf_counter() - t0
+            number += 1
             if not is_main:
                 continue
-            row = _record(number, point, sampler, result, seconds, trial_seed, trials)
+            row = _record(len(trials), point, sampler, result, seconds, trial_seed, trials, phase)
             if row["status"] == "failed":
                 log.warning("trial %d failed (%s); recorded with the worst score %.4f",
-                            number, result.error or "non-finite score", row["score"])
-            bot.tell(point, row["score"])
+                            row["trial"], result.error or "non-finite score", row["score"])
+            if phase == "search":
+                bot.tell(point, row["score"])
             trials.append(row)
             atomic_write_parquet(folder / TRIALS_FILE, pa.Table.from_pylist(trials, schema=TRIALS))
-            best = _write_best(folder, trials, make_sampler, name, provenance)
+            best = _write_best(folder, trials, make_sampler, name, provenance, settings, steps)
             durations.append(seconds)
             if on_trial:
-                remaining = steps - number - 1
+                remaining = _remaining(trials, settings, steps)
                 on_trial(row, {"best": best, "remaining": remaining,
                                "eta_s": float(np.median(durations)) * remaining,
                                "extra": result.extra})
@@ -197,36 +259,173 @@ def run_search(
     return summarize(store, name) if is_main else {"search": name}
 
 
+# -- the schedule: every step a function of the recorded trials ------------------------------
+def _seed_of(settings: dict[str, Any], number: int) -> int:
+    return int(settings["seed"]) + (number if settings["trial_seeds"] == "distinct" else 0)
+
+
+def guard_seeds(settings: dict[str, Any]) -> list[int]:
+    """Fresh seeds on which the baseline and the guard's candidates are compared.
+
+    ``seed + 1 .. seed + repeats``: never trial 0's seed, and under common trial seeds never
+    the seed on which a candidate was found (its luck there would carry into the test).
+    """
+    return [int(settings["seed"]) + 1 + j for j in range(int(settings["guard"]["repeats"]))]
+
+
+def _same(a, b) -> bool:
+    return b is not None and np.allclose(np.asarray(a, float), np.asarray(b, float), atol=1e-12)
+
+
+def _evaluation(trials, point, seed: int) -> dict[str, Any] | None:
+    """The recorded trial of ``point`` on ``seed`` (any phase), if any."""
+    return next((t for t in trials if t["seed"] == seed and _same(t["point"], point)), None)
+
+
+def search_noise(trials, settings: dict[str, Any]) -> float | None:
+    """Measured seed noise of the inner loop: sd of the baseline's scores (trial 0 and the
+    noise trials)."""
+    base = settings.get("baseline")
+    if base is None:
+        return None
+    seeds = [_seed_of(settings, 0), *guard_seeds(settings)]
+    rows = [_evaluation(trials, base, g) for g in seeds]
+    return measured_noise([r["score"] for r in rows if r is not None and r["status"] == "ok"])
+
+
+def _guard_candidates(trials, settings: dict[str, Any]) -> list[dict[str, Any]]:
+    ranked = rank_candidates(trials, exclude=np.asarray(settings["baseline"]),
+                             noise_sd=search_noise(trials, settings), seed=int(settings["seed"]))
+    return ranked[: int(settings["guard"]["candidates"])]
+
+
+def _next_task(trials, bot, settings: dict[str, Any], steps: int):
+    """``(phase, point, seed)`` of the next trial, or None when the search is complete."""
+    n_search = sum(t["phase"] == "search" for t in trials)
+    base = settings.get("baseline")
+    if n_search == 0:
+        return ("search", bot.ask().tolist(), _seed_of(settings, len(trials)))
+    if base is not None:
+        for g in guard_seeds(settings):
+            if _evaluation(trials, base, g) is None:
+                return ("noise", list(base), g)
+    if n_search < steps:
+        if hasattr(bot, "set_noise"):
+            bot.set_noise(search_noise(trials, settings))
+        return ("search", bot.ask().tolist(), _seed_of(settings, len(trials)))
+    if settings["guard"]["enabled"]:
+        for c in _guard_candidates(trials, settings):
+            for g in guard_seeds(settings):
+                if _evaluation(trials, c["point"], g) is None:
+                    return ("guard", c["point"], g)
+    return None
+
+
+def _remaining(trials, settings: dict[str, Any], steps: int) -> int:
+    n_search = sum(t["phase"] == "search" for t in trials)
+    r = int(settings["guard"]["repeats"]) if settings.get("baseline") is not None else 0
+    noise_left = sum(_evaluation(trials, settings["baseline"], g) is None
+                     for g in guard_seeds(settings)) if r else 0
+    guard_left = int(settings["guard"]["candidates"]) * r if settings["guard"]["enabled"] else 0
+    if n_search >= steps and settings["guard"]["enabled"]:
+        guard_left = sum(_evaluation(trials, c["point"], g) is None
+                         for c in _guard_candidates(trials, settings) for g in guard_seeds(settings))
+    return max(steps - n_search, 0) + noise_left + guard_left
+
+
+# -- the recommendation --------------------------------------------------------------------
+def recommend(trials: list[dict[str, Any]], settings: dict[str, Any], steps: int) -> dict[str, Any] | None:
+    """What ``best_sampler.json`` holds: ``{"trial", "point", "score", "choice", ...}``.
+
+    ``choice``: "guard" (a candidate that beat uniform on common seeds), "uniform" (the guard
+    found none), "posterior-mean" (the guard is off or has not run yet) or "raw" (fewer than
+    three finished trials: no GP yet).
+    """
+    raw = best_trial(trials)
+    if raw is None:
+        return None
+    noise = search_noise(trials, settings)
+    guard = settings.get("guard") or {"enabled": False}
+    base = settings.get("baseline")
+    out = {"raw_best_trial": int(raw["trial"]), "raw_best_score": float(raw["score"]),
+           "noise_sd": noise}
+    ranked = rank_candidates(trials, noise_sd=noise, seed=int(settings.get("seed", 0)))
+    top = ranked[0] if ranked else None
+    if top is not None:
+        out.update(posterior_best_trial=top["trial"], posterior_mean=top["posterior_mean"])
+    n_search = sum(t["phase"] == "search" and t["status"] == "ok" for t in trials)
+    done = sum(t["phase"] == "search" for t in trials) >= steps
+    if guard.get("enabled") and base is not None and done:
+        seeds = guard_seeds(settings)
+        cands = _guard_candidates(trials, settings)
+        evals = {c["trial"]: [_evaluation(trials, c["point"], g) for g in seeds] for c in cands}
+        uni = [_evaluation(trials, base, g) for g in seeds]
+        if all(e is not None for e in uni) and all(e is not None for es in evals.values() for e in es):
+            def score(e):
+                return e["score"] if e["status"] == "ok" else None
+
+            first = _evaluation(trials, base, _seed_of(settings, 0))
+            decision = guard_decision(
+                [{"trial": t, "scores": [score(e) for e in es]} for t, es in evals.items()],
+                [score(e) for e in uni], uniform_extra=[score(first)] if first else [])
+            out["guard"] = {**decision, "seeds": seeds,
+                            "uniform_scores": [score(e) for e in uni],
+                            "candidates": [{"trial": t, "scores": [score(e) for e in es]}
+                                           for t, es in evals.items()]}
+            winner = decision["winner"]
+            if winner is None:
+                return {**out, "trial": int(first["trial"]), "point": list(base),
+                        "score": float(first["score"]), "choice": "uniform"}
+            row = trials[winner]
+            return {**out, "trial": winner, "point": row["point"], "score": float(row["score"]),
+                    "choice": "guard"}
+    if top is None or n_search < 3:
+        return {**out, "trial": int(raw["trial"]), "point": raw["point"], "score": float(raw["score"]),
+                "choice": "raw"}
+    return {**out, "trial": top["trial"], "point": top["point"], "score": top["score"],
+            "choice": "posterior-mean"}
+
+
 def summarize(store: str | Path, name: str) -> dict[str, Any]:
-    """Counts, the best finished trial and the paths of the search ``name``."""
+    """Counts, the recommended trial, the raw best, the guard and the paths of search ``name``."""
     folder = StoreLayout(store).search(name)
     trials = read_trials(folder / TRIALS_FILE)
     if not trials:
         raise StoreError(f"search {name!r} has no finished trials in {folder}; run "
                          "`swift-sampler search run` first")
-    best = best_trial(trials)
+    settings = _settings_with_defaults(read_settings(store, name) or {})
+    steps = int(settings.get("steps") or sum(t["phase"] == "search" for t in trials))
+    rec = recommend(trials, settings, steps)
     return {
         "search": name,
         "trials": len(trials),
+        "search_trials": sum(t["phase"] == "search" for t in trials),
         "failed": sum(t["status"] != "ok" for t in trials),
-        "best_trial": best["trial"] if best else None,
-        "best_score": best["score"] if best else None,
-        "best_sampler": str(folder / BEST_FILE) if best else None,
+        "best_trial": rec["trial"] if rec else None,
+        "best_score": rec["score"] if rec else None,
+        "choice": rec["choice"] if rec else None,
+        "raw_best_trial": rec["raw_best_trial"] if rec else None,
+        "raw_best_score": rec["raw_best_score"] if rec else None,
+        "posterior_best_trial": rec.get("posterior_best_trial") if rec else None,
+        "noise_sd": rec["noise_sd"] if rec else None,
+        "guard": rec.get("guard") if rec else None,
+        "best_sampler": str(folder / BEST_FILE) if rec else None,
         "trials_path": str(folder / TRIALS_FILE),
     }
 
 
 def best_trial(trials: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The finished ("ok") trial with the highest score; the earliest among equals."""
-    ok = [t for t in trials if t["status"] == "ok"]
+    """The finished ("ok") search trial with the highest raw score; the earliest among equals."""
+    ok = [t for t in trials if t["status"] == "ok" and t.get("phase", "search") == "search"]
     return max(ok, key=lambda r: (r["score"], -r["trial"])) if ok else None
 
 
 def best_so_far(trials: list[dict[str, Any]]) -> np.ndarray:
-    """Best score of the "ok" trials up to each trial, float64 ``(n,)`` (NaN before the first)."""
+    """Best raw score of the "ok" search trials up to each trial, float64 ``(n,)`` (NaN before
+    the first)."""
     out, best = [], -math.inf
     for t in trials:
-        if t["status"] == "ok":
+        if t["status"] == "ok" and t.get("phase", "search") == "search":
             best = max(best, t["score"])
         out.append(best if best > -math.inf else math.nan)
     return np.asarray(out, dtype=np.float64)
@@ -237,18 +436,24 @@ def read_settings(store: str | Path, name: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _write_best(folder: Path, trials, make_sampler, name: str, provenance) -> dict[str, Any] | None:
-    best = best_trial(trials)
-    if best is not None:
-        sampler = make_sampler(np.asarray(best["point"], dtype=np.float64))
+def _settings_with_defaults(settings: dict[str, Any]) -> dict[str, Any]:
+    # search.json of a search made before the guard existed: no guard, no baseline.
+    return {"seed": 0, "trial_seeds": "distinct", "guard": {"enabled": False, "candidates": 1, "repeats": 0},
+            "baseline": None, **settings}
+
+
+def _write_best(folder: Path, trials, make_sampler, name: str, provenance, settings, steps) -> dict[str, Any] | None:
+    rec = recommend(trials, settings, steps)
+    if rec is not None:
+        sampler = make_sampler(np.asarray(rec["point"], dtype=np.float64))
         save_sampler(folder / BEST_FILE, sampler,
-                     {**(provenance or {}), "search": name, "trial": int(best["trial"]),
-                      "score": float(best["score"])})
-    return best
+                     {**(provenance or {}), "search": name, "trial": int(rec["trial"]),
+                      "score": float(rec["score"])})
+    return trials[rec["trial"]] if rec else None
 
 
 def _record(number: int, point: np.ndarray, sampler: Sampler, result: TrialResult, seconds: float,
-            trial_seed: int, trials: list[dict[str, Any]]) -> dict[str, Any]:
+            trial_seed: int, trials: list[dict[str, Any]], phase: str = "search") -> dict[str, Any]:
     ok = math.isfinite(result.score)
     finished = [t["score"] for t in trials if t["status"] == "ok"]
     score = float(result.score) if ok else (min(finished) if finished else 0.0)
@@ -263,6 +468,7 @@ def _record(number: int, point: np.ndarray, sampler: Sampler, result: TrialResul
         "seed": int(trial_seed),
         "kept_fraction": float(result.kept_fraction),
         "flipped_kept_share": float(result.flipped_kept_share),
+        "phase": phase,
     }
 
 
@@ -293,5 +499,6 @@ class _Null:
         return False
 
 
-__all__ = ["Objective", "TrialResult", "best_so_far", "best_trial", "read_settings", "read_trials",
-           "run_search", "summarize"]
+__all__ = ["PHASES", "GuardSettings", "Objective", "TrialResult", "best_so_far", "best_trial",
+           "guard_seeds", "read_settings", "read_trials", "recommend", "run_search", "search_noise",
+           "summarize"]

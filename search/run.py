@@ -12,11 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from swift_sampler.pipeline.sampler import Sampler, uniform_sampler
+from swift_sampler.pipeline.sampler import Sampler
 from swift_sampler.pipeline.tables import load_tables
 
 from .agents import create_agent
-from .loop import read_trials, run_search
+from .design import DESIGN_VERSION, initial_design
+from .loop import GuardSettings, read_trials, run_search
 from .objective import FinetuneObjective, FinetuneSettings
 
 
@@ -31,6 +32,7 @@ def search(
     seed: int = 0,
     finetune: FinetuneSettings | None = None,
     trial_seeds: str = "distinct",
+    guard: GuardSettings | None = None,
     workers: int = 2,
     device: str | None = None,
     on_trial: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
@@ -39,20 +41,24 @@ def search(
 ) -> dict[str, Any]:
     """Run (or resume) search ``name`` on ``store`` from ``checkpoint`` (w_share).
 
-    The first proposal is the uniform sampler; each trial fine-tunes w_share with the proposed
-    sampler (``finetune``) and scores top-1 on val. Returns ``loop.summarize``'s dict plus
-    ``epochs``, the fine-tune epochs spent (the search's cost), and ``trial_seconds``, the wall
-    time of those trials (every session of the search together).
+    The first proposals are the initial design (``design.initial_design``: the uniform
+    sampler, steps in ``t``, a soft ramp), then Sobol' points, then the agent's; each trial runs
+    the inner loop (``finetune``) with the proposed sampler and scores it on val. The uniform
+    sampler is re-evaluated on ``guard.repeats`` seeds to measure the noise, and the guard
+    compares the best candidates with it (``loop.GuardSettings``). Returns ``loop.summarize``'s
+    dict plus ``epochs``, the inner-loop epochs spent by every trial (the search's cost), and
+    ``trial_seconds``, the wall time of those trials (every session of the search together);
+    ``{"search": name}`` on ranks other than 0.
     """
     objective = FinetuneObjective(store, checkpoint, finetune or FinetuneSettings(),
                                   workers=workers, device=device)
     tables = load_tables(store)
-    start = uniform_sampler(tables, transform).to_point()
-    params = create_agent(agent, seed=seed, initial_points=[start]).get_params()
+    design = tuple(initial_design(tables, transform))
+    params = create_agent(agent, seed=seed, initial_points=design).get_params()
     info = objective.info
     settings = {
         "store_id": info["store_id"], "checkpoint_sha256": info["features_checkpoint_sha256"],
-        "transform": transform, "finetune": objective.describe(),
+        "transform": transform, "finetune": objective.describe(), "initial_design": DESIGN_VERSION,
         "agent_params": {k: v for k, v in params.items() if k not in ("seed", "initial_points")},
     }
 
@@ -61,10 +67,12 @@ def search(
 
     summary = run_search(
         store, name, objective, make_sampler, settings=settings, steps=steps, agent=agent,
-        seed=seed, initial_points=(start,), trial_seeds=trial_seeds,
+        seed=seed, initial_points=design, trial_seeds=trial_seeds, guard=guard,
         provenance={"store_id": info["store_id"],
                     "features_checkpoint_sha256": info["features_checkpoint_sha256"]},
         on_trial=on_trial, is_main=is_main, broadcast=broadcast)
-    trials = read_trials(Path(summary["trials_path"]))[:steps]
+    if not is_main:  # the files are rank 0's
+        return summary
+    trials = read_trials(Path(summary["trials_path"]))
     return {**summary, "epochs": int(sum(t["epochs"] for t in trials)),
             "trial_seconds": round(sum(float(t["seconds"] or 0.0) for t in trials), 2)}

@@ -53,7 +53,7 @@ def _view_sql(layout: StoreLayout) -> dict[str, str]:
         glob = _lit(layout.searches_dir / "*" / "trials.parquet")
         views["trials"] = (
             "SELECT regexp_extract(filename, '([^/]+)/trials\\.parquet$', 1) AS search, "
-            f"* EXCLUDE (filename) FROM read_parquet({glob}, filename = true)"
+            f"* EXCLUDE (filename) FROM read_parquet({glob}, filename = true, union_by_name = true)"
         )
     if list(layout.runs_dir.glob("*/metrics.jsonl")):
         glob = _lit(layout.runs_dir / "*" / "metrics.jsonl")

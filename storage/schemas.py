@@ -76,6 +76,9 @@ TRIALS = pa.schema(
         ("seed", pa.int64()),
         ("kept_fraction", pa.float64()),
         ("flipped_kept_share", pa.float64()),  # diagnostics only: never shown to the agent
+        # "search" (asked by the agent), "noise" (the uniform sampler again, on another seed, to
+        # measure the inner loop's noise) or "guard" (a candidate re-evaluated on common seeds)
+        ("phase", pa.string()),
     ]
 )
 

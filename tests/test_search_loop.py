@@ -12,7 +12,14 @@ import pytest
 from swift_sampler.pipeline.sampler import Sampler, uniform_sampler
 from swift_sampler.pipeline.sampler_file import load_sampler
 from swift_sampler.pipeline.tables import build_tables
-from swift_sampler.search.loop import TrialResult, best_so_far, read_trials, run_search, summarize
+from swift_sampler.search.loop import (
+    GuardSettings,
+    TrialResult,
+    best_so_far,
+    read_trials,
+    run_search,
+    summarize,
+)
 from swift_sampler.storage import LockedError, StoreError, StoreLayout, exclusive_lock, query
 
 TARGET = np.linspace(0.2, 0.8, 10)
@@ -50,13 +57,17 @@ class FakeObjective:
         return TrialResult(score=score, epochs=1, kept_fraction=0.5, flipped_kept_share=0.3)
 
 
+# The loop's mechanics are tested without the noise trials and the guard (tests/test_choice.py).
+NO_GUARD = GuardSettings(enabled=False, repeats=0)
+
+
 def search(store, name, objective, tables, *, steps=6, settings=None, agent="gp-ucb", seed=3,
-           trial_seeds="distinct", **kw):
+           trial_seeds="distinct", guard=NO_GUARD, **kw):
     start = uniform_sampler(tables, "cgf").to_point()
     return run_search(store, name, objective, lambda z: Sampler.from_point(z, tables, "cgf"),
                       settings=settings or {"transform": "cgf", "epochs": 1}, steps=steps,
                       agent=agent, seed=seed, initial_points=(start,), trial_seeds=trial_seeds,
-                      provenance={"store_id": "test-store"}, **kw)
+                      guard=guard, provenance={"store_id": "test-store"}, **kw)
 
 
 def without_time(rows):

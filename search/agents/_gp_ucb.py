@@ -55,6 +55,31 @@ NOISE_BOUNDS = (1e-5, 1.0)
 _STREAM_POOL, _STREAM_GP, _STREAM_DE = 1, 2, 3
 
 
+def fit_gp(points: np.ndarray, scores: np.ndarray, *, noise_sd: float | None = None, seed: int = 0,
+           n_restarts: int = 2) -> GaussianProcessRegressor:
+    """The GP of the search: ``C * RBF(ARD) + White`` on standardised scores, fitted.
+
+    ``noise_sd`` (score units) bounds the white-noise sd below: on the standardised scale the
+    bound is ``(noise_sd / std(scores))**2``, so a lucky outlier cannot be fitted as signal
+    when the measured seed noise says it could be luck.
+    """
+    low, high = NOISE_BOUNDS
+    spread = float(np.std(scores))
+    if noise_sd is not None and noise_sd > 0 and spread > 0:
+        low = max(low, (float(noise_sd) / spread) ** 2)
+        high = max(high, 4.0 * low)
+    kernel = ConstantKernel(1.0, AMPLITUDE_BOUNDS) * RBF(
+        np.full(points.shape[1], 0.5), LENGTH_SCALE_BOUNDS
+    ) + WhiteKernel(min(max(0.1, low), high), (low, high))
+    gp = GaussianProcessRegressor(kernel, normalize_y=True, n_restarts_optimizer=n_restarts,
+                                  random_state=int(seed))
+    with warnings.catch_warnings(), threadpool_limits(limits=1, user_api="blas"):
+        # Length scales at a bound are expected (irrelevant parameters, few points); the
+        # fit is still the best within the declared bounds.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return gp.fit(points, scores)
+
+
 class GPUCBAgent(Agent):
     """GP-UCB agent (paper §3.3). See the module docstring for the choices and their reasons.
 
@@ -129,19 +154,15 @@ class GPUCBAgent(Agent):
             return self._maximise_ucb(points, scores, math.sqrt(self.beta_))
 
     def _fit(self, points: np.ndarray, scores: np.ndarray) -> GaussianProcessRegressor:
-        kernel = ConstantKernel(1.0, AMPLITUDE_BOUNDS) * RBF(
-            np.full(self.dim, 0.5), LENGTH_SCALE_BOUNDS
-        ) + WhiteKernel(0.1, NOISE_BOUNDS)
         seed = int(self.step_rng(_STREAM_GP).integers(2**31 - 1))
-        gp = GaussianProcessRegressor(
-            kernel, normalize_y=True, n_restarts_optimizer=int(self.n_restarts_optimizer),
-            random_state=seed,
-        )
-        with warnings.catch_warnings():
-            # Length scales at a bound are expected (irrelevant parameters, few points); the
-            # fit is still the best within the declared bounds.
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            return gp.fit(points, scores)
+        return fit_gp(points, scores, noise_sd=getattr(self, "noise_sd_", None), seed=seed,
+                      n_restarts=int(self.n_restarts_optimizer))
+
+    def set_noise(self, noise_sd: float | None) -> None:
+        """Bound the GP's noise sd below by ``noise_sd`` (score units; measured by the loop
+        from repeated evaluations of one sampler). Part of the history, not of the arguments."""
+        self.noise_sd_ = None if noise_sd is None else float(noise_sd)
+        self._asked = None
 
     def _maximise_ucb(self, points: np.ndarray, scores: np.ndarray, kappa: float) -> np.ndarray:
         import nevergrad as ng  # slow import; only GP-UCB steps need it

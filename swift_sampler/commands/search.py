@@ -17,8 +17,12 @@ def register(sub, groups) -> None:
         help="learn a sampler: GP-UCB over the 10 parameters (resumable)",
         description="Algorithm 1 of the paper: each trial fine-tunes the checkpoint (w_share) for "
         "--finetune-epochs with the proposed sampler and scores top-1 on the val split. Trials "
-        "are appended to STORE/searches/NAME/trials.parquet as they finish and the best sampler "
-        "is kept in best_sampler.json; the same command again resumes an interrupted search.",
+        "are appended to STORE/searches/NAME/trials.parquet as they finish; the same command "
+        "again resumes an interrupted search. The uniform sampler is evaluated on "
+        "--guard-repeats seeds to measure the score's noise; the recommendation "
+        "(best_sampler.json) is the tried sampler of highest GP posterior mean, and, unless "
+        "--no-guard, only if it beats the uniform sampler on common seeds by more than that "
+        "noise; otherwise it is the uniform sampler.",
     )
     p.add_argument("--store", required=True, help="store directory with features and tables")
     p.add_argument("--checkpoint", required=True, help="w_share: the checkpoint the features were built from")
@@ -40,7 +44,14 @@ def register(sub, groups) -> None:
                    help="fine-tunes per trial with different seeds, scores averaged (1)")
     p.add_argument("--features", default=None, choices=("store", "online"),
                    help="where the filter finds crop features (store)")
-    p.add_argument("--workers", type=int, default=2, help="loader workers per rank")
+    p.add_argument("--no-guard", dest="guard", action="store_false",
+                   help="recommend the best posterior mean without re-checking it against uniform")
+    p.add_argument("--guard-candidates", type=int, default=2,
+                   help="candidates (by posterior mean) the guard re-evaluates (default: 2)")
+    p.add_argument("--guard-repeats", type=int, default=3,
+                   help="seeds on which uniform and the candidates are compared; also measures "
+                   "the noise (default: 3)")
+    p.add_argument("--workers", type=int, default=2, help="loader workers per rank (default: 2)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if present)")
     add_json_flag(p)
     p.set_defaults(func=run_search_command)
@@ -58,6 +69,7 @@ def run_search_command(args) -> int:
     import dataclasses
 
     from swift_sampler.search.agents import AGENTS
+    from swift_sampler.search.loop import GuardSettings
     from swift_sampler.search.objective import FinetuneSettings
     from swift_sampler.search.run import search
     from swift_sampler.storage import StoreLayout, check_name
@@ -75,13 +87,18 @@ def run_search_command(args) -> int:
                  schedule=args.schedule, batch_size=args.batch_size, repeats=args.repeats,
                  features=args.features)
     settings = dataclasses.replace(FinetuneSettings(), **{k: v for k, v in given.items() if v is not None})
+    try:
+        guard = GuardSettings(enabled=args.guard, candidates=args.guard_candidates,
+                              repeats=args.guard_repeats).check()
+    except ValueError as e:
+        raise UserError(str(e)) from None
     dist = init_distributed(args.device)
     try:
         table = _LiveTable(args.steps, enabled=dist.is_main and not args.json)
         summary = search(
             args.store, args.checkpoint, name=args.name, steps=args.steps, agent=args.agent,
             transform=args.transform, seed=args.seed, finetune=settings,
-            trial_seeds=args.trial_seeds, workers=args.workers, device=args.device,
+            trial_seeds=args.trial_seeds, guard=guard, workers=args.workers, device=args.device,
             on_trial=table.row, is_main=dist.is_main,
             broadcast=lambda obj: broadcast_object(obj, dist))
     finally:
@@ -89,15 +106,23 @@ def run_search_command(args) -> int:
     if dist.is_main:
         emit({"command": "search run", **summary, "agent": args.agent, "transform": args.transform,
               "steps": args.steps}, args,
-             f"best trial {summary['best_trial']}: val top-1 {_pct(summary['best_score'])}; "
-             f"sampler {summary['best_sampler']}")
+             _verdict(summary))
     return 0
+
+
+def _verdict(summary: dict) -> str:
+    guard = summary.get("guard") or {}
+    why = f" ({guard['reason']})" if guard.get("reason") else ""
+    if summary.get("choice") == "uniform":
+        return f"recommended: the uniform sampler{why}; sampler {summary['best_sampler']}"
+    return (f"recommended: trial {summary['best_trial']} ({summary.get('choice')}), val top-1 "
+            f"{_pct(summary['best_score'])}{why}; sampler {summary['best_sampler']}")
 
 
 class _LiveTable:
     """Prints one line per finished trial (rank 0, unless --json)."""
 
-    HEADER = f"{'trial':>5} {'score':>7} {'best':>7} {'kept':>6} {'seconds':>8} {'ETA':>9}  status"
+    HEADER = f"{'trial':>5} {'score':>7} {'best':>7} {'kept':>6} {'seconds':>8} {'ETA':>9}  status  phase"
 
     def __init__(self, steps: int, enabled: bool) -> None:
         self.steps, self.enabled, self.started = steps, enabled, False
@@ -111,7 +136,7 @@ class _LiveTable:
         best = progress["best"]["score"] if progress["best"] else math.nan
         print(f"{row['trial']:>5} {_pct(row['score']):>7} {_pct(best):>7} "
               f"{_pct(row['kept_fraction']):>6} {row['seconds']:>8.1f} "
-              f"{_duration(progress['eta_s']):>9}  {row['status']}", flush=True)
+              f"{_duration(progress['eta_s']):>9}  {row['status']:<6}  {row['phase']}", flush=True)
 
 
 def show_search_command(args) -> int:
@@ -129,13 +154,14 @@ def show_search_command(args) -> int:
                               "ORDER BY trial").to_pylist()
     best = best_so_far(rows)
     params = ("e1", "e2", "e3", "v0", "v1", "v2", "v3", "v4", "c1", "c2")
-    lines = [f"{'trial':>5} {'status':>6} {'score':>7} {'best':>7} {'kept':>6} {'flip*':>6} "
+    lines = [f"{'trial':>5} {'phase':>6} {'status':>6} {'score':>7} {'best':>7} {'kept':>6} {'flip*':>6} "
              f"{'sec':>6}  " + " ".join(f"{p:>5}" for p in params)]
     for r, b in zip(rows, best):
-        lines.append(f"{r['trial']:>5} {r['status']:>6} {_pct(r['score']):>7} {_pct(b):>7} "
+        lines.append(f"{r['trial']:>5} {r.get('phase') or 'search':>6} {r['status']:>6} {_pct(r['score']):>7} {_pct(b):>7} "
                      f"{_pct(r['kept_fraction']):>6} {_pct(r['flipped_kept_share']):>6} "
                      f"{r['seconds']:>6.1f}  " + " ".join(f"{r[p]:>5.2f}" for p in params))
-    lines.append("flip*: share of flipped labels among kept samples (diagnostics; not seen by the agent)")
+    lines.append("best: best raw score of the search trials so far; flip*: share of flipped labels "
+                 "among kept samples (diagnostics; not seen by the agent)")
     summary = {"command": "search show", **summarize(layout.root, args.name),
                "settings": read_settings(layout.root, args.name)}
     emit(summary, args, "\n".join(lines))

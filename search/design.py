@@ -1,0 +1,37 @@
+"""The search's initial design: the uniform sampler, then a few canonical shapes.
+
+Before the Sobol' points and the GP, the search tries shapes a practitioner would try by hand,
+all in ``t`` along the loss direction (``c = (1, 0)``, so ``t`` is the cgf, or cdf, of the
+per-crop loss under ``w_share``): steps that keep the low-``t`` crops and drop the rest at three
+cut points, and a soft ramp. None of them knows the noise rate; together they put the GP's first
+observations where sample selection usually helps, so a short search does not spend its budget
+finding that region at random.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from swift_sampler.pipeline.sampler import Sampler, uniform_sampler
+
+STEP_CUTS = (0.3, 0.5, 0.7)
+DESIGN_VERSION = "uniform+steps(0.3,0.5,0.7)+ramp"
+
+
+def canonical_samplers(tables, transform: str = "cgf") -> list[tuple[str, Sampler]]:
+    """``[(name, Sampler)]``: uniform, ``step-<cut>`` for each cut of ``STEP_CUTS``, ``ramp``."""
+    shapes = [("uniform", uniform_sampler(tables, transform))]
+    for cut in STEP_CUTS:
+        shapes.append((f"step-{cut:g}", Sampler((0.0, cut, cut, 1.0, 1.0), (1.0, 1.0, 0.0, 0.0, 0.0),
+                                                1.0, 0.0, transform, tables)))
+    shapes.append(("ramp", Sampler((0.0, 0.4, 0.6, 0.8, 1.0), (1.0, 1.0, 0.55, 0.1, 0.1),
+                                   1.0, 0.0, transform, tables)))
+    return shapes
+
+
+def initial_design(tables, transform: str = "cgf") -> list[np.ndarray]:
+    """Points of ``canonical_samplers`` in order; the first is the uniform sampler."""
+    return [s.to_point() for _, s in canonical_samplers(tables, transform)]
+
+
+__all__ = ["DESIGN_VERSION", "STEP_CUTS", "canonical_samplers", "initial_design"]

@@ -1,0 +1,190 @@
+"""The recommendation: posterior mean over raw arg-max, the GP's noise floor, the no-harm guard,
+and a resumed guarded search that asks and records exactly what an uninterrupted one would."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from swift_sampler.pipeline.sampler import Sampler, uniform_sampler
+from swift_sampler.pipeline.tables import build_tables
+from swift_sampler.search.agents._gp_ucb import fit_gp
+from swift_sampler.search.choice import (
+    guard_decision,
+    measured_noise,
+    pooled_noise,
+    rank_candidates,
+)
+from swift_sampler.search.design import canonical_samplers, initial_design
+from swift_sampler.search.loop import GuardSettings, TrialResult, read_trials, run_search, summarize
+from swift_sampler.storage import StoreLayout
+
+
+@pytest.fixture(scope="module")
+def tables():
+    rng = np.random.default_rng(0)
+    n = 2000
+    return build_tables(rng.gamma(2.0, 1.0, n), rng.uniform(0, 1, n), rng.gamma(1.0, 1.0, n) + 0.01,
+                        quantiles=32, angles=16, bins=16)
+
+
+def make_store(path):
+    path.mkdir(parents=True)
+    (path / "manifest.json").write_text(json.dumps({"store_id": "test-store"}))
+    return path
+
+
+class Toy:
+    """``score = signal(point) + N(0, sd)`` drawn from ``(seed, point)``; records every call."""
+
+    def __init__(self, signal, sd=0.01, cut_at=None):
+        self.signal, self.sd, self.cut_at = signal, sd, cut_at
+        self.calls = []
+
+    def __call__(self, sampler: Sampler, seed: int) -> TrialResult:
+        z = sampler.to_point()
+        self.calls.append((z, seed))
+        if self.cut_at is not None and len(self.calls) - 1 == self.cut_at:
+            raise KeyboardInterrupt("cut off mid-trial")
+        key = [seed, *np.round(z * 1e6).astype(np.int64).tolist()]
+        noise = np.random.default_rng(key).normal(0, self.sd)
+        return TrialResult(score=float(self.signal(z) + noise), epochs=1)
+
+
+def run(store, name, objective, tables, *, steps=8, seed=0, trial_seeds="common", guard=None):
+    design = tuple(initial_design(tables, "cgf"))
+    return run_search(store, name, objective, lambda z: Sampler.from_point(z, tables, "cgf"),
+                      settings={"transform": "cgf"}, steps=steps, seed=seed, initial_points=design,
+                      trial_seeds=trial_seeds, guard=guard or GuardSettings())
+
+
+# -- posterior mean ---------------------------------------------------------------------------
+def test_posterior_mean_choice_differs_from_argmax_with_a_lucky_outlier():
+    rng = np.random.default_rng(1)
+    # Six points of a good region (first coordinate near 0.8, true score 0.60) and seven of a
+    # slightly worse one (near 0.2, true 0.59), one of which got lucky by three noise sd.
+    sd = 0.01
+    first = np.r_[rng.normal(0.8, 0.03, 6), rng.normal(0.2, 0.03, 7)]
+    points = np.c_[first, np.full((13, 9), 0.5) + rng.normal(0, 0.01, (13, 9))].clip(0, 1)
+    scores = np.where(first > 0.5, 0.60, 0.59) + rng.normal(0, sd, 13).clip(-1.5 * sd, 1.5 * sd)
+    scores[-1] = 0.59 + 3 * sd  # the lucky outlier
+    trials = [{"trial": i, "point": p.tolist(), "score": float(s), "status": "ok", "phase": "search"}
+              for i, (p, s) in enumerate(zip(points, scores))]
+    ranked = rank_candidates(trials, noise_sd=sd)
+    assert int(np.argmax(scores)) == 12
+    assert ranked[0]["trial"] != 12
+    assert points[ranked[0]["trial"], 0] > 0.5  # from the good region
+
+
+def test_gp_noise_is_bounded_below_by_the_measured_noise():
+    rng = np.random.default_rng(0)
+    points = rng.uniform(0, 1, (12, 10))
+    scores = points[:, 0] * 0.1 + rng.normal(0, 0.001, 12)
+    free = fit_gp(points, scores, seed=0)
+    floor_sd = 0.02
+    bounded = fit_gp(points, scores, noise_sd=floor_sd, seed=0)
+    floor = (floor_sd / np.std(scores)) ** 2
+    assert bounded.kernel_.k2.noise_level >= floor * (1 - 1e-9)
+    assert free.kernel_.k2.noise_level < floor
+
+
+def test_measured_noise_is_the_sample_sd():
+    assert measured_noise([1.0, 2.0, 3.0]) == pytest.approx(1.0)
+    assert measured_noise([1.0]) is None
+    assert measured_noise([1.0, None, math.nan, 3.0]) == pytest.approx(math.sqrt(2.0))
+
+
+# -- the guard rule ---------------------------------------------------------------------------
+def test_guard_passes_a_clear_winner_and_refuses_a_gain_within_the_noise():
+    uniform = [0.50, 0.51, 0.49]
+    clear = guard_decision([{"trial": 4, "scores": [0.56, 0.57, 0.55]},
+                            {"trial": 7, "scores": [0.52, 0.52, 0.50]}], uniform)
+    assert clear["winner"] == 4 and clear["gains"][4] == pytest.approx(0.06)
+    assert clear["dof"] == 6 and clear["noise_sd"] == pytest.approx(pooled_noise(
+        [uniform, [0.56, 0.57, 0.55], [0.52, 0.52, 0.50]])[0])
+    small = guard_decision([{"trial": 7, "scores": [0.51, 0.52, 0.50]}], uniform)
+    assert small["winner"] is None and "uniform sampler is recommended" in small["reason"]
+    failed = guard_decision([{"trial": 4, "scores": [0.9, None, 0.9]}], uniform)
+    assert failed["winner"] is None
+    broken_uniform = guard_decision([{"trial": 4, "scores": [0.9, 0.9, 0.9]}], [0.5, None, 0.5])
+    assert broken_uniform["winner"] is None
+
+
+def test_pooled_noise_against_the_textbook_formula():
+    groups = [[1.0, 2.0, 4.0], [3.0, 5.0], [7.0]]
+    sd, dof = pooled_noise(groups)
+    assert dof == 3
+    assert sd == pytest.approx(math.sqrt((2 * np.var([1, 2, 4], ddof=1) + np.var([3, 5], ddof=1)) / 3))
+
+
+def test_initial_design_starts_with_uniform_then_canonical_shapes(tables):
+    names = [n for n, _ in canonical_samplers(tables)]
+    assert names == ["uniform", "step-0.3", "step-0.5", "step-0.7", "ramp"]
+    points = initial_design(tables)
+    np.testing.assert_allclose(points[0], uniform_sampler(tables).to_point())
+    step = Sampler.from_point(points[2], tables, "cgf")
+    assert step.h(0.49) == 1.0 and step.h(0.5) == 0.0
+
+
+# -- the guard in a search --------------------------------------------------------------------
+def test_guard_false_positive_rate_on_a_flat_objective_is_near_its_level():
+    # 4000 simulated guards, two candidates each, every sampler equally good: the test is
+    # one-sided at 2.5% per candidate, so about 5% of the guards may pass one of the two.
+    rng = np.random.default_rng(0)
+    passed = 0
+    for _ in range(4000):
+        u = rng.normal(0.5, 0.01, 3)
+        cands = [{"trial": t, "scores": rng.normal(0.5, 0.01, 3).tolist()} for t in (1, 2)]
+        passed += guard_decision(cands, u.tolist(), uniform_extra=[rng.normal(0.5, 0.01)])["winner"] is not None
+    assert 0.02 < passed / 4000 < 0.07
+
+
+@pytest.mark.parametrize("seed", [1, 4, 5])
+def test_guard_recommends_uniform_when_the_objective_is_flat_plus_noise(tmp_path, tables, seed):
+    store = make_store(tmp_path / "store")
+    summary = run(store, "flat", Toy(lambda z: 0.5, sd=0.01), tables, steps=8, seed=seed,
+                  trial_seeds="distinct")
+    assert summary["choice"] == "uniform"
+    trials = read_trials(StoreLayout(store).search("flat") / "trials.parquet")
+    phases = [t["phase"] for t in trials]
+    assert phases.count("search") == 8 and phases.count("noise") == 3 and phases.count("guard") == 6
+    best = json.loads((StoreLayout(store).search("flat") / "best_sampler.json").read_text())
+    assert best["parameters"]["c1"] == 0 and best["parameters"]["c2"] == 0  # the uniform sampler
+    assert summary["raw_best_trial"] != 0  # the raw arg-max was a lucky non-uniform point
+
+
+def test_guard_recommends_a_real_improvement(tmp_path, tables):
+    store = make_store(tmp_path / "store")
+    target = initial_design(tables)[2]  # step-0.5 is truly better
+
+    def signal(z):
+        return 0.5 + 0.05 * math.exp(-float(np.sum((z - target) ** 2)) / 0.05)
+
+    summary = run(store, "real", Toy(signal, sd=0.005), tables, steps=8)
+    assert summary["choice"] == "guard"
+    assert summary["guard"]["winner"] == summary["best_trial"]
+    trials = read_trials(StoreLayout(store).search("real") / "trials.parquet")
+    np.testing.assert_allclose(trials[summary["best_trial"]]["point"], target)
+
+
+@pytest.mark.parametrize("cut", [1, 6, 11])  # during the noise trials, the search, the guard
+def test_resumed_guarded_search_matches_an_uninterrupted_one(tmp_path, tables, cut):
+    store = make_store(tmp_path / "store")
+    signal = lambda z: 0.5 + 0.02 * z[3]  # noqa: E731
+    run(store, "straight", Toy(signal), tables, steps=7, trial_seeds="distinct")
+    with pytest.raises(KeyboardInterrupt):
+        run(store, "resumed", Toy(signal, cut_at=cut), tables, steps=7, trial_seeds="distinct")
+    again = Toy(signal)
+    run(store, "resumed", again, tables, steps=7, trial_seeds="distinct")
+    layout = StoreLayout(store)
+    a = read_trials(layout.search("straight") / "trials.parquet")
+    b = read_trials(layout.search("resumed") / "trials.parquet")
+    keys = ("point", "seed", "phase", "score", "status")
+    assert [[t[k] for k in keys] for t in a] == [[t[k] for k in keys] for t in b]
+    assert len(again.calls) == len(b) - cut  # nothing repeated but the cut trial
+    assert summarize(store, "straight")["guard"] == summarize(store, "resumed")["guard"]
+    assert (layout.search("straight") / "best_sampler.json").read_text().replace("straight", "x") == \
+        (layout.search("resumed") / "best_sampler.json").read_text().replace("resumed", "x")
