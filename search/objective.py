@@ -55,6 +55,8 @@ from .loop import TrialResult
 
 log = logging.getLogger(__name__)
 FEATURE_MODES = ("store", "online")
+STARTS = ("final", "early", "scratch")
+SCORES = ("top1", "prob")
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,14 @@ class FinetuneSettings:
         batch_size: per rank; None: the checkpoint's.
         repeats: fine-tunes per trial with different seeds; the score is their mean.
         features: "store" (features from the feature store) or "online" (scored by w_share).
+        start: where a trial starts. "final": w_share's last checkpoint, ``epochs`` of the
+            ``schedule`` from ``lr_fraction`` x its peak lr (the paper's fine-tune). "early":
+            w_share's own run resumed from its checkpoint ``epochs`` before the end (kept by the
+            trainer), continuing that run's schedule with the sampler: the last epochs of a
+            from-scratch run, which is where a network fits (or is kept from) the noisy labels.
+            "scratch": ``epochs`` from a fresh model on w_share's recipe compressed to them.
+        score: "top1" (val top-1) or "prob" (mean predicted probability of the val label: the
+            same labels, a smoother score).
     """
 
     epochs: int = 5
@@ -80,6 +90,8 @@ class FinetuneSettings:
     batch_size: int | None = None
     repeats: int = 1
     features: str = "store"
+    start: str = "final"
+    score: str = "top1"
 
     def check(self) -> FinetuneSettings:
         if int(self.epochs) < 1:
@@ -94,6 +106,10 @@ class FinetuneSettings:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         if int(self.repeats) < 1:
             raise ValueError(f"--repeats must be >= 1, got {self.repeats}")
+        if self.start not in STARTS:
+            raise ValueError(f"start must be one of {', '.join(STARTS)}, got {self.start!r}")
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
         if self.features not in FEATURE_MODES:
             raise ValueError(f"features must be one of {', '.join(FEATURE_MODES)}, got {self.features!r}")
         return self
@@ -185,7 +201,33 @@ class FinetuneObjective:
             "repeats": int(s.repeats),
             "features": s.features,
         }
+        # Defaults reproduce searches made before these settings existed (same search.json).
+        if s.start != "final":
+            self.recipe.update(self._run_recipe(meta, recipe, s))
+        if s.score != "top1":
+            self.recipe["score"] = s.score
         self._frozen = None  # w_share for online features, loaded on first use
+
+    def _run_recipe(self, meta: dict[str, Any], recipe: dict[str, Any], s: FinetuneSettings) -> dict[str, Any]:
+        """w_share's own schedule, for the "early" and "scratch" starts."""
+        run_epochs = int(recipe.get("epochs") or 0)
+        out = {"start": s.start, "lr": float(recipe.get("lr", 0.1)),
+               "schedule": recipe.get("schedule", "one-cycle"),
+               "milestones": [int(m) for m in recipe.get("milestones") or ()],
+               "gamma": float(recipe.get("gamma", 0.1)), "warmup": float(recipe.get("warmup", 0.0))}
+        if s.start == "early":
+            from swift_sampler.train.trainer import epoch_checkpoint
+
+            done = run_epochs - int(s.epochs)
+            path = epoch_checkpoint(self.checkpoint, done)
+            if done < 1 or not path.is_file():
+                raise StoreError(
+                    f"the early-checkpoint inner loop needs w_share's checkpoint after epoch {done} "
+                    f"of {run_epochs} ({path}), which is not there; train w_share with this version "
+                    "(it keeps the checkpoints of its last epochs) or pick another --start")
+            out.update(continue_from=str(path), run_epochs=run_epochs,
+                       continue_from_sha256=sha256_file(path))
+        return out
 
     def describe(self) -> dict[str, Any]:
         """The resolved fine-tune recipe (what defines the objective; goes into search.json)."""
@@ -202,13 +244,18 @@ class FinetuneObjective:
             TrainingDiverged: the loss became non-finite.
         """
         r = self.recipe
+        start = r.get("start", "final")
+        where = {"final": dict(init=self.checkpoint, epochs=r["epochs"]),
+                 "early": dict(continue_from=r.get("continue_from"), epochs=r.get("run_epochs")),
+                 "scratch": dict(epochs=r["epochs"])}[start]
         config = resolve_config(
-            self.store, name=None, model=r["model"], epochs=r["epochs"], batch_size=r["batch_size"],
+            self.store, name=None, model=r["model"], batch_size=r["batch_size"],
             lr=r["lr"], schedule=r["schedule"], warmup=r["warmup"], momentum=r["momentum"],
+            milestones=r.get("milestones"), gamma=r.get("gamma"),
             nesterov=r["nesterov"], weight_decay=r["weight_decay"],
             label_smoothing=r["label_smoothing"], seed=int(seed), workers=self.workers,
-            image_size=r["image_size"], val_split="", init=self.checkpoint, device=self.device,
-            save_checkpoints=False, progress=False)
+            image_size=r["image_size"], val_split="", device=self.device,
+            save_checkpoints=False, keep_checkpoints=0, progress=False, **where)
         epochs: list[dict[str, Any]] = []
         result = fit(config, sampler=self._hook(sampler, seed), on_epoch_end=epochs.append)
 
@@ -222,8 +269,9 @@ class FinetuneObjective:
     def score(self, model: torch.nn.Module, split: str | None = None) -> dict[str, float]:
         """Top-1 of ``model`` on ``split`` (default the val split), summed over ranks.
 
-        Returns ``top1`` (against the split's labels, what the search optimises) and, for
-        diagnostics only, ``true_top1`` (against the original labels; NaN without noise).
+        Returns ``top1`` (against the split's labels), ``prob`` (mean predicted probability of
+        the label) and, for diagnostics only, ``true_top1`` (against the original labels; NaN
+        without noise).
         """
         split = split or self.val_split
         dist = _dist(self.device)
@@ -234,15 +282,20 @@ class FinetuneObjective:
         out = predict_batches(model, loader, dist.device)
         pred = out["logits"].argmax(1) if len(out["label"]) else np.zeros(0, np.int64)
         correct = float((pred == out["label"]).sum())
+        prob = 0.0
+        if len(pred):
+            p = torch.softmax(torch.from_numpy(out["logits"]).double(), 1).numpy()
+            prob = float(p[np.arange(len(pred)), out["label"]].sum())
         diag = noise_diagnostics(self.store, split, out["index"], pred) if len(pred) else None
         true_correct = math.nan
         if diag is not None:
             true_correct = ((diag["clean_accuracy"] or 0.0) * diag["n_clean"]
                             + (diag["flipped_true_accuracy"] or 0.0) * diag["n_flipped"])
-        total = all_reduce_sum(torch.tensor([correct, float(len(pred)), true_correct],
+        total = all_reduce_sum(torch.tensor([correct, float(len(pred)), true_correct, prob],
                                             dtype=torch.float64), dist)
         n = max(total[1].item(), 1.0)
-        return {"top1": total[0].item() / n, "true_top1": total[2].item() / n, "count": int(total[1].item())}
+        return {"top1": total[0].item() / n, "prob": total[3].item() / n,
+                "true_top1": total[2].item() / n, "count": int(total[1].item())}
 
     # -- the objective --------------------------------------------------------------------
     def __call__(self, sampler: Sampler, seed: int) -> TrialResult:
@@ -260,7 +313,7 @@ class FinetuneObjective:
                 return TrialResult(score=math.nan, epochs=epochs, error=str(e))
             epochs += info["epochs"]
             s = self.score(model)
-            scores.append(s["top1"])
+            scores.append(s[self.recipe.get("score", "top1")])
             true_scores.append(s["true_top1"])
             kept.append(info["kept_fraction"])
             flipped.append(info["flipped_kept_share"])
@@ -299,5 +352,5 @@ def settings_from_dict(d: dict[str, Any]) -> FinetuneSettings:
     return FinetuneSettings(**{k: v for k, v in d.items() if k in names}).check()
 
 
-__all__ = ["FEATURE_MODES", "FinetuneObjective", "FinetuneSettings", "check_search_inputs",
+__all__ = ["FEATURE_MODES", "SCORES", "STARTS", "FinetuneObjective", "FinetuneSettings", "check_search_inputs",
            "settings_from_dict"]

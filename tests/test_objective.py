@@ -13,7 +13,7 @@ import torch
 from swift_sampler.pipeline.sampler import Sampler, uniform_sampler
 from swift_sampler.pipeline.sampler_file import check_provenance, load_sampler
 from swift_sampler.pipeline.tables import load_tables
-from swift_sampler.search.loop import read_trials, run_search
+from swift_sampler.search.loop import GuardSettings, read_trials, run_search
 from swift_sampler.search.objective import FinetuneObjective, FinetuneSettings, check_search_inputs
 from swift_sampler.storage import StoreError, StoreLayout, sha256_file
 from swift_sampler.train.checkpoint import CheckpointError, save_checkpoint
@@ -84,7 +84,8 @@ def test_diverged_and_empty_samplers_fail_without_stopping_the_search(store, tmp
     assert math.isnan(result.score) and result.epochs == 0 and "tau is 0" in result.error
     summary = run_search(work, "nan", objective, lambda z: Sampler.from_point(z, tables, "cgf"),
                          settings={}, steps=2, agent="random", seed=0,
-                         initial_points=(uniform_sampler(tables).to_point(),) * 2)
+                         initial_points=(uniform_sampler(tables).to_point(),) * 2,
+                         guard=GuardSettings(enabled=False, repeats=0))
     rows = read_trials(StoreLayout(work).search("nan") / "trials.parquet")
     assert [r["status"] for r in rows] == ["failed", "failed"] and summary["failed"] == 2
     assert [r["score"] for r in rows] == [0.0, 0.0] and summary["best_sampler"] is None
@@ -100,11 +101,14 @@ def test_search_run_end_to_end_writes_a_valid_sampler(store, tmp_path, capsys):
     work = tmp_path / "store"
     shutil.copytree(store, work)
     args = ["search", "run", "--store", work, "--checkpoint", ckpt_of(work), "--name", "e2e",
-            "--steps", 3, "--finetune-epochs", 1, "--workers", 0]
+            "--steps", 3, "--guard-repeats", 2, "--finetune-epochs", 1, "--workers", 0]
     assert run_cli(*args) == 0
     out = capsys.readouterr().out.strip().splitlines()
     summary = json.loads(out[-1])
-    assert summary["trials"] == 3 and out[0].split()[:3] == ["trial", "score", "best"]
+    # 3 search trials, uniform on 2 more seeds, the 2 best candidates on those 2 seeds.
+    assert summary["trials"] == 9 and summary["search_trials"] == 3
+    assert out[0].split()[:3] == ["trial", "score", "best"]
+    assert summary["choice"] in ("guard", "uniform") and summary["guard"]["seeds"] == [1, 2]
     sampler, prov = load_sampler(summary["best_sampler"])
     check_provenance(prov, work)
     rows = read_trials(summary["trials_path"])
@@ -114,11 +118,11 @@ def test_search_run_end_to_end_writes_a_valid_sampler(store, tmp_path, capsys):
 
     assert run_cli("search", "show", "--store", work, "e2e") == 0
     shown = capsys.readouterr().out.strip().splitlines()
-    assert len(shown) == 1 + 3 + 2 and json.loads(shown[-1])["trials"] == 3
+    assert len(shown) == 1 + 9 + 2 and json.loads(shown[-1])["trials"] == 9
 
     # Same command again: nothing to do. Other settings: refused, naming them.
     assert run_cli(*args) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["trials"] == 3
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["trials"] == 9
     assert run_cli(*args[:-4], "--finetune-epochs", 2, "--workers", 0) == 2
     assert "finetune: stored" in capsys.readouterr().err
 
@@ -162,3 +166,44 @@ def test_real_search_resumes_to_the_same_trials(store, tmp_path):
                 for r in read_trials(StoreLayout(work).search(name) / "trials.parquet")]
 
     assert rows("resumed") == rows("straight")
+
+
+# -- the inner-loop variants of the study (bench/bench_inner_loop.py) --------------------------
+def test_trainer_keeps_the_last_epochs_checkpoints(store):
+    run = StoreLayout(store).run("w_share")
+    # w_share ran 3 epochs: the checkpoints after epochs 1 and 2 are kept beside checkpoint.pt.
+    assert sorted(p.name for p in run.glob("checkpoint-e*.pt")) == ["checkpoint-e001.pt", "checkpoint-e002.pt"]
+
+
+def test_continuing_from_a_kept_checkpoint_equals_the_uninterrupted_run(store):
+    from swift_sampler.train.checkpoint import load_checkpoint
+    from swift_sampler.train.presets import resolve_config
+    from swift_sampler.train.trainer import fit
+
+    run = StoreLayout(store).run("w_share")
+    config = json.loads((run / "config.json").read_text())
+    result = fit(resolve_config(store, preset="digits", name=None, epochs=config["epochs"], workers=0,
+                                continue_from=str(run / "checkpoint-e002.pt"), progress=False))
+    final = load_checkpoint(run / "checkpoint.pt")["model"]
+    for k, v in result.model.state_dict().items():
+        torch.testing.assert_close(v.cpu(), final[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("start", ["early", "scratch"])
+def test_early_and_scratch_starts_are_deterministic_and_score_prob(store, start):
+    settings = FinetuneSettings(epochs=1, start=start, score="prob")
+    objective = FinetuneObjective(store, ckpt_of(store), settings, workers=0, device="cpu")
+    assert objective.describe()["start"] == start
+    sampler = uniform_sampler(load_tables(store), "cgf")
+    a, b = objective(sampler, 0), objective(sampler, 0)
+    assert a.score == b.score and 0 < a.score < 1 and a.epochs == 1
+    top1 = FinetuneObjective(store, ckpt_of(store), FinetuneSettings(epochs=1, start=start),
+                             workers=0, device="cpu")(sampler, 0)
+    assert top1.score != a.score  # a probability, not the top-1 of the same model
+
+
+def test_early_start_without_the_kept_checkpoint_says_what_to_do(store, tmp_path):
+    bare = tmp_path / "store"
+    shutil.copytree(store, bare, ignore=shutil.ignore_patterns("checkpoint-e*.pt"))
+    with pytest.raises(StoreError, match="early-checkpoint inner loop needs w_share's checkpoint"):
+        FinetuneObjective(bare, ckpt_of(bare), FinetuneSettings(epochs=1, start="early"), workers=0)

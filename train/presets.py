@@ -42,11 +42,18 @@ class TrainConfig:
     image_size: int | None = None
     val_split: str | None = "val"  # None or a missing split: no per-epoch validation
     init: str | None = None
+    # A checkpoint of a run to continue: weights, optimiser state and epoch are restored and
+    # training goes on from the next epoch to ``epochs`` on this config's schedule (the
+    # early-checkpoint inner loop: w_share's own run resumed with a sampler). No run folder.
+    continue_from: str | None = None
     resume: bool = False
     device: str | None = None  # None: cuda when present, else cpu
     amp: bool | None = None  # None: bf16 autocast on cuda only
     channels_last: bool = True
     save_checkpoints: bool = True
+    # Copies of the checkpoints of the last epochs before the end (``checkpoint-eNNN.pt``, NNN
+    # = epochs done), kept for the early-checkpoint inner loop; 0 keeps none.
+    keep_checkpoints: int = 5
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)  # recorded, not interpreted (e.g. sampler)
 
@@ -112,5 +119,9 @@ def validate(c: TrainConfig) -> None:
         raise ValueError("weight decay must be >= 0 and momentum in [0, 1)")
     if c.schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {c.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if c.keep_checkpoints < 0:
+        raise ValueError(f"keep_checkpoints must be >= 0, got {c.keep_checkpoints}")
+    if c.continue_from and (c.init or c.resume):
+        raise ValueError("continue_from cannot be combined with init or resume")
     if c.workers < 0:
         raise ValueError(f"workers must be >= 0, got {c.workers}")

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from swift_sampler.storage import (
     StoreError,
     StoreLayout,
+    atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
     exclusive_lock,
@@ -113,6 +114,7 @@ def fit(config: TrainConfig, *, sampler: SamplerHook | None = None,
     num_classes = len(manifest["classes"])
 
     init_ckpt = load_checkpoint(config.init) if config.init else None
+    continued = load_checkpoint(config.continue_from) if config.continue_from else None
     model_name = config.model
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % 2**32)
@@ -135,6 +137,8 @@ def fit(config: TrainConfig, *, sampler: SamplerHook | None = None,
     model = create_model(model_name, num_classes, in_chans, ds.image_size)
     if init_ckpt is not None:
         load_weights(model, init_ckpt, where=f"--init {config.init}")
+    if continued is not None:
+        load_weights(model, continued, where=f"continue_from {config.continue_from}")
     model = model.to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -144,6 +148,15 @@ def fit(config: TrainConfig, *, sampler: SamplerHook | None = None,
     run_dir = layout.run(config.name) if config.name else None
     ckpt_path = run_dir / "checkpoint.pt" if run_dir else None
     start_epoch, history = 0, []
+    if continued is not None:
+        if "optimizer" not in continued or "epoch" not in continued:
+            raise CheckpointError(f"{config.continue_from} holds no optimiser state or epoch; "
+                                  "it is not a checkpoint of a training run to continue")
+        optimizer.load_state_dict(continued["optimizer"])
+        start_epoch = int(continued["epoch"]) + 1
+        if start_epoch >= config.epochs:
+            raise ValueError(f"{config.continue_from} is of epoch {start_epoch} of the run; "
+                             f"nothing is left to train of {config.epochs} epochs")
     if run_dir is not None:
         if ckpt_path.is_file() and not config.resume:
             raise StoreError(f"run {config.name!r} already exists in {layout.root}; pass --resume "
@@ -192,6 +205,7 @@ def fit(config: TrainConfig, *, sampler: SamplerHook | None = None,
                                     sched={"name": config.schedule, "epoch": epoch, "steps": steps},
                                     rng={"torch": torch.get_rng_state()},
                                     store_id=manifest["store_id"], config=resolved)
+                    _keep_checkpoint(ckpt_path, epoch, config)
             barrier(dist)
             if on_epoch_end is not None:
                 on_epoch_end(metrics)
@@ -207,6 +221,19 @@ def fit(config: TrainConfig, *, sampler: SamplerHook | None = None,
         if run_dir is not None and dist.is_main:
             atomic_write_json(run_dir / "summary.json", summary)
     return FitResult(model.eval(), summary)
+
+
+def _keep_checkpoint(ckpt_path: Path, epoch: int, config: TrainConfig) -> None:
+    # checkpoint-eNNN.pt after NNN epochs, for the last ``keep_checkpoints`` epochs before the
+    # end (the final one is checkpoint.pt itself).
+    done = epoch + 1
+    if config.keep_checkpoints and config.epochs - config.keep_checkpoints <= done < config.epochs:
+        atomic_write_bytes(epoch_checkpoint(ckpt_path, done), ckpt_path.read_bytes())
+
+
+def epoch_checkpoint(checkpoint: str | Path, done: int) -> Path:
+    """Path of the kept checkpoint after ``done`` epochs of the run of ``checkpoint``."""
+    return Path(checkpoint).with_name(f"checkpoint-e{int(done):03d}.pt")
 
 
 def _train_epoch(model: nn.Module, loader, ds, optimizer, config: TrainConfig, dist: DistInfo,
