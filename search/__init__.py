@@ -16,6 +16,7 @@ from typing import Any
 
 from .agents import AGENTS, create_agent
 from .loop import (
+    GuardSettings,
     TrialResult,
     best_so_far,
     best_trial,
@@ -36,6 +37,6 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'search' has no attribute {name!r}")
 
 
-__all__ = ["AGENTS", "FinetuneObjective", "FinetuneSettings", "TrialResult", "best_so_far",
+__all__ = ["AGENTS", "FinetuneObjective", "FinetuneSettings", "GuardSettings", "TrialResult", "best_so_far",
            "best_trial", "check_search_inputs", "create_agent", "read_settings", "read_trials",
            "run_search", "summarize"]

@@ -1,0 +1,167 @@
+"""A learned sampler in the user's own training loop: per-image weights and a WebDataset stage.
+
+The store scores several crops of every training image; a user's own pipeline makes its own
+crops, so here each image gets the mean tau of its scored crops (``image_tau``). Two ways to
+use it without this project's trainer:
+
+- map-style data: ``sampler_weights(...)`` gives one weight per image in the store's index
+  order, with the image keys to line them up with the user's dataset, ready for
+  ``torch.utils.data.WeightedRandomSampler``;
+- a WebDataset pipeline: ``keep_by_tau(...)`` is a stage for ``.compose(...)`` that draws
+  twice the samples it emits and keeps half, chosen with probability proportional to tau
+  (Efraimidis-Spirakis, ``pipeline.filter.select``), looked up by ``__key__``.
+
+    >>> import webdataset as wds                                   # doctest: +SKIP
+    >>> stage = keep_by_tau("STORE/searches/ss/best_sampler.json", "STORE")  # doctest: +SKIP
+    >>> ds = wds.WebDataset(urls).compose(stage).decode("pil")     # doctest: +SKIP
+
+The features and keys are read through the store's DuckDB catalog (the views users query
+with ``swift-sampler sql``); the noise ground truth is never read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from swift_sampler.storage import StoreError, query
+
+from .filter import select
+from .sampler import Sampler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ImageWeights:
+    """Per-image weights of a sampler, in the store's train index order.
+
+    Attributes:
+        keys: ``(N,)`` object array, the image key (``__key__`` in the shards) of each index.
+        weights: ``(N,)`` float64, the mean tau of the image's scored crops, in [0, 1].
+    """
+
+    keys: np.ndarray
+    weights: np.ndarray
+
+    def by_key(self) -> dict[str, float]:
+        return dict(zip(self.keys.tolist(), self.weights.tolist()))
+
+
+def _sampler(sampler: Sampler | str | os.PathLike) -> Sampler:
+    if isinstance(sampler, Sampler):
+        return sampler
+    from .sampler_file import load_sampler
+
+    return load_sampler(sampler)[0]
+
+
+def image_tau(sampler: Sampler | str | os.PathLike, store: str | os.PathLike) -> ImageWeights:
+    """Mean tau over each train image's scored crops, from the store's ``features`` view.
+
+    Args:
+        sampler: a ``Sampler`` or the path of a sampler file (``best_sampler.json``).
+        store: the store whose features the sampler was learned on.
+
+    Raises:
+        StoreError: the store has no features, or a train image has none.
+        SamplerFileError: an invalid sampler file.
+    """
+    sampler = _sampler(sampler)
+    crops = query(store, 'SELECT "index", loss, entropy_r FROM features')
+    keys = query(store, "SELECT \"index\", key FROM samples WHERE split = 'train' ORDER BY \"index\"")
+    n = keys.num_rows
+    index = crops.column("index").to_numpy()
+    tau = sampler.tau(crops.column("loss").to_numpy(), crops.column("entropy_r").to_numpy(), precise=True)
+    counts = np.bincount(index, minlength=n)
+    if counts.size != n or not counts.all():
+        raise StoreError(f"{store}: {int((counts[:n] == 0).sum())} train image(s) have no scored "
+                         "crops; run `swift-sampler pipeline build-features` to finish the features")
+    weights = np.bincount(index, weights=tau, minlength=n) / counts
+    return ImageWeights(keys=keys.column("key").to_numpy(zero_copy_only=False), weights=weights)
+
+
+def sampler_weights(sampler: Sampler | str | os.PathLike, store: str | os.PathLike) -> ImageWeights:
+    """Weights for ``torch.utils.data.WeightedRandomSampler``, one per train image.
+
+    ``weights[i]`` belongs to the image of index ``i`` (key ``keys[i]``); reorder by key to
+    match a dataset in another order. An image whose weight is 0 is never drawn.
+
+    Raises:
+        StoreError: as ``image_tau``; every weight is 0 (nothing would be trained on).
+    """
+    w = image_tau(sampler, store)
+    if not (w.weights > 0).any():
+        raise StoreError("the sampler gives weight 0 to every image: nothing would be trained on")
+    return w
+
+
+class keep_by_tau:  # noqa: N801 - a stage, named like webdataset's stage functions
+    """WebDataset stage: of every ``2 * batch`` samples, keep ``batch`` with probability ~ tau.
+
+    Args:
+        sampler: a ``Sampler`` or a sampler file.
+        store: the store the sampler was learned on (its features give each image's tau).
+        batch: samples kept per window (the window is twice that).
+        seed: seed of the draws. A worker adds its id, and each pass over the data (each call
+            of the stage: one epoch) its number, so workers and epochs draw differently while
+            a run stays reproducible.
+        unknown: what to do with a sample whose ``__key__`` is not in the store: "error"
+            (default) or "keep" (tau 1, counted and logged once per window).
+
+    The stage reads ``__key__`` only, so it can sit before decoding: samples it drops are
+    never decoded. A window at the end of the stream keeps half of what it holds.
+    """
+
+    def __init__(self, sampler: Sampler | str | os.PathLike, store: str | os.PathLike, *,
+                 batch: int = 256, seed: int = 0, unknown: str = "error") -> None:
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
+        if unknown not in ("error", "keep"):
+            raise ValueError(f"unknown must be 'error' or 'keep', got {unknown!r}")
+        self.tau = sampler_weights(sampler, store).by_key()
+        self.batch, self.seed, self.unknown = batch, seed, unknown
+        self.unknown_count = 0
+        self.passes = 0
+
+    def _tau_of(self, sample: dict[str, Any]) -> float:
+        key = sample.get("__key__")
+        if key in self.tau:
+            return self.tau[key]
+        if self.unknown == "error":
+            raise StoreError(f"sample key {key!r} is not a train image of the store; pass "
+                             "unknown='keep' to let unknown samples through with tau 1")
+        self.unknown_count += 1
+        return 1.0
+
+    def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        import torch.utils.data
+
+        info = torch.utils.data.get_worker_info()
+        rng = np.random.default_rng([int(self.seed), info.id if info else 0, self.passes])
+        self.passes += 1
+        window: list[dict[str, Any]] = []
+        for sample in src:
+            window.append(sample)
+            if len(window) == 2 * self.batch:
+                yield from self._keep(window, self.batch, rng)
+                window = []
+        if window:
+            yield from self._keep(window, len(window) // 2 or 1, rng)
+
+    def _keep(self, window, keep: int, rng) -> Iterator[dict[str, Any]]:
+        before = self.unknown_count
+        tau = np.array([self._tau_of(s) for s in window], dtype=np.float64)
+        if self.unknown_count > before:
+            log.warning("%d sample(s) not in the store kept with tau 1 (%d so far)",
+                        self.unknown_count - before, self.unknown_count)
+        for i in np.sort(select(tau, keep, rng)):
+            yield window[i]
+
+
+__all__ = ["ImageWeights", "image_tau", "keep_by_tau", "sampler_weights"]

@@ -1,0 +1,118 @@
+"""The stages as plain functions (what ``swift_sampler`` exports); each returns a summary dict.
+
+Heavy modules (torch, the trainer) are imported inside the functions, so ``import
+swift_sampler`` stays quick.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from swift_sampler.pipeline.sampler import Sampler
+
+PathLike = str | os.PathLike
+
+
+def ingest(source: str, store: PathLike, **options: Any) -> dict[str, Any]:
+    """Build a store (WebDataset shards, manifest, samples table) from ``source``.
+
+    ``source``: ``imagefolder:DIR``, ``digits`` or ``torchvision:cifar10``. Options as
+    ``swift-sampler pipeline ingest``: ``val_frac``, ``test_frac``, ``noise``, ``labels``,
+    ``seed``, ``limit``, ``progress`` ...
+    """
+    from swift_sampler.pipeline.ingest import ingest as _ingest
+
+    return _ingest(source, store, **options)
+
+
+def train_model(store: PathLike, name: str | None, *, sampler: Sampler | PathLike | None = None,
+          preset: str | None = None, **overrides: Any) -> dict[str, Any]:
+    """Train a model on the store's train split; ``STORE/runs/NAME/`` holds the checkpoint.
+
+    (Not called ``train``: ``swift_sampler.train`` is the training package.)
+
+    Args:
+        sampler: None (uniform sampling: this is how ``w_share`` is trained), a ``Sampler`` or
+            a sampler file: the loader then draws 2x the crops and keeps half by tau.
+        preset: a training preset (``digits``, ``cpu-quick``, ``paper-cifar``); None picks one
+            from the image size and the hardware.
+        overrides: any ``TrainConfig`` field (``epochs``, ``lr``, ``seed``, ``workers`` ...).
+
+    Returns:
+        The run summary (``checkpoint``, ``accuracy``, ``val_accuracy``, ...).
+    """
+    from swift_sampler.train.presets import resolve_config
+    from swift_sampler.train.trainer import fit
+
+    if preset is None:
+        from swift_sampler.storage import StoreLayout, read_manifest
+        from swift_sampler.train.distributed import pick_device
+        from swift_sampler.train.presets import default_preset
+
+        side = (read_manifest(StoreLayout(store)).get("image") or {}).get("height")
+        preset = default_preset(side, pick_device().type == "cuda")
+    hook = None
+    if sampler is not None:
+        from swift_sampler.train.sampling import create_sampler_hook
+
+        hook = create_sampler_hook(store, load_sampler(sampler), features="store",
+                                   seed=int(overrides.get("seed", 0)))
+    return fit(resolve_config(str(store), preset=preset, name=name, **overrides), sampler=hook).summary
+
+
+def build_features(store: PathLike, checkpoint: PathLike, **options: Any) -> dict[str, Any]:
+    """Score every train crop with ``checkpoint`` (``w_share``): loss, E^r, grad norm, and the
+    cdf/cgf tables. Options as ``swift-sampler pipeline build-features`` (``crops_per_image``,
+    ``grad_norm``, ``seed``, ``progress`` ...)."""
+    from swift_sampler.pipeline.features import build_features as _build
+    from swift_sampler.storage import sha256_file
+    from swift_sampler.train.checkpoint import load_model
+    from swift_sampler.train.distributed import pick_device
+
+    device = options.pop("device", None) or pick_device()
+    model, _ = load_model(checkpoint, device)
+    return _build(store, model, checkpoint_sha256=sha256_file(checkpoint), device=device, **options)
+
+
+def learn_sampler(store: PathLike, checkpoint: PathLike, *, name: str = "ss", steps: int = 40,
+                  **options: Any) -> dict[str, Any]:
+    """Search the 10 parameters (GP-UCB; resumable) and write ``best_sampler.json``.
+
+    Options as ``search.run.search``: ``agent``, ``transform``, ``seed``, ``finetune``
+    (``FinetuneSettings``), ``trial_seeds``, ``guard`` (``GuardSettings``), ``workers`` ...
+    The summary's ``best_sampler`` is the recommended sampler file and ``choice`` says how it
+    was chosen (``guard``, ``uniform``, ``posterior-mean``).
+    """
+    from swift_sampler.search.run import search
+
+    return search(store, checkpoint, name=name, steps=steps, **options)
+
+
+def load_sampler(path: Sampler | PathLike) -> Sampler:
+    """A ``Sampler`` from a sampler file (validated field by field); a ``Sampler`` as is."""
+    if isinstance(path, Sampler):
+        return path
+    from swift_sampler.pipeline.sampler_file import load_sampler as _load
+
+    return _load(Path(path))[0]
+
+
+def evaluate(store: PathLike, checkpoint: PathLike, split: str = "test", **options: Any) -> dict[str, Any]:
+    """Top-1 (and top-5) of a checkpoint or model on ``split``."""
+    from swift_sampler.train.evaluate import evaluate as _evaluate
+
+    return _evaluate(store, checkpoint, split, **options)
+
+
+def sql(store: PathLike, query: str):
+    """One read-only SQL query over the store's DuckDB views (``samples``, ``features``,
+    ``cdf``, ``cgf``, ``trials``, ``metrics``); returns a ``pyarrow.Table``."""
+    from swift_sampler.storage import query as _query
+
+    return _query(store, query)
+
+
+__all__ = ["Sampler", "build_features", "evaluate", "ingest", "learn_sampler", "load_sampler",
+           "sql", "train_model"]
