@@ -7,13 +7,15 @@ import warnings
 import torch
 from torchvision.io import ImageReadMode, decode_image
 
+from swift_sampler.storage.errors import SwiftSamplerError
+
 # torchvision warns about its decoders' future on every call; the warning costs ~10 us a sample.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities")
 
 _MODES = {1: ImageReadMode.GRAY, 3: ImageReadMode.RGB}
 
 
-class CorruptSampleError(ValueError):
+class CorruptSampleError(SwiftSamplerError, ValueError):
     """Stored bytes are not a decodable image."""
 
 

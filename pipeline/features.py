@@ -48,6 +48,7 @@ from swift_sampler.storage import (
     remove_stale_temporaries,
     split_shards,
 )
+from swift_sampler.storage.errors import UsageError
 from swift_sampler.storage.schemas import FEATURES
 
 from .crop_stream import (
@@ -253,9 +254,9 @@ def build_features(store, model: nn.Module, *, crops_per_image: int = 8, grad_no
     shards = split_shards(layout, manifest, "train")
     checks = shard_infos(layout, manifest, "train")  # size and sha256 of each shard
     if crops_per_image < 1 or batch_size < 1:
-        raise ValueError("crops_per_image and batch_size must be at least 1")
+        raise UsageError("crops_per_image and batch_size must be at least 1")
     if grad_norm not in GRAD_NORM_MODES:
-        raise ValueError(f"grad_norm must be one of {', '.join(GRAD_NORM_MODES)}, got {grad_norm!r}")
+        raise UsageError(f"grad_norm must be one of {', '.join(GRAD_NORM_MODES)}, got {grad_norm!r}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world of size {world_size}")
     if world_size > 1 and _dist() is None:

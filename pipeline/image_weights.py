@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from swift_sampler.storage import StoreError, query
+from swift_sampler.storage.errors import UsageError
 
 from .filter import select
 from .sampler import Sampler
@@ -121,9 +122,9 @@ class keep_by_tau:  # noqa: N801 - a stage, named like webdataset's stage functi
     def __init__(self, sampler: Sampler | str | os.PathLike, store: str | os.PathLike, *,
                  batch: int = 256, seed: int = 0, unknown: str = "error") -> None:
         if batch < 1:
-            raise ValueError(f"batch must be >= 1, got {batch}")
+            raise UsageError(f"batch must be >= 1, got {batch}")
         if unknown not in ("error", "keep"):
-            raise ValueError(f"unknown must be 'error' or 'keep', got {unknown!r}")
+            raise UsageError(f"unknown must be 'error' or 'keep', got {unknown!r}")
         self.tau = sampler_weights(sampler, store).by_key()
         self.batch, self.seed, self.unknown = batch, seed, unknown
         self.unknown_count = 0

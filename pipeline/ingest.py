@@ -46,6 +46,7 @@ from swift_sampler.storage import (
     remove_stale_temporaries,
     write_manifest,
 )
+from swift_sampler.storage.errors import SwiftSamplerError
 from swift_sampler.storage.schemas import SAMPLES
 
 from .noise import expected_rate, inject_noise, parse_noise
@@ -64,7 +65,7 @@ _SHARD_FILE = re.compile(rf"({'|'.join(SPLITS)})-\d{{6}}\.tar")
 log = logging.getLogger(__name__)
 
 
-class IngestError(ValueError):
+class IngestError(SwiftSamplerError, ValueError):
     """Inputs that cannot make a valid store; the message says what to change."""
 
 

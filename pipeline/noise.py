@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from swift_sampler.storage.errors import SwiftSamplerError
+
 KINDS = ("none", "symmetric", "asymmetric")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck")
@@ -25,7 +27,7 @@ CIFAR10_PAIRS = {"truck": "automobile", "bird": "airplane", "deer": "horse", "ca
                  "dog": "cat"}
 
 
-class NoiseSpecError(ValueError):
+class NoiseSpecError(SwiftSamplerError, ValueError):
     """A ``--noise`` value could not be parsed; the message shows the accepted forms."""
 
 

@@ -24,6 +24,8 @@ from functools import cached_property
 
 import numpy as np
 
+from swift_sampler.storage.errors import SwiftSamplerError
+
 from .piecewise import EPS32, Piecewise
 from .tables import KINDS, FeatureTables, unit
 
@@ -39,7 +41,7 @@ TRANSFORMS = KINDS  # "cgf" (grad-norm weighted, eq. 10) or "cdf" (uniform weigh
 SEGMENTS = 4
 
 
-class SamplerError(ValueError):
+class SamplerError(SwiftSamplerError, ValueError):
     """A sampler's parameters or tables are invalid; the message names the field."""
 
 

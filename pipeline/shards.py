@@ -40,6 +40,7 @@ from swift_sampler.storage import (
     read_manifest,
     split_shards,
 )
+from swift_sampler.storage.errors import UsageError
 
 BLOCK = 512
 IMAGE_EXTS = ("jpg", "png")
@@ -111,7 +112,7 @@ def write_shards(src: Iterable[dict[str, Any]], *, folder: str | Path, split: st
     ``[{"file", "count", "bytes", "sha256"}]`` in shard order.
     """
     if shard_size < 1:
-        raise ValueError(f"shard_size must be positive, got {shard_size}")
+        raise UsageError(f"shard_size must be positive, got {shard_size}")
     folder = Path(folder)
     it = iter(src)
     shards = []

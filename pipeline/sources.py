@@ -21,17 +21,19 @@ from typing import NamedTuple
 
 import numpy as np
 
+from swift_sampler.storage.errors import SwiftSamplerError
+
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TORCHVISION_SETS = ("cifar10", "cifar100")
 _HOSTS = {"cifar10": "www.cs.toronto.edu", "cifar100": "www.cs.toronto.edu"}
 
 
-class SourceError(ValueError):
+class SourceError(SwiftSamplerError, ValueError):
     """A source spec or folder that cannot be ingested; the message says what to do."""
 
 
-class CorruptImageError(ValueError):
+class CorruptImageError(SwiftSamplerError, ValueError):
     """Bytes that are not a whole JPEG or PNG image."""
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from swift_sampler.storage.errors import SwiftSamplerError
 
-class SplitError(ValueError):
+
+class SplitError(SwiftSamplerError, ValueError):
     """Split fractions or sizes that would leave a split (or a class in train) empty."""
 
 

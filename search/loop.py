@@ -59,6 +59,7 @@ from swift_sampler.storage import (
     exclusive_lock,
     remove_stale_temporaries,
 )
+from swift_sampler.storage.errors import UsageError
 from swift_sampler.storage.schemas import TRIALS
 
 from .agents import create_agent
@@ -87,10 +88,10 @@ class GuardSettings:
 
     def check(self) -> GuardSettings:
         if int(self.repeats) < 0 or int(self.candidates) < 1:
-            raise ValueError(f"guard repeats must be >= 0 and candidates >= 1, got "
+            raise UsageError(f"guard repeats must be >= 0 and candidates >= 1, got "
                              f"{self.repeats}, {self.candidates}")
         if self.enabled and int(self.repeats) < 2:
-            raise ValueError("the guard compares samplers on >= 2 seeds; pass --guard-repeats 2 "
+            raise UsageError("the guard compares samplers on >= 2 seeds; pass --guard-repeats 2 "
                              "or more, or --no-guard")
         return self
 
@@ -191,9 +192,9 @@ def run_search(
         LockedError: another process runs this search.
     """
     if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+        raise UsageError(f"steps must be >= 1, got {steps}")
     if trial_seeds not in TRIAL_SEEDS:
-        raise ValueError(f"trial_seeds must be one of {', '.join(TRIAL_SEEDS)}, got {trial_seeds!r}")
+        raise UsageError(f"trial_seeds must be one of {', '.join(TRIAL_SEEDS)}, got {trial_seeds!r}")
     guard = (guard or GuardSettings()).check()
     baseline = np.asarray(initial_points[0], dtype=np.float64) if initial_points else None
     if baseline is None:  # nothing to measure the noise on or to compare with

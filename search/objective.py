@@ -43,6 +43,7 @@ import torch
 from swift_sampler.pipeline.sampler import Sampler
 from swift_sampler.pipeline.sampler_file import SamplerFileError, check_not_all_zero
 from swift_sampler.storage import StoreError, StoreLayout, read_manifest, sha256_file
+from swift_sampler.storage.errors import UsageError
 from swift_sampler.train.checkpoint import CheckpointError, load_checkpoint
 from swift_sampler.train.distributed import DistInfo, all_reduce_sum, init_distributed
 from swift_sampler.train.evaluate import noise_diagnostics, predict_batches
@@ -95,23 +96,23 @@ class FinetuneSettings:
 
     def check(self) -> FinetuneSettings:
         if int(self.epochs) < 1:
-            raise ValueError(f"--finetune-epochs must be >= 1, got {self.epochs}")
+            raise UsageError(f"--finetune-epochs must be >= 1, got {self.epochs}")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"--finetune-lr must be positive, got {self.lr}")
+            raise UsageError(f"--finetune-lr must be positive, got {self.lr}")
         if not 0 < self.lr_fraction <= 10:
-            raise ValueError(f"lr_fraction must be in (0, 10], got {self.lr_fraction}")
+            raise UsageError(f"lr_fraction must be in (0, 10], got {self.lr_fraction}")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+            raise UsageError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.batch_size is not None and int(self.batch_size) < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
         if int(self.repeats) < 1:
-            raise ValueError(f"--repeats must be >= 1, got {self.repeats}")
+            raise UsageError(f"--repeats must be >= 1, got {self.repeats}")
         if self.start not in STARTS:
-            raise ValueError(f"start must be one of {', '.join(STARTS)}, got {self.start!r}")
+            raise UsageError(f"start must be one of {', '.join(STARTS)}, got {self.start!r}")
         if self.score not in SCORES:
-            raise ValueError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
+            raise UsageError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
         if self.features not in FEATURE_MODES:
-            raise ValueError(f"features must be one of {', '.join(FEATURE_MODES)}, got {self.features!r}")
+            raise UsageError(f"features must be one of {', '.join(FEATURE_MODES)}, got {self.features!r}")
         return self
 
 

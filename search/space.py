@@ -12,6 +12,8 @@ import math
 import numpy as np
 from scipy.stats import qmc
 
+from swift_sampler.storage.errors import SwiftSamplerError
+
 DIM = 10
 LOWER = 0.0
 UPPER = 1.0
@@ -20,7 +22,7 @@ UPPER = 1.0
 _TOLERANCE = 1e-9
 
 
-class PointError(ValueError):
+class PointError(SwiftSamplerError, ValueError):
     """A point is not a finite vector of the cube [0,1]^dim."""
 
 

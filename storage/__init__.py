@@ -19,6 +19,7 @@ from .atomic import (
     remove_stale_temporaries,
 )
 from .catalog import QueryError, available_views, connect, query
+from .errors import SwiftSamplerError, UsageError
 from .layout import SPLITS, StoreError, StoreLayout, check_name
 from .manifest import (
     num_classes,
@@ -37,6 +38,8 @@ __all__ = [
     "QueryError",
     "StoreError",
     "StoreLayout",
+    "SwiftSamplerError",
+    "UsageError",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_parquet",

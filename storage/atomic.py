@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from .errors import SwiftSamplerError
+
 TMP_PREFIX = ".tmp-"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -105,7 +107,7 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-class LockedError(RuntimeError):
+class LockedError(SwiftSamplerError, RuntimeError):
     """Another process holds the lock."""
 
 

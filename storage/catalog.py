@@ -17,13 +17,14 @@ import re
 import duckdb
 import pyarrow as pa
 
+from .errors import SwiftSamplerError
 from .layout import StoreLayout
 
 VIEWS = ("samples", "features", "cdf", "cgf", "trials", "metrics")
 _EXPLAIN = re.compile(r"^\s*explain\s+(analyze\s+)?", re.IGNORECASE)
 
 
-class QueryError(ValueError):
+class QueryError(SwiftSamplerError, ValueError):
     """User SQL was rejected or failed; the message says why."""
 
 

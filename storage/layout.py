@@ -7,11 +7,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import SwiftSamplerError
+
 SPLITS = ("train", "val", "test")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-class StoreError(ValueError):
+class StoreError(SwiftSamplerError, ValueError):
     """A store is missing, incomplete or inconsistent; the message says what to do."""
 
 

@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Any
 
-COMMAND_MODULES = ("ingest", "features", "train", "sampler", "search", "sql", "plot", "demo", "bench")
+COMMAND_MODULES = ("ingest", "features", "train", "search", "sql", "plot", "demo", "bench")
 GROUPS = {
     "pipeline": "data stages: ingest, build-features",
     "search": "learn a sampler: run, show",
@@ -29,9 +29,11 @@ class UserError(Exception):
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    from swift_sampler.storage import LockedError, QueryError, StoreError
+    # The project's own error types only: a ValueError from NumPy or a KeyError is a bug and
+    # keeps its traceback.
+    from swift_sampler.storage import SwiftSamplerError
 
-    return (UserError, StoreError, QueryError, LockedError, FileNotFoundError, ValueError)
+    return (UserError, SwiftSamplerError, FileNotFoundError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,13 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         groups[name] = group.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
         group.set_defaults(func=lambda args, g=group: g.print_help() or 2)
     for module in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(f"swift_sampler.commands.{module}")
-        except ModuleNotFoundError as e:
-            if e.name == f"swift_sampler.commands.{module}":
-                continue
-            raise
-        mod.register(sub, groups)
+        importlib.import_module(f"swift_sampler.commands.{module}").register(sub, groups)
     return parser
 
 

@@ -44,7 +44,6 @@ def run_torchrun(args, cwd, timeout=240):
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed beside python")
 def test_two_process_gloo_ddp(tmp_path):
     store = make_store(tmp_path / "s", splits={"train": 64, "val": 16}, shard_size=8)
     script = tmp_path / "ddp_script.py"
@@ -66,12 +65,11 @@ def test_two_process_gloo_ddp(tmp_path):
     # Rank 0 alone wrote the run folder.
     run = store / "runs" / "ddp"
     assert sorted(p.name for p in run.iterdir()) == [
-        "checkpoint.pt", "config.json", "metrics.jsonl", "summary.json"]
+        "checkpoint-e001.pt", "checkpoint.pt", "config.json", "metrics.jsonl", "summary.json"]
     assert json.loads((run / "config.json").read_text())["world_size"] == 2
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed beside python")
 def test_cli_under_torchrun(tmp_path):
     store = make_store(tmp_path / "s", splits={"train": 64, "val": 16}, shard_size=8)
     proc = run_torchrun(["-m", "swift_sampler", "train", "--store", str(store), "--name", "cli",
@@ -80,3 +78,23 @@ def test_cli_under_torchrun(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
     assert len(lines) == 1 and json.loads(lines[0])["world_size"] == 2
+
+
+def test_search_run_under_torchrun_through_the_cli(tmp_path):
+    """Rank 1 gets no files of rank 0's search and must not read them (it raised KeyError)."""
+    import swift_sampler
+
+    store = tmp_path / "store"
+    swift_sampler.ingest("digits", store, noise="symmetric:0.4", val_frac=0.2, test_frac=0.2,
+                         shard_size=400, progress=False)
+    ckpt = swift_sampler.train_model(store, "w_share", epochs=2, workers=0, progress=False)["checkpoint"]
+    swift_sampler.build_features(store, ckpt, crops_per_image=2, progress=False, device="cpu")
+    proc = run_torchrun(["-m", "swift_sampler", "search", "run", "--store", str(store),
+                         "--checkpoint", ckpt, "--name", "ddp", "--steps", "2",
+                         "--finetune-epochs", "1", "--guard-candidates", "1", "--guard-repeats", "2",
+                         "--workers", "0", "--device", "cpu", "--json"], cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
+    assert len(lines) == 1  # rank 0 alone prints the summary
+    assert lines[0]["search_trials"] == 2 and lines[0]["trials"] == 2 + 2 + 2
+    assert lines[0]["choice"] in ("guard", "uniform")

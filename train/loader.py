@@ -61,6 +61,7 @@ from swift_sampler.pipeline.crops import Crop, apply_crop, plain_crop, sample_cr
 from swift_sampler.pipeline.decode import CorruptSampleError, decode
 from swift_sampler.pipeline.shards import IMAGE_EXTS, shard_infos
 from swift_sampler.storage import StoreError, StoreLayout, read_manifest
+from swift_sampler.storage.errors import UsageError
 
 from .shardio import Shard, WorkerPlan, plan_worker, python_rng, read_shards, seed_ints, take_every
 
@@ -83,20 +84,37 @@ def parse_sample(raw: dict[str, Any], *, channels: int) -> dict[str, Any]:
     Reads only ``index`` (and ``label`` when ``KEY.cls`` is missing) from ``KEY.json``.
 
     Raises:
-        CorruptSampleError, KeyError, ValueError, TypeError: no image bytes, an unreadable
-            label or index, or an image that does not decode.
+        CorruptSampleError: no image bytes, an unreadable label or index, or an image that
+            does not decode. Anything else is a bug and is not caught by the loader (as timm
+            re-raises it).
     """
     ext = next((e for e in IMAGE_EXTS if e in raw), None)
     if ext is None:
         raise CorruptSampleError("no image member")
-    meta = json.loads(raw["json"]) if "json" in raw else {}
-    label = int(raw["cls"]) if "cls" in raw else int(meta["label"])
-    index = int(meta["index"])
+    try:
+        meta = json.loads(raw["json"]) if "json" in raw else {}
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CorruptSampleError(f"unreadable KEY.json: {e}") from None
+    if not isinstance(meta, dict):
+        raise CorruptSampleError("KEY.json is not a JSON object")
+    label = _as_int(raw["cls"] if "cls" in raw else meta.get("label"), "label")
+    index = _as_int(meta.get("index"), "index")
     return {"key": raw.get("__key__", "?"), "index": index, "label": label,
             "image": decode(raw[ext], channels)}
 
 
-_SAMPLE_ERRORS = (CorruptSampleError, KeyError, ValueError, TypeError)
+def _as_int(value: Any, what: str) -> int:
+    if isinstance(value, bytes | bytearray):
+        value = value.decode("ascii", errors="replace")
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise CorruptSampleError(f"{what} missing or not an integer: {value!r}")
+    try:
+        return int(value)
+    except ValueError:
+        raise CorruptSampleError(f"{what} is not an integer: {value!r}") from None
+
+
+_SAMPLE_ERRORS = (CorruptSampleError,)
 
 
 def is_damaged(raw: dict[str, Any], *, channels: int) -> bool:
@@ -263,11 +281,11 @@ class ShardDataset(IterableDataset):
             if not os.path.isfile(s.path):
                 raise StoreError(f"shard {s.path} listed in the manifest is missing; ingest again")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+            raise UsageError(f"batch_size must be positive, got {batch_size}")
         if candidates_per_image < 1:
-            raise ValueError("candidates_per_image must be >= 1")
+            raise UsageError("candidates_per_image must be >= 1")
         if candidates_per_image > 1 and batch_filter is None:
-            raise ValueError("candidates_per_image > 1 needs a batch_filter to keep batch_size crops")
+            raise UsageError("candidates_per_image > 1 needs a batch_filter to keep batch_size crops")
         if rank is None or world_size is None:
             rank, world_size = _dist_info()
         self.split, self.batch_size, self.train, self.seed = split, batch_size, train, seed

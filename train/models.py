@@ -22,6 +22,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from swift_sampler.storage.errors import SwiftSamplerError, UsageError
+
 MODEL_NAMES = ("resnet18", "tiny-cnn", "digits-net", "torchvision:<arch>")
 # ImageNet statistics for colour images (what torchvision weights expect); a neutral guess for
 # grayscale. BatchNorm right after the first conv makes the exact values unimportant.
@@ -29,7 +31,7 @@ RGB_MEAN, RGB_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 GRAY_MEAN, GRAY_STD = (0.5,), (0.25,)
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(SwiftSamplerError, ValueError):
     """The model name is not one ``create_model`` knows."""
 
 
@@ -157,9 +159,9 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, image_size: int
         UnknownModelError: for an unknown name (a ``ValueError``).
     """
     if num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        raise UsageError(f"num_classes must be >= 2, got {num_classes}")
     if in_chans not in (1, 3):
-        raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
+        raise UsageError(f"in_chans must be 1 or 3, got {in_chans}")
     expand = False
     if name == "resnet18":
         backbone, dim = _resnet18_cifar(in_chans)

@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from swift_sampler.storage.errors import UsageError
+
 from .schedules import SCHEDULES
 
 
@@ -94,11 +96,11 @@ def resolve_config(store: str, *, preset: str | None = None, **overrides: Any) -
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(overrides) - fields
     if unknown:
-        raise ValueError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+        raise UsageError(f"unknown training option(s): {', '.join(sorted(unknown))}")
     values: dict[str, Any] = {}
     if preset is not None:
         if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+            raise UsageError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         values.update(PRESETS[preset])
     values.update({k: v for k, v in overrides.items() if v is not None})
     if "milestones" in values:
@@ -110,18 +112,18 @@ def resolve_config(store: str, *, preset: str | None = None, **overrides: Any) -
 
 def validate(c: TrainConfig) -> None:
     if c.epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {c.epochs}")
+        raise UsageError(f"epochs must be >= 1, got {c.epochs}")
     if c.batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {c.batch_size}")
+        raise UsageError(f"batch size must be >= 1, got {c.batch_size}")
     if not c.lr > 0:
-        raise ValueError(f"lr must be positive, got {c.lr}")
+        raise UsageError(f"lr must be positive, got {c.lr}")
     if c.weight_decay < 0 or not 0 <= c.momentum < 1:
-        raise ValueError("weight decay must be >= 0 and momentum in [0, 1)")
+        raise UsageError("weight decay must be >= 0 and momentum in [0, 1)")
     if c.schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {c.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        raise UsageError(f"unknown schedule {c.schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if c.keep_checkpoints < 0:
-        raise ValueError(f"keep_checkpoints must be >= 0, got {c.keep_checkpoints}")
+        raise UsageError(f"keep_checkpoints must be >= 0, got {c.keep_checkpoints}")
     if c.continue_from and (c.init or c.resume):
-        raise ValueError("continue_from cannot be combined with init or resume")
+        raise UsageError("continue_from cannot be combined with init or resume")
     if c.workers < 0:
-        raise ValueError(f"workers must be >= 0, got {c.workers}")
+        raise UsageError(f"workers must be >= 0, got {c.workers}")

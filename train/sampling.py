@@ -30,6 +30,7 @@ from swift_sampler.pipeline.filter import select, select_torch
 from swift_sampler.pipeline.sampler import Sampler
 from swift_sampler.pipeline.scoring import cross_entropy, entropy_r
 from swift_sampler.storage import StoreError, StoreLayout
+from swift_sampler.storage.errors import UsageError
 
 from .trainer import SamplerHook
 
@@ -146,10 +147,10 @@ def create_sampler_hook(store: str | os.PathLike, sampler: Sampler, *, features:
                            batch_filter=tau_filter, describe=describe)
     if features == "online":
         if scorer is None or batch_size is None or device is None:
-            raise ValueError("--features online needs the pretrained model that scores crops "
+            raise UsageError("--features online needs the pretrained model that scores crops "
                              "(--init CKPT or --scorer CKPT)")
         return SamplerHook(candidates_per_image=2, batch_filter=keep_all,
                            step_filter=OnlineFilter(scorer, sampler, keep=batch_size,
                                                     device=device, seed=seed),
                            describe=describe)
-    raise ValueError(f"unknown feature source {features!r}; choose store or online")
+    raise UsageError(f"unknown feature source {features!r}; choose store or online")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from swift_sampler.storage.errors import UsageError
+
 SCHEDULES = ("multistep", "cosine", "one-cycle", "constant")
 
 
@@ -63,4 +65,4 @@ def lr_at(t: float, *, schedule: str, lr: float, epochs: float, milestones: Sequ
         return one_cycle(t, lr=lr, epochs=epochs)
     if schedule == "constant":
         return constant(t, lr=lr)
-    raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    raise UsageError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")

@@ -42,6 +42,7 @@ from swift_sampler.storage import (
     read_manifest,
     remove_stale_temporaries,
 )
+from swift_sampler.storage.errors import UsageError
 
 from .checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
 from .distributed import DistInfo, all_reduce_sum, average_buffers, barrier, init_distributed
@@ -155,7 +156,7 @@ def fit(config: TrainConfig, *, sampler: SamplerHook | None = None,
         optimizer.load_state_dict(continued["optimizer"])
         start_epoch = int(continued["epoch"]) + 1
         if start_epoch >= config.epochs:
-            raise ValueError(f"{config.continue_from} is of epoch {start_epoch} of the run; "
+            raise UsageError(f"{config.continue_from} is of epoch {start_epoch} of the run; "
                              f"nothing is left to train of {config.epochs} epochs")
     if run_dir is not None:
         if ckpt_path.is_file() and not config.resume:

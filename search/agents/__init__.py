@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from swift_sampler.storage.errors import UsageError
+
 from ._base import Agent
 from ._gp_ucb import GPUCBAgent
 from ._random import RandomAgent
@@ -30,11 +32,11 @@ def create_agent(
         ValueError: unknown name, unknown keyword, or an invalid argument.
     """
     if name not in AGENTS:
-        raise ValueError(f"unknown agent {name!r}; choose one of: {', '.join(sorted(AGENTS))}")
+        raise UsageError(f"unknown agent {name!r}; choose one of: {', '.join(sorted(AGENTS))}")
     try:
         agent = AGENTS[name](dim=dim, seed=seed, initial_points=tuple(initial_points), **kwargs)
     except TypeError as e:
-        raise ValueError(f"agent {name!r}: {e}") from None
+        raise UsageError(f"agent {name!r}: {e}") from None
     return agent.check_params()
 
 

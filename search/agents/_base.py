@@ -29,6 +29,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from swift_sampler.storage.errors import UsageError
+
 from ..space import check_point
 
 
@@ -65,14 +67,14 @@ class Agent(abc.ABC):
     def check_params(self) -> Agent:
         """Validate the constructor arguments; raises ``ValueError`` naming the bad one."""
         if not isinstance(self.dim, int | np.integer) or self.dim < 1:
-            raise ValueError(f"dim must be a positive integer, got {self.dim!r}")
+            raise UsageError(f"dim must be a positive integer, got {self.dim!r}")
         if not isinstance(self.seed, int | np.integer) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+            raise UsageError(f"seed must be a non-negative integer, got {self.seed!r}")
         for i, z in enumerate(self.initial_points):
             try:
                 check_point(z, self.dim)
             except ValueError as e:
-                raise ValueError(f"initial_points[{i}]: {e}") from None
+                raise UsageError(f"initial_points[{i}]: {e}") from None
         return self
 
     # -- ask / tell ------------------------------------------------------------------------
@@ -98,7 +100,7 @@ class Agent(abc.ABC):
         z = check_point(point, self.dim)
         s = float(score)
         if not math.isfinite(s):
-            raise ValueError(
+            raise UsageError(
                 f"score must be finite, got {score!r}; record a failed evaluation with the "
                 "worst score seen instead"
             )

@@ -41,6 +41,8 @@ from sklearn.gaussian_process import GaussianProcessRegressor
 from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
 from threadpoolctl import threadpool_limits
 
+from swift_sampler.storage.errors import UsageError
+
 from ..space import sobol_points, uniform_points
 from ._base import Agent
 
@@ -126,13 +128,13 @@ class GPUCBAgent(Agent):
         super().check_params()
         for name in ("n_sobol", "n_restarts_optimizer", "acquisition_budget", "n_pool"):
             if int(getattr(self, name)) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+                raise UsageError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if int(self.batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size!r}")
+            raise UsageError(f"batch_size must be >= 1, got {self.batch_size!r}")
         if not self.beta_scale >= 0:
-            raise ValueError(f"beta_scale must be >= 0, got {self.beta_scale!r}")
+            raise UsageError(f"beta_scale must be >= 0, got {self.beta_scale!r}")
         if not 0 < self.delta < 1:
-            raise ValueError(f"delta must be in (0, 1), got {self.delta!r}")
+            raise UsageError(f"delta must be in (0, 1), got {self.delta!r}")
         return self
 
     def beta(self, t: int) -> float:

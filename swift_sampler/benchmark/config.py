@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from swift_sampler.pipeline.noise import parse_noise
+from swift_sampler.storage.errors import UsageError
 
 # Order of the results table. ``ss-cdf`` and ``ss-random`` are the paper's ablations (Fig. 3).
 METHODS = ("uniform", "clean", "oracle-mask", "small-loss", "cleanlab", "ss", "ss-cdf", "ss-random")
@@ -131,11 +132,11 @@ def resolve_bench(data: str, out: str, *, preset: str = "cpu-quick", **options: 
         ValueError: unknown preset, method or option; a value out of range.
     """
     if preset not in PRESETS:
-        raise ValueError(f"unknown bench preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        raise UsageError(f"unknown bench preset {preset!r}; choose one of {', '.join(PRESETS)}")
     fields = {f.name for f in dataclasses.fields(BenchConfig)}
     unknown = set(options) - fields
     if unknown:
-        raise ValueError(f"unknown bench option(s): {', '.join(sorted(unknown))}")
+        raise UsageError(f"unknown bench option(s): {', '.join(sorted(unknown))}")
     values = {**PRESETS[preset], **{k: v for k, v in options.items() if v is not None}}
     if Path(data).is_dir():  # one spelling per folder, so a resumed run matches bench.json
         data = str(Path(data).resolve())
@@ -153,7 +154,7 @@ def parse_methods(text: str) -> tuple[str, ...]:
         return METHODS
     bad = [m for m in names if m not in METHODS]
     if bad or not names:
-        raise ValueError(f"unknown method(s) {', '.join(bad) or '(none given)'}; choose from "
+        raise UsageError(f"unknown method(s) {', '.join(bad) or '(none given)'}; choose from "
                          f"{', '.join(METHODS)} (comma-separated) or all")
     return tuple(m for m in METHODS if m in names)
 
@@ -163,22 +164,22 @@ def check(c: BenchConfig) -> None:
     for name in ("seeds", "epochs", "batch_size", "steps", "finetune_epochs", "finetune_repeats",
                  "crops_per_image"):
         if int(getattr(c, name)) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
     if c.cleanlab_folds < 2:
-        raise ValueError(f"cleanlab needs at least 2 folds, got {c.cleanlab_folds}")
+        raise UsageError(f"cleanlab needs at least 2 folds, got {c.cleanlab_folds}")
     if c.verify_ranks < 0 or c.verify_ranks == 1:
-        raise ValueError(f"--verify-ranks must be 0 or >= 2 (a rank correlation needs two "
+        raise UsageError(f"--verify-ranks must be 0 or >= 2 (a rank correlation needs two "
                          f"samplers), got {c.verify_ranks}")
     if c.verify_ranks and c.verify_ranks > c.steps:
-        raise ValueError(f"--verify-ranks {c.verify_ranks} exceeds the {c.steps} search trials")
+        raise UsageError(f"--verify-ranks {c.verify_ranks} exceeds the {c.steps} search trials")
     if c.verify_ranks and "ss" not in c.methods:
-        raise ValueError("--verify-ranks retrains samplers of the ss search; add ss to --methods")
+        raise UsageError("--verify-ranks retrains samplers of the ss search; add ss to --methods")
     if c.limit is not None and c.limit < 1:
-        raise ValueError(f"--limit must be positive, got {c.limit}")
+        raise UsageError(f"--limit must be positive, got {c.limit}")
     if not c.lr > 0:
-        raise ValueError(f"--lr must be positive, got {c.lr}")
+        raise UsageError(f"--lr must be positive, got {c.lr}")
     if not 0 < c.finetune_lr_fraction <= 10:
-        raise ValueError(f"--finetune-lr-fraction must be in (0, 10], got {c.finetune_lr_fraction}")
+        raise UsageError(f"--finetune-lr-fraction must be in (0, 10], got {c.finetune_lr_fraction}")
 
 
 def planned_work(c: BenchConfig, counts: dict[str, int]) -> dict[str, dict[str, float]]:

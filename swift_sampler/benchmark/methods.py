@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow.dataset as pads
 
 from swift_sampler.storage import StoreLayout
+from swift_sampler.storage.errors import UsageError
 
 from .context import SeedRun
 from .stores import ground_truth, known_noise_rate
@@ -69,7 +70,7 @@ def crop0_loss(store) -> np.ndarray:
     loss = np.full(int(index.max()) + 1, np.nan)
     loss[index] = table.column("loss").to_numpy()
     if np.isnan(loss).any():
-        raise ValueError(f"{layout.features_dir} lacks crop 0 of some images; rebuild the features")
+        raise UsageError(f"{layout.features_dir} lacks crop 0 of some images; rebuild the features")
     return loss
 
 
@@ -78,7 +79,7 @@ def small_loss_weights(loss: np.ndarray, rate: float) -> np.ndarray:
     dropped first), 1 for the rest."""
     loss = np.asarray(loss, dtype=np.float64)
     if not 0.0 <= rate < 1.0:
-        raise ValueError(f"noise rate must be in [0, 1), got {rate}")
+        raise UsageError(f"noise rate must be in [0, 1), got {rate}")
     weights = np.ones(loss.size)
     drop = int(round(rate * loss.size))
     if drop:

@@ -25,6 +25,7 @@ import numpy as np
 from swift_sampler.pipeline.sampler import Sampler
 from swift_sampler.pipeline.sampler_file import load_sampler
 from swift_sampler.pipeline.tables import load_tables
+from swift_sampler.storage.errors import UsageError
 
 from .config import SEARCHES
 from .context import SeedRun
@@ -45,7 +46,7 @@ def run_search(run: SeedRun, name: str, agent: str, transform: str) -> dict[str,
     c = run.config
     held = read_trials(_search_folder(run, name) / "trials.parquet")
     if len(held) > c.steps:  # its best and its cost would then count different trials
-        raise ValueError(f"search {name!r} of {run.noisy} already holds {len(held)} trials, more "
+        raise UsageError(f"search {name!r} of {run.noisy} already holds {len(held)} trials, more "
                          f"than --steps {c.steps}; pass --steps {len(held)} or more, or another --out")
     run.ensure_features()
 
@@ -93,7 +94,7 @@ def verify_ranks(run: SeedRun, m: int) -> dict[str, Any]:
     trials = [t for t in read_trials(folder / "trials.parquet")[: run.config.steps] if t["status"] == "ok"]
     chosen = trials[-m:]
     if len(chosen) < 2:
-        raise ValueError(f"--verify-ranks needs 2 finished trials in search {name!r}, found {len(chosen)}")
+        raise UsageError(f"--verify-ranks needs 2 finished trials in search {name!r}, found {len(chosen)}")
     tables = load_tables(run.noisy)
     rows = []
     for t in chosen:
