@@ -104,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader left (``swift-sampler sql ... | head -1``): stop quietly, as cat or grep
+        # would on SIGPIPE; stdout goes to /dev/null so the interpreter's final flush is silent.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except _user_error_types() as e:
         if os.environ.get("SWIFT_SAMPLER_DEBUG"):
             raise

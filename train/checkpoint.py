@@ -55,10 +55,21 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): a write was cut off; "
+                              "train again (or --resume) to write it anew")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04":  # torch.save writes a zip archive
+        raise CheckpointError(f"{path} is not a checkpoint of this project (not a torch.save "
+                              "archive); pass the checkpoint.pt of a run")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and weights_only errors all mean "not a checkpoint"
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+    except Exception:  # a zip that does not read back whole: cut short or damaged
+        # Not torch's own advice (weights_only=False would run arbitrary pickled code).
+        raise CheckpointError(f"checkpoint {path} is truncated or damaged ({size} bytes); "
+                              "train again (or --resume) to write it anew") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED):
         raise CheckpointError(
             f"{path} is not a swift-sampler checkpoint (needs keys {', '.join(REQUIRED)})"

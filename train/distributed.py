@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from swift_sampler.storage.errors import UsageError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -34,7 +36,14 @@ class DistInfo:
 def pick_device(device: str | None = None, local_rank: int = 0) -> torch.device:
     """``device`` if given, else ``cuda:LOCAL_RANK`` when a GPU is present, else the CPU."""
     if device:
-        return torch.device(device)
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise UsageError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {device} asks for a GPU but this machine has none "
+                             "(torch.cuda.is_available() is False); use --device cpu")
+        return dev
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")

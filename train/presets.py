@@ -121,6 +121,9 @@ def validate(c: TrainConfig) -> None:
         raise UsageError("weight decay must be >= 0 and momentum in [0, 1)")
     if c.schedule not in SCHEDULES:
         raise UsageError(f"unknown schedule {c.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if c.val_split and c.val_split not in ("train", "val", "test"):
+        raise UsageError(f"unknown --val-split {c.val_split!r}; choose val, test or train "
+                         "(or an empty string for no per-epoch validation)")
     if c.keep_checkpoints < 0:
         raise UsageError(f"keep_checkpoints must be >= 0, got {c.keep_checkpoints}")
     if c.continue_from and (c.init or c.resume):

@@ -1,0 +1,71 @@
+"""Faults a hostile run found: each test failed before its fix (docs/reliability.md)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+import torch
+from faultlib import (
+    CLI,
+    ENV,
+    base_store,
+    copy_store,
+    ingest_args,
+    main_in_process,
+    make_checkpoint,
+)
+
+from swift_sampler.train.checkpoint import CheckpointError, load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return base_store(tmp_path_factory)
+
+
+def test_unknown_val_split_is_refused(base, tmp_path):
+    store = copy_store(base, tmp_path / "store")
+    code, err = main_in_process("train", "--store", store, "--name", "r", "--epochs", "1",
+                                "--workers", "0", "--val-split", "foo")
+    assert code == 2 and "unknown --val-split 'foo'" in err, err
+    assert not (store / "runs" / "r").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_cuda_without_a_gpu_says_so(base, tmp_path):
+    store = copy_store(base, tmp_path / "store")
+    code, err = main_in_process("train", "--store", store, "--name", "r", "--epochs", "1",
+                                "--workers", "0", "--device", "cuda")
+    assert code == 2 and "this machine has none" in err, err
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda p: p.write_bytes(b""), "is empty (0 bytes)"),
+    (lambda p: p.write_bytes(bytes(range(256)) * 8), "is not a checkpoint of this project"),
+    (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "is truncated or damaged"),
+])
+def test_damaged_checkpoints_get_one_clear_message_each(base, tmp_path, damage, needle):
+    ckpt = make_checkpoint(base, tmp_path / "w.pt")
+    damage(ckpt)
+    with pytest.raises(CheckpointError, match=re.escape(needle)) as e:
+        load_checkpoint(ckpt)
+    assert "weights_only" not in str(e.value)
+    code, err = main_in_process("evaluate", "--store", base, "--checkpoint", ckpt, "--workers", "0")
+    assert code == 2 and needle in err and "Traceback" not in err, err
+
+
+def test_sql_into_a_closed_pipe_exits_quietly(base):
+    proc = subprocess.run(f"{' '.join(CLI)} sql {base} 'SELECT * FROM samples a, samples b' --json | head -1",
+                          shell=True, capture_output=True, text=True, env=ENV, timeout=300)
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
+def test_a_store_with_figures_can_be_ingested_over(base, tmp_path):
+    store = copy_store(base, tmp_path / "store")
+    (store / "figures").mkdir()
+    (store / "figures" / "noise_density.png").write_bytes(b"png")
+    code, err = main_in_process(*ingest_args(store), "--overwrite")
+    assert code == 0, err
+    assert not (store / "figures").exists()
