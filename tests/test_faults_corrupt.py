@@ -125,17 +125,41 @@ def test_truncated_shard_stops_build_features_with_a_clear_error(base, tmp_path)
         f"train-000003.tar: size {shard.stat().st_size} != {base.joinpath('shards/train-000003.tar').stat().st_size}"]
 
 
-def test_truncated_shard_is_a_counted_logged_skip_in_training(base, tmp_path, caplog):
+def test_truncated_shard_stops_training_naming_it_and_the_samples_missing(base, tmp_path):
     store = _fresh(base, tmp_path / "store")
     shard = store / "shards" / "train-000003.tar"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    code, _, err = _main("train", "--store", store, "--name", "t", "--preset", "digits",
+                         "--epochs", "1", "--workers", "0", "--json")
+    _clean_error(code, err, "train-000003.tar", "samples cannot be read", "--skip-damaged")
+    assert not (StoreLayout(store).run("t") / "summary.json").exists()
+
+
+def test_truncated_shard_is_skipped_only_when_asked_and_the_samples_lost_are_counted(base, tmp_path, caplog):
+    store = _fresh(base, tmp_path / "store")
+    shard = store / "shards" / "train-000003.tar"
+    count = read_manifest(StoreLayout(store))["splits"]["train"]["shards"][3]["count"]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     with caplog.at_level(logging.WARNING):
         code = run_in_process("train", "--store", store, "--name", "t", "--preset", "digits",
-                              "--epochs", "1", "--workers", "0", "--json")
+                              "--epochs", "1", "--workers", "0", "--skip-damaged", "--json")
     assert code == 0
     summary = json.loads((StoreLayout(store).run("t") / "summary.json").read_text())
-    assert summary["skipped"] >= 1
+    # About half the shard is gone: the count is of samples lost, not of the one error.
+    assert count // 2 - 2 <= summary["skipped"] < count
     assert "train-000003.tar" in caplog.text
+
+
+def test_truncated_test_shard_stops_evaluate(base, tmp_path):
+    store = _fresh(base, tmp_path / "store")
+    ckpt = make_checkpoint(store, tmp_path / "w.pt")
+    shard = StoreLayout(store).shards("test")[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    code, _, err = _main("evaluate", "--store", store, "--checkpoint", ckpt, "--workers", "0")
+    _clean_error(code, err, shard.name, "samples cannot be read")
+    code, out, err = _main("evaluate", "--store", store, "--checkpoint", ckpt, "--workers", "0",
+                           "--skip-damaged", "--json")
+    assert code == 0 and json.loads(out.strip().splitlines()[-1])["lost"] > 0
 
 
 # -- garbage bytes inside an image -------------------------------------------------------------

@@ -254,7 +254,7 @@ def test_corrupt_sample_is_skipped_counted_and_named(tmp_path, caplog):
     assert "train-00000005" in caplog.text
 
 
-def test_damaged_shard_ends_early_without_crash(tmp_path):
+def test_damaged_shard_stops_the_loader_unless_skipping_is_asked(tmp_path):
     store = make_store(tmp_path / "s", splits={"train": 32}, shard_size=16)
     shard = StoreLayout(store).shards("train")[1]
     data = bytearray(shard.read_bytes())
@@ -262,6 +262,9 @@ def test_damaged_shard_ends_early_without_crash(tmp_path):
     cut = len(data) // 2
     shard.write_bytes(bytes(data[:cut]))  # and truncated
     ds = ShardDataset(store, "train", batch_size=4, num_workers=0, train=False)
+    with pytest.raises(StoreError, match="train-000001.tar is damaged"):
+        list(ds)
+    ds = ShardDataset(store, "train", batch_size=4, num_workers=0, train=False, skip_damaged=True)
     got = indices(list(ds))
     assert set(range(16)) <= set(got) and len(got) < 32
 

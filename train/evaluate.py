@@ -53,7 +53,7 @@ def predict_batches(model: nn.Module, loader, device: torch.device, *, amp: bool
 
 def predict(store: str | os.PathLike, model: nn.Module, split: str = "test", *,
             batch_size: int = 512, workers: int = 2, device: str | torch.device | None = None,
-            features: bool = False) -> dict[str, np.ndarray]:
+            features: bool = False, skip_damaged: bool = False) -> dict[str, np.ndarray]:
     """Logits of ``model`` for every sample of ``split``, sorted by sample index.
 
     Returns:
@@ -64,7 +64,7 @@ def predict(store: str | os.PathLike, model: nn.Module, split: str = "test", *,
     model = model.to(device)
     loader, _ = create_loader(store, split, batch_size=batch_size, train=False,
                               num_workers=workers, rank=0, world_size=1,
-                              image_size=unwrap(model).image_size)
+                              image_size=unwrap(model).image_size, skip_damaged=skip_damaged)
     out = predict_batches(model, loader, device, features=features)
     order = np.argsort(out["index"], kind="stable")
     return {k: v[order] for k, v in out.items()}
@@ -116,9 +116,12 @@ def noise_diagnostics(store: str | os.PathLike, split: str, index: np.ndarray,
 
 def evaluate(store: str | os.PathLike, checkpoint_or_model: str | os.PathLike | nn.Module,
              split: str = "test", *, batch_size: int = 512, workers: int = 2,
-             device: str | torch.device | None = None) -> dict[str, Any]:
+             device: str | torch.device | None = None, skip_damaged: bool = False) -> dict[str, Any]:
     """Top-1 (and top-5 when C > 5) accuracy and mean loss of a model on ``split``; with noise
     ground truth in the store, accuracy on the clean and on the flipped samples of that split.
+
+    A damaged shard stops it (``ShardReadError``) unless ``skip_damaged``; then ``lost`` counts
+    the samples of the split that were not scored.
 
     Raises:
         CheckpointError: the checkpoint's classes or channels do not match the store.
@@ -140,11 +143,13 @@ def evaluate(store: str | os.PathLike, checkpoint_or_model: str | os.PathLike | 
         )
     if split not in manifest["splits"] or not manifest["splits"][split].get("shards"):
         raise StoreError(f"store {layout.root} has no {split!r} split to evaluate")
-    out = predict(store, model, split, batch_size=batch_size, workers=workers, device=device)
+    out = predict(store, model, split, batch_size=batch_size, workers=workers, device=device,
+                  skip_damaged=skip_damaged)
     logits, labels = out["logits"], out["label"]
     loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
     pred = logits.argmax(1)
-    result: dict[str, Any] = {"split": split, "count": int(len(labels)),
+    listed = int(manifest["splits"][split].get("count") or len(labels))
+    result: dict[str, Any] = {"split": split, "count": int(len(labels)), "lost": listed - int(len(labels)),
                               "top1": float((pred == labels).mean()), "loss": float(loss)}
     if classes > 5:
         result["top5"] = float(topk_correct(logits, labels, 5).mean())

@@ -270,8 +270,9 @@ class ShardDataset(IterableDataset):
                  seed: int = 0, rank: int | None = None, world_size: int | None = None,
                  num_workers: int = 2, shuffle_buffer: int = 2000, image_size: int | None = None,
                  candidates_per_image: int = 1, crop_stage: CropStage | None = None,
-                 batch_filter: BatchFilter | None = None) -> None:
+                 batch_filter: BatchFilter | None = None, skip_damaged: bool = False) -> None:
         super().__init__()
+        self.skip_damaged = bool(skip_damaged)
         layout = StoreLayout(store)
         manifest = read_manifest(layout)
         # Size and sha256 travel with each shard: the reader checks them on the bytes it reads.
@@ -358,10 +359,14 @@ class ShardDataset(IterableDataset):
             yield from itertools.islice(batches, quota)
 
     def _samples(self, worker: int, skipped: list[str]) -> Iterator[dict[str, Any]]:
+        reported: set[str] = set()
+
         def one_pass(repeat: int) -> Iterator[dict[str, Any]]:
             plan = self._plan(worker, repeat)
             raw = read_shards(plan.shards, errors=skipped,
-                              damaged=functools.partial(is_damaged, channels=self.channels))
+                              damaged=functools.partial(is_damaged, channels=self.channels),
+                              skip_damaged=self.skip_damaged, stride=plan.stride, offset=plan.offset,
+                              reported=reported)
             raw = take_every(raw, stride=plan.stride, offset=plan.offset)
             if self.train and self.shuffle_buffer > 1:
                 rng = python_rng(self.seed, self.epoch, self.rank, worker, repeat, 3)

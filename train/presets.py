@@ -53,6 +53,9 @@ class TrainConfig:
     amp: bool | None = None  # None: bf16 autocast on cuda only
     channels_last: bool = True
     save_checkpoints: bool = True
+    # A damaged shard stops the run (naming it and the samples lost) unless this is set; then
+    # it is skipped and the summary's ``skipped`` counts the samples lost.
+    skip_damaged: bool = False
     # Copies of the checkpoints of the last epochs before the end (``checkpoint-eNNN.pt``, NNN
     # = epochs done), kept for the early-checkpoint inner loop; 0 keeps none.
     keep_checkpoints: int = 5

@@ -88,10 +88,18 @@ def plan_worker(shards: Sequence[Shard], *, seed: int, epoch: int, rank: int, wo
 
 
 def read_shards(src: Iterable[Shard], *, errors: list[str],
-                damaged: Callable[[dict[str, Any]], bool] | None = None
-                ) -> Iterator[dict[str, Any]]:
-    """Stage: WebDataset samples of each shard in turn. A damaged shard is logged, noted in
-    ``errors`` and ended early (the samples before the damage are kept, the rest skipped).
+                damaged: Callable[[dict[str, Any]], bool] | None = None,
+                skip_damaged: bool = False, stride: int = 1, offset: int = 0,
+                reported: set[str] | None = None) -> Iterator[dict[str, Any]]:
+    """Stage: WebDataset samples of each shard in turn.
+
+    A damaged shard (a tar that does not read to its end, or fewer samples than the manifest
+    lists) stops the stage with ``ShardReadError`` naming the shard and how many of its samples
+    cannot be read: a result computed on part of the data must not look like a whole one. With
+    ``skip_damaged`` it is logged instead and one entry per lost sample (of this reader's share:
+    ``stride``/``offset`` of sample splitting) goes into ``errors``, so the run's summary counts
+    the samples lost, not the errors; ``reported`` (shared across passes) keeps a shard read
+    twice in one epoch from counting its losses twice.
 
     A shard whose bytes differ from the manifest (size or sha256, checked on the bytes read
     anyway) is read only when the difference shows as damage the later stages skip by key:
@@ -102,21 +110,42 @@ def read_shards(src: Iterable[Shard], *, errors: list[str],
         ShardChecksumError: a shard that is a readable tar, differs from the manifest and in
             which ``damaged`` (None: nothing) finds no damaged sample; before any of its
             samples is yielded.
+        ShardReadError: a damaged shard, unless ``skip_damaged``.
     """
+    position = 0  # samples of the earlier shards of this plan, as the manifest counts them
     for shard in src:
+        read = 0
         try:
             try:
-                yield from group_members(read_tar(shard.path, sha256=shard.sha256, size=shard.bytes))
+                for sample in group_members(read_tar(shard.path, sha256=shard.sha256, size=shard.bytes)):
+                    read += 1
+                    yield sample
             except ShardChecksumError as e:  # raised before the first member
                 if damaged is None or not any(damaged(s) for s in group_members(read_tar(shard.path))):
                     raise
                 log.warning("%s; reading it on because the change shows as damaged samples, "
                             "which are skipped", e)
-                yield from group_members(read_tar(shard.path))
+                for sample in group_members(read_tar(shard.path)):
+                    read += 1
+                    yield sample
+            if read < shard.count:
+                raise ShardReadError(f"it holds {read} samples, the manifest lists {shard.count}")
         except OSError as e:  # ShardReadError included
-            log.warning("skipping the rest of shard %s: %s", shard.path, e)
-            # A ShardReadError names its shard already.
-            errors.append(str(e) if isinstance(e, ShardReadError) else f"{Path(shard.path).name}: {e}")
+            name = Path(shard.path).name
+            lost = [p for p in range(position + read, position + shard.count) if p % stride == offset]
+            if not skip_damaged:
+                raise ShardReadError(
+                    f"shard {name} is damaged ({e}): {shard.count - read} of its {shard.count} "
+                    "samples cannot be read; ingest the store again, or pass --skip-damaged to "
+                    "go on without them (the summary then counts the samples lost)") from None
+            log.warning("skipping the rest of shard %s (%d samples lost): %s", shard.path,
+                        len(lost), e)
+            entries = [f"{name}: sample {p - position} lost" for p in lost]
+            if reported is not None:
+                entries = [x for x in entries if x not in reported]
+                reported.update(entries)
+            errors.extend(entries)
+        position += shard.count
 
 
 def take_every(src: Iterable[Any], *, stride: int, offset: int) -> Iterator[Any]:

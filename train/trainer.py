@@ -127,7 +127,7 @@ def fit(config: TrainConfig, *, sampler: SamplerHook | None = None,
         shuffle_buffer=config.shuffle_buffer, image_size=config.image_size,
         candidates_per_image=hook.candidates_per_image if hook.batch_filter else 1,
         crop_stage=hook.crop_stage, batch_filter=hook.batch_filter,
-        pin_memory=device.type == "cuda")
+        pin_memory=device.type == "cuda", skip_damaged=config.skip_damaged)
     val = None
     if config.val_split and manifest["splits"].get(config.val_split, {}).get("shards"):
         val, _ = create_loader(layout.root, config.val_split, batch_size=max(256, config.batch_size),

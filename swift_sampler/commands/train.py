@@ -36,6 +36,8 @@ def register(sub, groups) -> None:
     p.add_argument("--val-split", default=None, help="split validated each epoch (val)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if present)")
     p.add_argument("--resume", action="store_true", help="continue the run from its checkpoint")
+    p.add_argument("--skip-damaged", action="store_true",
+                   help="train on without the samples of a damaged shard (default: stop, naming it)")
     p.add_argument("--init", default=None, help="start from this checkpoint's weights (fine-tune)")
     p.add_argument("--no-checkpoints", action="store_true",
                    help="write checkpoint.pt only after the last epoch")
@@ -60,9 +62,11 @@ def register(sub, groups) -> None:
     e.add_argument("--store", required=True, help="store directory")
     e.add_argument("--checkpoint", required=True, help="checkpoint.pt")
     e.add_argument("--split", default="test", help="train | val | test (default test)")
-    e.add_argument("--batch-size", type=int, default=512)
-    e.add_argument("--workers", type=int, default=2)
-    e.add_argument("--device", default=None)
+    e.add_argument("--batch-size", type=int, default=512, help="images per forward pass (default: 512)")
+    e.add_argument("--workers", type=int, default=2, help="loader workers (default: 2)")
+    e.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if present)")
+    e.add_argument("--skip-damaged", action="store_true",
+                   help="score without the samples of a damaged shard (counted as lost; default: stop)")
     add_json_flag(e)
     e.set_defaults(func=run_evaluate)
 
@@ -96,7 +100,7 @@ def run_train(args) -> int:
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         schedule=args.schedule, milestones=milestones, seed=args.seed, workers=args.workers,
         image_size=args.image_size, val_split=args.val_split, device=args.device,
-        resume=args.resume or None, init=args.init,
+        resume=args.resume or None, init=args.init, skip_damaged=args.skip_damaged or None,
         save_checkpoints=False if args.no_checkpoints else None, progress=not args.json)
     dist = init_distributed(config.device)
     try:
@@ -159,8 +163,9 @@ def run_evaluate(args) -> int:
     if not os.path.isfile(args.checkpoint):
         raise UserError(f"checkpoint {args.checkpoint} not found")
     result = evaluate(args.store, args.checkpoint, args.split, batch_size=args.batch_size,
-                      workers=args.workers, device=args.device)
-    lines = [f"{result['split']}: {result['count']} samples, top-1 {result['top1']:.2%}"
+                      workers=args.workers, device=args.device, skip_damaged=args.skip_damaged)
+    lost = f" ({result['lost']} samples of damaged shards LOST)" if result.get("lost") else ""
+    lines = [f"{result['split']}: {result['count']} samples{lost}, top-1 {result['top1']:.2%}"
              + (f", top-5 {result['top5']:.2%}" if "top5" in result else "")
              + f", loss {result['loss']:.4f}"]
     noise = result.get("noise")
