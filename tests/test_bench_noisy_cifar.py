@@ -126,14 +126,22 @@ def test_settings_are_checked(tmp_path):
 def test_search_settings_name_the_search_and_scale_its_cost(tmp_path):
     one = resolve_bench(tmp_path, tmp_path / "o", preset="cpu-quick", methods="all")
     two = resolve_bench(tmp_path, tmp_path / "o", preset="cpu-quick", methods="all", finetune_repeats=2)
-    assert one.search_name("ss") == "ss-e3-lr0.5" and two.search_name("ss-cdf") == "ss-cdf-e3-lr0.5-r2"
+    prefix = f"ss-e3-lr0.5{'-' + one.inner_start if one.inner_start != 'final' else ''}"
+    assert one.search_name("ss").startswith(prefix) and one.search_name("ss").endswith("-g2x2")
+    assert two.search_name("ss-cdf").startswith("ss-cdf-e3-lr0.5-r2")
     counts = {"train": 1000, "val": 100, "test": 100}
     w1, w2 = planned_work(one, counts), planned_work(two, counts)
-    search = one.steps * one.finetune_epochs * counts["train"]
+    # search, noise and guard trials: 12 + 2 + 2 x 2 = 18 trials of 3 epochs.
+    trials = one.steps + one.guard_repeats + one.guard_candidates * one.guard_repeats
+    assert trials == 18
+    search = trials * one.finetune_epochs * counts["train"]
     assert w2["ss"]["train"] - w1["ss"]["train"] == search and w2["uniform"] == w1["uniform"]
-    # settings stored before a field existed read as that field's default
+    # settings stored before a field existed read as what the search did then: finetune_repeats
+    # as its default (1), the guard as absent, so a result made without it is not reused.
     older = {k: v for k, v in one.search_settings().items() if k != "finetune_repeats"}
     assert BenchConfig.with_defaults(older) == one.search_settings() != two.search_settings()
+    legacy = {k: one.search_settings()[k] for k in ("steps", "finetune_epochs", "finetune_lr_fraction")}
+    assert BenchConfig.with_defaults(legacy)["guard"] is False != one.guard
     with pytest.raises(ValueError, match="finetune-repeats"):
         resolve_bench(tmp_path, tmp_path / "o", preset="tiny", finetune_repeats=0)
 
@@ -187,7 +195,8 @@ def test_tiny_benchmark_end_to_end_and_resume(shared_cifar, tmp_path, capsys):
         assert e["train_runs"] * config.epochs * 180 == pytest.approx(work[m]["train"]), m
     for m in ("ss", "ss-cdf", "ss-random"):
         e = doc["methods"][m]
-        assert e["search_epochs"] == 2 and e["search_cost_runs"] == pytest.approx(2.0)
+        # 2 search trials, uniform on 2 more seeds, 1 guard candidate on those 2: 6 x 1 epoch
+        assert e["search_epochs"] == 6 and e["search_cost_runs"] == pytest.approx(6.0)
     v = doc["verify_ranks"]["per_seed"][0]
     assert v["samplers"] == 2 and v["tr"] in (1, 2) and (v["sr"] is None or abs(v["sr"]) <= 1)
     table = (out / "results.md").read_text()
@@ -215,7 +224,7 @@ def test_tiny_benchmark_end_to_end_and_resume(shared_cifar, tmp_path, capsys):
         assert (after[p.name] == data) == (p.stem not in ("ss", "ss-cdf", "ss-random")), p.name
     for m in ("ss", "ss-cdf", "ss-random"):
         result = json.loads(after[f"{m}.json"])
-        assert result["search_settings"]["steps"] == 3 and result["search"]["trials"] == 3
+        assert result["search_settings"]["steps"] == 3 and result["search"]["search_trials"] == 3
         assert result["search"]["search"] == config.search_name(m)
         assert result["run"].startswith(config.search_name(m) + "-t")
 

@@ -23,7 +23,12 @@ SEARCHES = {"ss": ("ss", "gp-ucb", "cgf"), "ss-cdf": ("ss-cdf", "gp-ucb", "cdf")
             "ss-random": ("ss-random", "random", "cgf")}
 # Settings only the searches depend on. Changing them re-runs the ss methods alone: the other
 # methods' results stay valid, and each fine-tune recipe gets its own search folder.
-SEARCH_KEYS = ("steps", "finetune_epochs", "finetune_lr_fraction", "finetune_repeats")
+SEARCH_KEYS = ("steps", "finetune_epochs", "finetune_lr_fraction", "finetune_repeats", "trial_seeds",
+               "inner_start", "inner_score", "guard", "guard_candidates", "guard_repeats")
+# What the search did before a setting existed: a stored result that lacks the key was made
+# this way (no guard, no noise trials, distinct seeds, fine-tune from w_share's end, top-1).
+LEGACY_SEARCH = {"trial_seeds": "distinct", "inner_start": "final", "inner_score": "top1",
+                 "guard": False, "guard_candidates": 2, "guard_repeats": 0}
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,14 @@ class BenchConfig:
     # Fine-tunes per trial (different seeds), scores averaged: the objective's seed noise falls
     # by sqrt(repeats) at repeats x the search cost.
     finetune_repeats: int = 1
+    # The inner loop (search.objective.FinetuneSettings ``start``/``score``), its trial seeds,
+    # and the no-harm guard (search.loop.GuardSettings); see results/inner-loop/.
+    trial_seeds: str = "distinct"
+    inner_start: str = "final"
+    inner_score: str = "top1"
+    guard: bool = True
+    guard_candidates: int = 2
+    guard_repeats: int = 2
     crops_per_image: int = 4
     cleanlab_folds: int = 3
     workers: int = 2
@@ -92,7 +105,7 @@ class BenchConfig:
         is only ever added with a default that reproduces the behaviour before it)."""
         defaults = {f.name: f.default for f in dataclasses.fields(BenchConfig)
                     if f.default is not dataclasses.MISSING}
-        return {**{k: defaults[k] for k in SEARCH_KEYS}, **stored}
+        return {**{k: defaults[k] for k in SEARCH_KEYS}, **LEGACY_SEARCH, **stored}
 
     def search_name(self, method: str) -> str:
         """Search folder of an ss method, named by its fine-tune recipe (``ss-e3-lr0.5``).
@@ -101,15 +114,23 @@ class BenchConfig:
         show as ``-r2`` when there is more than one.
         """
         repeats = f"-r{self.finetune_repeats}" if self.finetune_repeats > 1 else ""
-        return f"{SEARCHES[method][0]}-e{self.finetune_epochs}-lr{self.finetune_lr_fraction:g}{repeats}"
+        inner = "".join([f"-{self.inner_start}" if self.inner_start != "final" else "",
+                         f"-{self.inner_score}" if self.inner_score != "top1" else "",
+                         "-crn" if self.trial_seeds == "common" else "",
+                         f"-g{self.guard_candidates}x{self.guard_repeats}" if self.guard else
+                         (f"-n{self.guard_repeats}" if self.guard_repeats else "")])
+        return (f"{SEARCHES[method][0]}-e{self.finetune_epochs}-lr{self.finetune_lr_fraction:g}"
+                f"{repeats}{inner}")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
     # tiny-cnn on 20,000 noisy train / 5,000 noisy val / 10,000 clean test images, 12 epochs
     # one-cycle at batch 128; sizes and timings in the module
     # docstring of swift_sampler.benchmark.
+    # 12 search trials + uniform on 2 more seeds + the guard's 2 candidates on those 2 seeds:
+    # 18 trials of 3 epochs, the cost of the 18-trial search before the guard.
     "cpu-quick": dict(train_preset="cpu-quick", model="tiny-cnn", limit=35000, val_frac=5 / 35,
-                      test_frac=10 / 35, epochs=12, batch_size=128, lr=0.1, steps=18,
+                      test_frac=10 / 35, epochs=12, batch_size=128, lr=0.1, steps=12,
                       finetune_epochs=3, finetune_lr_fraction=0.5, crops_per_image=4,
                       cleanlab_folds=3),
     # The paper's CIFAR recipe (§4.1) on the full shared set: ResNet-18, 80 epochs, lr 0.1 x0.1
@@ -121,6 +142,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Seconds-scale smoke run (tests): 300 images, 1 epoch, 2 trials, 2 folds.
     "tiny": dict(train_preset="cpu-quick", model="tiny-cnn", limit=300, val_frac=0.2,
                  test_frac=0.2, epochs=1, batch_size=32, lr=0.05, steps=2, finetune_epochs=1,
+                 guard_candidates=1,
                  crops_per_image=2, cleanlab_folds=2, workers=0, shard_size=100),
 }
 
@@ -178,6 +200,15 @@ def check(c: BenchConfig) -> None:
         raise UsageError(f"--limit must be positive, got {c.limit}")
     if not c.lr > 0:
         raise UsageError(f"--lr must be positive, got {c.lr}")
+    from swift_sampler.search.loop import TRIAL_SEEDS, GuardSettings
+    from swift_sampler.search.objective import SCORES, STARTS
+
+    for name, value, allowed in (("trial-seeds", c.trial_seeds, TRIAL_SEEDS),
+                                 ("inner-start", c.inner_start, STARTS),
+                                 ("inner-score", c.inner_score, SCORES)):
+        if value not in allowed:
+            raise UsageError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
+    GuardSettings(enabled=c.guard, candidates=c.guard_candidates, repeats=c.guard_repeats).check()
     if not 0 < c.finetune_lr_fraction <= 10:
         raise UsageError(f"--finetune-lr-fraction must be in (0, 10], got {c.finetune_lr_fraction}")
 
@@ -197,10 +228,11 @@ def planned_work(c: BenchConfig, counts: dict[str, int]) -> dict[str, dict[str, 
     if "cleanlab" in work:
         work["cleanlab"]["train"] += c.cleanlab_folds * fold_epochs * n
         work["cleanlab"]["forward"] += c.cleanlab_folds * n
+    trials = c.steps + c.guard_repeats + (c.guard_candidates * c.guard_repeats if c.guard else 0)
     for m in SEARCHES:
         if m in work:
-            work[m]["train"] += c.steps * c.finetune_epochs * c.finetune_repeats * n
-            work[m]["forward"] += c.steps * c.finetune_repeats * val
+            work[m]["train"] += trials * c.finetune_epochs * c.finetune_repeats * n
+            work[m]["forward"] += trials * c.finetune_repeats * val
     if work.keys() & {"small-loss", *SEARCHES}:
         work["features"] = {"train": 0.0, "forward": float(c.crops_per_image * n)}
         if "uniform" not in work:  # w_share is trained anyway

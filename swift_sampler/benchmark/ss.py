@@ -39,12 +39,12 @@ def _sampler_hook(run: SeedRun, sampler: Sampler):
 
 def run_search(run: SeedRun, name: str, agent: str, transform: str) -> dict[str, Any]:
     """Run (or resume, or extend) search ``name``; return ``search.run.search``'s summary."""
-    from swift_sampler.search.loop import read_trials
+    from swift_sampler.search.loop import GuardSettings, read_trials
     from swift_sampler.search.objective import FinetuneSettings
     from swift_sampler.search.run import search
 
     c = run.config
-    held = read_trials(_search_folder(run, name) / "trials.parquet")
+    held = [t for t in read_trials(_search_folder(run, name) / "trials.parquet") if t["phase"] == "search"]
     if len(held) > c.steps:  # its best and its cost would then count different trials
         raise UsageError(f"search {name!r} of {run.noisy} already holds {len(held)} trials, more "
                          f"than --steps {c.steps}; pass --steps {len(held)} or more, or another --out")
@@ -52,15 +52,20 @@ def run_search(run: SeedRun, name: str, agent: str, transform: str) -> dict[str,
 
     def on_trial(row: dict[str, Any], progress: dict[str, Any]) -> None:
         best = progress["best"]["score"] if progress["best"] else float("nan")
-        run.log(f"  {name} trial {row['trial'] + 1}/{c.steps}: val {row['score']:.2%} "
+        run.log(f"  {name} trial {row['trial']} ({row['phase']}, {progress['remaining']} to go): "
+                f"val {row['score']:.2%} "
                 f"(best {best:.2%}, kept {row['kept_fraction']:.0%}, {row['seconds']:.0f}s, "
                 f"ETA {progress['eta_s'] / 60:.0f} min)")
 
     return search(run.noisy, run.checkpoint("uniform"), name=name, steps=c.steps, agent=agent,
                   transform=transform, seed=run.seed,
                   finetune=FinetuneSettings(epochs=c.finetune_epochs, lr_fraction=c.finetune_lr_fraction,
-                                            repeats=c.finetune_repeats), workers=c.workers,
-                  on_trial=on_trial)
+                                            repeats=c.finetune_repeats, start=c.inner_start,
+                                            score=c.inner_score),
+                  trial_seeds=c.trial_seeds,
+                  guard=GuardSettings(enabled=c.guard, candidates=c.guard_candidates,
+                                      repeats=c.guard_repeats),
+                  workers=c.workers, on_trial=on_trial)
 
 
 def swift_sampler(run: SeedRun, method: str) -> dict[str, Any]:
@@ -76,8 +81,10 @@ def swift_sampler(run: SeedRun, method: str) -> dict[str, Any]:
             "search_settings": run.config.search_settings(), "run": retrain,
             "train_runs": 1.0 + found["epochs"] / epochs,
             "search_epochs": found["epochs"], "search_cost_runs": found["epochs"] / epochs,
-            "search": {k: found[k] for k in ("search", "trials", "failed", "best_trial", "best_score",
-                                             "best_sampler")},
+            "search": {k: found.get(k) for k in ("search", "trials", "search_trials", "failed",
+                                                 "best_trial", "best_score", "best_sampler",
+                                                 "choice", "raw_best_trial", "noise_sd")},
+            "guard": found.get("guard"),
             "sampler": sampler.parameters() | {"transform": sampler.transform},
             "kept_fraction": summary.get("kept_fraction"),
             "flipped_kept_share": summary.get("flipped_kept_share")}
@@ -91,7 +98,8 @@ def verify_ranks(run: SeedRun, m: int) -> dict[str, Any]:
     transform = SEARCHES["ss"][2]
     name = run.config.search_name("ss")
     folder = _search_folder(run, name)
-    trials = [t for t in read_trials(folder / "trials.parquet")[: run.config.steps] if t["status"] == "ok"]
+    searched = [t for t in read_trials(folder / "trials.parquet") if t["phase"] == "search"]
+    trials = [t for t in searched[: run.config.steps] if t["status"] == "ok"]
     chosen = trials[-m:]
     if len(chosen) < 2:
         raise UsageError(f"--verify-ranks needs 2 finished trials in search {name!r}, found {len(chosen)}")

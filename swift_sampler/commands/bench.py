@@ -41,6 +41,16 @@ def register(sub, groups) -> None:
                    help="fine-tune peak lr as a fraction of the training lr (preset)")
     p.add_argument("--finetune-repeats", type=int, default=None, metavar="R",
                    help="fine-tunes per search trial, scores averaged (default 1)")
+    p.add_argument("--trial-seeds", default=None, choices=("distinct", "common"),
+                   help="seeds of the search trials (default: the preset's)")
+    p.add_argument("--inner-start", default=None, choices=("final", "early", "scratch"),
+                   help="where a search trial starts: w_share's end, its early checkpoint, or scratch")
+    p.add_argument("--inner-score", default=None, choices=("top1", "prob"),
+                   help="what a search trial scores on val: top-1 or mean label probability")
+    p.add_argument("--no-guard", dest="guard", action="store_const", const=False, default=None,
+                   help="recommend the best posterior mean without re-checking it against uniform")
+    p.add_argument("--guard-candidates", type=int, default=None, help="candidates the guard re-evaluates (preset)")
+    p.add_argument("--guard-repeats", type=int, default=None, help="seeds of the guard and noise trials (preset)")
     p.add_argument("--limit", type=int, default=None, help="images taken from --data (preset)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs of every method (preset)")
     p.add_argument("--cleanlab-folds", type=int, default=None, help="k of cleanlab's cross-validation (preset)")
@@ -58,7 +68,9 @@ def run(args) -> int:
         args.data, args.out, preset="tiny" if args.tiny else args.preset, noise=args.noise,
         methods=args.methods, seeds=args.seeds, verify_ranks=args.verify_ranks, steps=args.steps,
         finetune_epochs=args.finetune_epochs, finetune_lr_fraction=args.finetune_lr_fraction,
-        finetune_repeats=args.finetune_repeats,
+        finetune_repeats=args.finetune_repeats, trial_seeds=args.trial_seeds,
+        inner_start=args.inner_start, inner_score=args.inner_score, guard=args.guard,
+        guard_candidates=args.guard_candidates, guard_repeats=args.guard_repeats,
         limit=args.limit, epochs=args.epochs,
         cleanlab_folds=args.cleanlab_folds, crops_per_image=args.crops_per_image,
         workers=args.workers, progress=False if (args.no_progress or args.json) else None)
