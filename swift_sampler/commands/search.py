@@ -42,6 +42,12 @@ def register(sub, groups) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="per rank (default: the checkpoint's)")
     p.add_argument("--repeats", type=int, default=None,
                    help="fine-tunes per trial with different seeds, scores averaged (1)")
+    p.add_argument("--start", default=None, choices=("final", "early", "scratch"),
+                   help="where a trial starts: final (w_share's checkpoint, the paper's fine-tune), "
+                   "early (w_share's own run resumed --finetune-epochs before its end, continuing "
+                   "its schedule), scratch (a fresh model for --finetune-epochs)")
+    p.add_argument("--score", default=None, choices=("top1", "prob"),
+                   help="what a trial scores on val: top1, or prob (mean probability of the label)")
     p.add_argument("--features", default=None, choices=("store", "online"),
                    help="where the filter finds crop features (store)")
     p.add_argument("--no-guard", dest="guard", action="store_false",
@@ -85,7 +91,7 @@ def run_search_command(args) -> int:
     StoreLayout(args.store).require()
     given = dict(epochs=args.finetune_epochs, lr=args.finetune_lr, lr_fraction=args.lr_fraction,
                  schedule=args.schedule, batch_size=args.batch_size, repeats=args.repeats,
-                 features=args.features)
+                 features=args.features, start=args.start, score=args.score)
     settings = dataclasses.replace(FinetuneSettings(), **{k: v for k, v in given.items() if v is not None})
     try:
         guard = GuardSettings(enabled=args.guard, candidates=args.guard_candidates,
