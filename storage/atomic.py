@@ -111,15 +111,33 @@ class LockedError(SwiftSamplerError, RuntimeError):
     """Another process holds the lock."""
 
 
+# Descriptors of the locks this process holds. A forked child (a DataLoader worker) closes its
+# copies at once: a flock belongs to the open file, so a worker that outlives a killed owner by
+# a few seconds would otherwise keep the lock held, and an immediate rerun would be refused.
+_HELD: set[int] = set()
+
+
+def _drop_inherited_locks() -> None:
+    for fd in list(_HELD):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 @contextlib.contextmanager
 def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
     """Hold an advisory ``flock`` on ``path`` or fail at once with a message naming ``what``.
 
-    The kernel drops the lock when the process dies, so a crash never leaves a stale lock.
+    The kernel drops the lock when the process dies, so a crash never leaves a stale lock; forked
+    children do not keep it (``_drop_inherited_locks``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    _HELD.add(fd)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -132,4 +150,5 @@ def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
         os.write(fd, f"{os.getpid()}\n".encode())
         yield
     finally:
+        _HELD.discard(fd)
         os.close(fd)

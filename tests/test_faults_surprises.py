@@ -69,3 +69,52 @@ def test_a_store_with_figures_can_be_ingested_over(base, tmp_path):
     code, err = main_in_process(*ingest_args(store), "--overwrite")
     assert code == 0, err
     assert not (store / "figures").exists()
+
+
+def test_killing_the_main_process_alone_leaves_no_lock_behind(base, tmp_path):
+    """DataLoader workers outlive a SIGKILLed parent for seconds; they must not hold its lock."""
+    import os
+    import signal
+    import time
+
+    from faultlib import Running, files_at_least, run_cli
+
+    store = copy_store(base, tmp_path / "store")
+    run = store / "runs" / "t"
+    cmd = ("train", "--store", store, "--name", "t", "--preset", "digits", "--epochs", "20",
+           "--workers", "2", "--json")
+    with Running(*cmd) as r:
+        ready = files_at_least(run, "checkpoint.pt", 1)
+        deadline = time.monotonic() + 300
+        while not ready() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        while not _children(r.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.005)  # an epoch's workers are up (they fork at each epoch)
+        assert r.alive(), "training finished before it could be killed"
+        os.kill(r.proc.pid, signal.SIGKILL)  # the main PID only: its workers live on a while
+        r.proc.wait()
+        from swift_sampler.storage import StoreLayout, exclusive_lock
+
+        with exclusive_lock(StoreLayout(store).lock("run-t"), "run t"):  # at once, no wait
+            pass
+        again = run_cli("train", "--store", store, "--name", "t", "--preset", "digits",
+                        "--epochs", "20", "--workers", "0", "--resume", "--json")
+        with __import__("contextlib").suppress(ProcessLookupError):
+            os.killpg(r.proc.pid, signal.SIGKILL)  # any worker still alive
+    assert again.returncode == 0, again.describe()
+    assert "in use by another process" not in again.stderr
+
+
+def _children(pid: int) -> list[int]:
+    import os
+
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry))
+    return out
