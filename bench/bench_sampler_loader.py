@@ -8,7 +8,7 @@ iterated and their tensors touched; no model runs), worker start-up included, as
   ``train.trainer.fit`` builds it without a sampler (one random pad-and-flip crop per image);
 - ``B`` filtered: the same call with the ``SamplerHook`` of
   ``train.sampling.create_sampler_hook(store, sampler, features="store")``: per image two of its
-  K stored crops, replayed, and B of the 2B kept with probability ~ tau (PAPER.md §4.2);
+  K stored crops, replayed, and B of the 2B kept with probability ~ tau (arXiv 2410.05578, §4.2);
 - ``C`` peer: torchvision ``ImageFolder`` on the source JPEGs + ``WeightedRandomSampler`` whose
   weight for an image is the mean tau of its stored crops (0 for images outside the store's
   train split) + ``RandomCrop(32, padding=4)``, ``RandomHorizontalFlip``, ``ToTensor`` +

@@ -43,7 +43,7 @@ from swift_sampler.storage import (
     exclusive_lock,
     num_classes,
     package_versions,
-    read_json_object,
+    read_features_meta,
     read_manifest,
     remove_stale_temporaries,
     split_shards,
@@ -116,10 +116,6 @@ def part_provenance(path: Path) -> dict[str, Any] | None:
         raise DamagedPartError(f"{path} is not a readable feature part ({e})") from None
 
 
-def read_features_meta(layout: StoreLayout) -> dict[str, Any]:
-    """``features/features.json`` as a dict; ``StoreError`` naming the file when it is not one."""
-    return read_json_object(layout.features_meta,
-                            "delete it and run build-features again (finished parts are kept)")
 
 
 def score_rows(batch: dict[str, Any], model: nn.Module, *, grad_norm: str,

@@ -1,4 +1,4 @@
-"""The 2x oversample-and-filter stage (PAPER.md §4.2): keep half the candidates, by tau.
+"""The 2x oversample-and-filter stage (arXiv 2410.05578, §4.2): keep half the candidates, by tau.
 
 For a batch of B the loader draws 2B candidate crops, scores them, and keeps B *without
 replacement* with probability proportional to tau, by Efraimidis-Spirakis keys: each candidate

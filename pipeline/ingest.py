@@ -1,5 +1,5 @@
 """Ingest: a source of labelled images -> a store of WebDataset shards, samples.parquet and
-manifest.json (see DESIGN.md, "The store").
+manifest.json (the store layout of the project's design).
 
 Steps: open the source; take a seeded stratified subset (``limit``); decode every image once
 to validate it (corrupt files are skipped, counted and named in the manifest); split train /

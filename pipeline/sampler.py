@@ -1,4 +1,4 @@
-"""The sampler: ``tau = H(T(c1*cdf(loss) + c2*cdf(E^r)))`` (PAPER.md §3.2, equations 4-10).
+"""The sampler: ``tau = H(T(c1*cdf(loss) + c2*cdf(E^r)))`` (arXiv 2410.05578, §3.2, equations 4-10).
 
 ``H`` is piecewise linear through ``(e_s, v_s)``, ``s = 0..4``, with ``e0 = 0``, ``e4 = 1``.
 Where endpoints repeat (``e1 == e2``) ``H`` jumps and takes the value of the last repeated

@@ -1,4 +1,4 @@
-"""``best_sampler.json``: a self-contained, versioned sampler file (DESIGN.md, "Sampler file").
+"""``best_sampler.json``: a self-contained, versioned sampler file .
 
 Layout (JSON, parsed as data only)::
 
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from swift_sampler.storage import StoreLayout, atomic_write_text, read_manifest
+from swift_sampler.storage import StoreLayout, atomic_write_text, read_features_meta, read_manifest
 from swift_sampler.storage.schemas import FEATURE_NAMES
 
 from .sampler import PARAMETERS, TRANSFORMS, Sampler, SamplerError
@@ -182,7 +182,7 @@ def check_provenance(provenance: dict, store, allow_foreign: bool = False) -> No
             f"provenance.store_id: the sampler was built on store {theirs!r}, this store is {mine!r}; "
             "pass --allow-foreign-tables to use it anyway")
     if layout.features_meta.is_file():
-        sha = json.loads(layout.features_meta.read_text()).get("checkpoint_sha256")
+        sha = read_features_meta(layout).get("checkpoint_sha256")
         if provenance.get("features_checkpoint_sha256") != sha:
             raise SamplerFileError(
                 "provenance.features_checkpoint_sha256: the sampler was built from features of "

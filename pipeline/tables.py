@@ -1,4 +1,4 @@
-"""Quantile tables of the sampler's transforms (PAPER.md §3.2, equations 6, 7 and 10).
+"""Quantile tables of the sampler's transforms (arXiv 2410.05578, §3.2, equations 6, 7 and 10).
 
 Two kinds of knots, each at the levels ``k/Q`` for ``k = 0..Q``:
 

@@ -1,4 +1,4 @@
-"""search: the outer loop of the Swift Sampler (PAPER.md §3.3-3.4, Algorithm 1).
+"""search: the outer loop of the Swift Sampler (arXiv 2410.05578, §3.3-3.4, Algorithm 1).
 
     from swift_sampler.search import FinetuneObjective, FinetuneSettings, run_search
     objective = FinetuneObjective(store, "STORE/runs/w_share/checkpoint.pt", FinetuneSettings(epochs=5))

@@ -1,4 +1,4 @@
-"""The inner loop (PAPER.md §3.4): fine-tune ``w_share`` with a candidate sampler, score on val.
+"""The inner loop (arXiv 2410.05578, §3.4): fine-tune ``w_share`` with a candidate sampler, score on val.
 
 ``P(tau)`` is approximated by loading ``w_share`` (the checkpoint the features were built
 from), fine-tuning it for ``E_f`` epochs with the sampler in the loader's 2x oversample-and-
@@ -28,7 +28,6 @@ score is summed over ranks, so every rank returns the same ``TrialResult``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -42,7 +41,13 @@ import torch
 
 from swift_sampler.pipeline.sampler import Sampler
 from swift_sampler.pipeline.sampler_file import SamplerFileError, check_not_all_zero
-from swift_sampler.storage import StoreError, StoreLayout, read_manifest, sha256_file
+from swift_sampler.storage import (
+    StoreError,
+    StoreLayout,
+    read_features_meta,
+    read_manifest,
+    sha256_file,
+)
 from swift_sampler.storage.errors import UsageError
 from swift_sampler.train.checkpoint import CheckpointError, load_checkpoint
 from swift_sampler.train.distributed import DistInfo, all_reduce_sum, init_distributed
@@ -131,7 +136,7 @@ def check_search_inputs(store: str | Path, checkpoint: str | Path) -> dict[str, 
     if not layout.features_meta.is_file():
         raise StoreError(f"{layout.root} has no features (features/features.json missing); run "
                          "`swift-sampler pipeline build-features --checkpoint CKPT` first")
-    feats = json.loads(layout.features_meta.read_text())
+    feats = read_features_meta(layout)
     if not feats.get("done"):
         raise StoreError(f"features of {layout.root} are unfinished; run build-features again to finish")
     if not layout.tables_meta.is_file():

@@ -24,6 +24,7 @@ from .layout import SPLITS, StoreError, StoreLayout, check_name
 from .manifest import (
     num_classes,
     package_versions,
+    read_features_meta,
     read_json_object,
     read_manifest,
     sha256_file,
@@ -52,6 +53,7 @@ __all__ = [
     "num_classes",
     "package_versions",
     "query",
+    "read_features_meta",
     "read_json_object",
     "read_manifest",
     "remove_stale_temporaries",

@@ -1,4 +1,4 @@
-"""Where everything lives inside a store directory (see DESIGN.md, "The store")."""
+"""Where everything lives inside a store directory (the store layout of the project's design)."""
 
 from __future__ import annotations
 

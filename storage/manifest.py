@@ -50,6 +50,12 @@ def write_manifest(layout: StoreLayout, manifest: dict[str, Any]) -> None:
     atomic_write_json(layout.manifest, manifest)
 
 
+def read_features_meta(layout) -> dict[str, Any]:
+    """``features/features.json`` as a dict; ``StoreError`` naming the file when it is not one."""
+    return read_json_object(layout.features_meta,
+                            "delete it and run build-features again (finished parts are kept)")
+
+
 def read_json_object(path: str | Path, fix: str) -> dict[str, Any]:
     """A JSON object read from ``path`` (parsed as data, never evaluated); ``StoreError`` naming
     the file and saying ``fix`` when it is not one."""

@@ -1,6 +1,6 @@
 """The whole method on scikit-learn's embedded digits, with no download.
 
-Stages: ingest (40% symmetric noise on train/val, plus a clean-label twin with the same
+Stages: ingest (``--noise``, 40% symmetric by default, on train/val, plus a clean-label twin with the same
 splits), uniform training (``w_share``), build-features (+ cdf/cgf tables), a short GP-UCB
 search, retraining from scratch with the best sampler, clean-label training; then clean-test
 accuracy of uniform / SS / clean and the paths of the figures.
@@ -83,6 +83,7 @@ def run_demo(config: DemoConfig = DemoConfig(), log=print) -> dict[str, Any]:
     return {
         "command": "demo",
         "store": str(noisy),
+        "noise": config.noise,
         "test_top1": results,
         "search": found,
         "kept_fraction": ss.summary.get("kept_fraction"),
@@ -96,7 +97,7 @@ def format_results(summary: dict[str, Any]) -> str:
     acc = summary["test_top1"]
     rows = [("uniform", "uniform sampling (w_share)"), ("ss", "Swift Sampler (learned, 10 parameters)"),
             ("clean", "clean labels (ceiling)")]
-    lines = ["", "clean-test top-1 on digits with " + "40% symmetric label noise",
+    lines = ["", f"clean-test top-1 on digits with label noise {summary.get('noise', '?')}",
              f"{'method':<10} {'top-1':>7}  what", f"{'-' * 10} {'-' * 7}  {'-' * 40}"]
     lines += [f"{k:<10} {acc[k]:>7.2%}  {what}" for k, what in rows]
     lines += ["", "figures:", *[f"  {p}" for p in summary["figures"]],
@@ -106,8 +107,12 @@ def format_results(summary: dict[str, Any]) -> str:
 
 
 def _trial_line(row: dict[str, Any], progress: dict[str, Any], steps: int) -> str:
-    return (f"   trial {row['trial'] + 1:>2}/{steps}  val {row['score']:.2%}  "
-            f"best {progress['best']['score']:.2%}  kept {row['kept_fraction']:.0%}")
+    best = progress.get("best")  # None until a trial has succeeded
+    best_text = f"{best['score']:.2%}" if best else "-"
+    kept = row["kept_fraction"]
+    kept_text = f"{kept:.0%}" if kept == kept else "-"
+    return (f"   trial {row['trial']:>2} ({row.get('phase', 'search')}, {progress['remaining']} to go)  "
+            f"val {row['score']:.2%}  best {best_text}  kept {kept_text}")
 
 
 @contextlib.contextmanager

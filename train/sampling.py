@@ -1,5 +1,5 @@
 """Training with a sampler: the 2x oversample-and-filter stage wired into the loader
-(PAPER.md §4.2: "we randomly sample twice the number of needed crops, calculate their features
+(arXiv 2410.05578, §4.2: "we randomly sample twice the number of needed crops, calculate their features
 on the according pre-trained model, and use the given sampler and the features to sample half").
 
 Two feature sources:

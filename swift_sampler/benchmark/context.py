@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from swift_sampler.storage import StoreLayout, sha256_file
+from swift_sampler.storage import StoreLayout, read_features_meta, sha256_file
 from swift_sampler.train.checkpoint import load_model
 from swift_sampler.train.distributed import pick_device
 from swift_sampler.train.evaluate import evaluate
@@ -100,7 +100,7 @@ class SeedRun:
             self.w_share()
         sha = sha256_file(ckpt)
         if layout.features_meta.is_file() and layout.tables_meta.is_file():
-            meta = json.loads(layout.features_meta.read_text())
+            meta = read_features_meta(layout)
             if meta.get("done") and meta.get("checkpoint_sha256") == sha:
                 return meta
         model, _ = load_model(ckpt, pick_device())

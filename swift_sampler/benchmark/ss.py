@@ -9,7 +9,7 @@ paper's ablations (Fig. 3). The search is ``STORE/searches/NAME`` with NAME from
 run is named after the search and its best trial, so a longer search that finds another best
 sampler trains anew instead of reusing a run of the old one.
 
-``verify_ranks(run, m)`` is the inner-loop check of PAPER.md appendix A.1.1: the last ``m``
+``verify_ranks(run, m)`` is the inner-loop check of the paper's (arXiv 2410.05578) appendix A.1.1: the last ``m``
 samplers of the ``ss`` search are trained from scratch; SR is Spearman's rank correlation of
 their fine-tune scores with their from-scratch val scores, TR the from-scratch rank of the
 fine-tune top-1. Only val scores enter; the test split is not looked at.

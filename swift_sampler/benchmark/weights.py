@@ -3,7 +3,7 @@
 Two ways a peer restricts what the model trains on, both keeping the optimiser steps of a
 uniform run (``len(loader) = N // B`` batches per epoch, whatever is kept):
 
-- ``ImageWeights``: the 2x oversample-and-filter of the sampler stage (PAPER.md §4.2) with a
+- ``ImageWeights``: the 2x oversample-and-filter of the sampler stage (arXiv 2410.05578, §4.2) with a
   weight per *image* instead of a tau per crop: two random crops per image are drawn, each
   carries its image's weight as ``tau``, and the sampler stage's own filter
   (``train.sampling.tau_filter``: Efraimidis-Spirakis keys, ``pipeline.filter.select``) keeps
