@@ -65,12 +65,27 @@ def _view_sql(layout: StoreLayout) -> dict[str, str]:
     return views
 
 
+# Views of a connection that could not be defined (a damaged file): name -> why. A query that
+# uses one gets that reason; the other views keep working.
+_BROKEN: dict[int, dict[str, str]] = {}
+
+
 def connect(store) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with the store's views defined."""
+    """An in-memory DuckDB connection with the store's views defined.
+
+    A view whose files cannot be read (a cut Parquet part) is left out and remembered, so that
+    ``query`` names the damaged file when a query uses it, while the other views keep working.
+    """
     layout = StoreLayout(store).require()
     con = duckdb.connect(":memory:")
+    broken = {}
     for name, sql in _view_sql(layout).items():
-        con.execute(f"CREATE VIEW {name} AS {sql}")
+        try:
+            con.execute(f"CREATE VIEW {name} AS {sql}")
+        except duckdb.Error as e:
+            broken[name] = str(e).splitlines()[0]
+            # Views built on this one cannot be defined either (features uses samples).
+    _BROKEN[id(con)] = broken
     # From here on DuckDB may read the store and nothing else, and may write nowhere.
     con.execute(f"SET allowed_directories = [{_lit(layout.root)}]")
     con.execute("SET enable_external_access = false")
@@ -88,6 +103,10 @@ def query(store, sql: str, *, con: duckdb.DuckDBPyConnection | None = None) -> p
     own = con is None
     con = con or connect(store)
     try:
+        for name, why in _BROKEN.get(id(con), {}).items():
+            if re.search(rf"\b{name}\b", sql, re.IGNORECASE):
+                raise QueryError(f"view {name!r} cannot be read: {why}; run the stage that "
+                                 "writes it again (build-features rescores a damaged part)")
         # con.sql gives a relation that converts to Arrow without the DB-API copy.
         rel = con.sql(sql)
         return rel.to_arrow_table() if rel is not None else pa.table({})
@@ -103,6 +122,7 @@ def query(store, sql: str, *, con: duckdb.DuckDBPyConnection | None = None) -> p
         raise QueryError(str(e).splitlines()[0]) from None
     finally:
         if own:
+            _BROKEN.pop(id(con), None)
             con.close()
 
 

@@ -251,6 +251,18 @@ def test_cut_feature_part_is_a_clear_error_in_sql(featured, tmp_path):
         query(store, "SELECT count(*) FROM features")
 
 
+@pytest.mark.parametrize("number", [0, 2])  # the first part is the one DuckDB reads to bind
+def test_any_cut_part_is_a_clear_error_and_the_other_views_still_work(featured, tmp_path, number):
+    store = copy_store(featured[0], tmp_path / "store")
+    part = store / "features" / f"part-{number:06d}.parquet"
+    part.write_bytes(part.read_bytes()[: part.stat().st_size * 2 // 3])
+    with pytest.raises(QueryError, match=part.name):
+        query(store, "SELECT count(*) FROM features")
+    assert query(store, "SELECT count(*) AS n FROM samples").column("n")[0].as_py() > 0
+    code, _, err = _main("sql", store, "SELECT avg(loss) FROM features")
+    _clean_error(code, err, part.name)
+
+
 def test_cut_feature_part_is_a_clear_error_for_tables(featured, tmp_path):
     from swift_sampler.pipeline.tables import build_store_tables
 
