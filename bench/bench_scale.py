@@ -146,7 +146,7 @@ def write_store(root: Path, images: int, *, crops: int, parts: int, seed: int = 
         pq.write_table(table, root / "features" / f"part-{p:06d}.parquet", compression="zstd")
     prov = {"store_id": store_id, "checkpoint_sha256": "synthetic", "crops_per_image": crops,
             "grad_norm": "last-layer", "seed": 0}
-    (root / "features" / "features.json").write_text(json.dumps(
+    (root / "features.json").write_text(json.dumps(
         {**prov, "images": images, "rows": images * crops, "parts": parts, "done": True}))
     manifest = {
         "format": "swift-sampler-store", "version": 1, "store_id": store_id, "created": "synthetic",

@@ -77,7 +77,7 @@ def build_digits(root: Path) -> tuple[Path, Path]:
     from swift_sampler.train.trainer import fit
 
     ckpt = StoreLayout(root).run("w_share") / "checkpoint.pt"
-    if not (root / "features" / "features.json").is_file():
+    if not (root / "features.json").is_file():
         ingest("digits", root, val_frac=0.2, test_frac=0.2, noise="symmetric:0.4", seed=0, progress=False)
         model = fit(resolve_config(root, preset="digits", name="w_share", workers=0, progress=False)).model
         build_features(root, model, checkpoint_sha256=sha256_file(ckpt), progress=False, device="cpu")

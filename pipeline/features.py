@@ -13,7 +13,7 @@ Invariants:
   a part that exists is complete, so a killed run resumes by skipping it;
 - a part whose scores are not all finite is never written: those crops are counted and the run
   fails at the end naming them (the sampler needs every row, so skipping them is not an option);
-- ``features/features.json`` (``done: true``) is written last, by rank 0, after checking that the
+- ``features.json`` (``done: true``) is written last, by rank 0, after checking that the
   parts hold exactly N x K rows with unique ``(index, crop)``.
 Only ``index``, the training label and the image are read from a shard: never the ground truth.
 """

@@ -56,8 +56,8 @@ from .splits import SplitError, stratified_split, stratified_subset
 
 # Entries a store may hold; anything else in the folder means it is not a store.
 # Everything a store's own stages write (``figures`` by ``swift-sampler plot``).
-STORE_ENTRIES = ("manifest.json", "samples.parquet", "shards", "features", "tables", "runs",
-                 "searches", "figures")
+STORE_ENTRIES = ("manifest.json", "samples.parquet", "shards", "features", "features.json",
+                 "tables", "runs", "searches", "figures")
 _STREAM = {"subset": 1, "split": 2, "shuffle": 3, "noise": 4}
 # What a commit cut short leaves without a manifest; shards/ must hold only shard files.
 LEFTOVER_ENTRIES = ("samples.parquet", "shards")

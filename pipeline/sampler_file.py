@@ -169,7 +169,7 @@ def check_provenance(provenance: dict, store, allow_foreign: bool = False) -> No
     """Refuse a sampler whose tables came from another store or other features.
 
     Compares ``store_id`` with the store's manifest and ``features_checkpoint_sha256`` with
-    ``features/features.json`` (when the store has features). ``allow_foreign`` skips both.
+    ``features.json`` (when the store has features). ``allow_foreign`` skips both.
     """
     if allow_foreign:
         return

@@ -134,7 +134,7 @@ def check_search_inputs(store: str | Path, checkpoint: str | Path) -> dict[str, 
     layout = StoreLayout(store).require()
     manifest = read_manifest(layout)
     if not layout.features_meta.is_file():
-        raise StoreError(f"{layout.root} has no features (features/features.json missing); run "
+        raise StoreError(f"{layout.root} has no features (features.json missing); run "
                          "`swift-sampler pipeline build-features --checkpoint CKPT` first")
     feats = read_features_meta(layout)
     if not feats.get("done"):

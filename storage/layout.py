@@ -59,7 +59,12 @@ class StoreLayout:
 
     @property
     def features_meta(self) -> Path:
-        return self.features_dir / "features.json"
+        """``STORE/features.json``, beside the parts, so that ``features/`` holds Parquet only
+        and opens as a dataset in pandas, Polars, Spark or DuckDB. Stores written before read
+        (and keep) ``features/features.json``."""
+        legacy = self.features_dir / "features.json"
+        new = self.root / "features.json"
+        return legacy if legacy.is_file() and not new.is_file() else new
 
     def feature_parts(self) -> list[Path]:
         return sorted(self.features_dir.glob("part-*.parquet"))

@@ -51,7 +51,7 @@ def write_manifest(layout: StoreLayout, manifest: dict[str, Any]) -> None:
 
 
 def read_features_meta(layout) -> dict[str, Any]:
-    """``features/features.json`` as a dict; ``StoreError`` naming the file when it is not one."""
+    """``features.json`` as a dict; ``StoreError`` naming the file when it is not one."""
     return read_json_object(layout.features_meta,
                             "delete it and run build-features again (finished parts are kept)")
 

@@ -120,7 +120,7 @@ def test_truncated_shard_stops_build_features_with_a_clear_error(base, tmp_path)
     ckpt = make_checkpoint(base, tmp_path / "w.pt")
     code, _, err = _main("pipeline", "build-features", "--store", store, "--checkpoint", ckpt, *FEATURE_OPTS)
     _clean_error(code, err, "train-000003.tar", "re-run ingest")
-    assert not (store / "features" / "features.json").exists()
+    assert not StoreLayout(store).features_meta.exists()
     assert verify_shards(StoreLayout(store), read_manifest(StoreLayout(store))) == [
         f"train-000003.tar: size {shard.stat().st_size} != {base.joinpath('shards/train-000003.tar').stat().st_size}"]
 
@@ -172,7 +172,7 @@ def test_garbage_inside_a_jpeg_stops_build_features_naming_the_sample(jpeg_store
     ckpt = make_checkpoint(store, tmp_path / "w.pt")
     code, _, err = _main("pipeline", "build-features", "--store", store, "--checkpoint", ckpt, *FEATURE_OPTS)
     _clean_error(code, err, name.split(".")[0], "cannot decode")
-    assert not (store / "features" / "features.json").exists()
+    assert not StoreLayout(store).features_meta.exists()
 
 
 def test_garbage_inside_a_jpeg_is_a_counted_logged_skip_in_training(jpeg_store, tmp_path, caplog):
@@ -290,6 +290,6 @@ def test_build_features_rerun_over_a_cut_part_names_it_or_rescores_it(featured, 
 def test_corrupt_features_json_is_named(featured, tmp_path):
     store, ckpt = featured
     store = copy_store(store, tmp_path / "store")
-    (store / "features" / "features.json").write_text("{not json")
+    StoreLayout(store).features_meta.write_text("{not json")
     code, _, err = _main("pipeline", "build-features", "--store", store, "--checkpoint", ckpt, *FEATURE_OPTS)
     _clean_error(code, err, "features.json")

@@ -149,10 +149,10 @@ def test_build_features_killed_after_k_parts_resumes_to_identical_rows(features_
     assert 3 <= len(parts) < 16
     for part in parts:  # every part left behind is whole
         assert pq.read_table(part).num_rows == 20 * K
-    assert not (store / "features" / "features.json").exists()
+    assert not StoreLayout(store).features_meta.exists()
     # The rerun in this process (the slow variants below rerun it as a real process too).
     assert run_in_process(*cmd) == 0
-    meta = json.loads((store / "features" / "features.json").read_text())
+    meta = json.loads(StoreLayout(store).features_meta.read_text())
     assert meta["done"] and meta["parts"] == 16
     _check_features_resumed(store, features_reference)
 
@@ -170,7 +170,7 @@ def test_build_features_killed_at_various_points_resumes(features_reference, tmp
         "mid-write": [(files_at_least(store / "features", "part-*.parquet", k), rng.uniform(0, 0.05))
                       for k in (2, 6, 11)],
         # After features.json, while the tables are built.
-        "before-tables": [(exists(store / "features" / "features.json"), 0.0)],
+        "before-tables": [(exists(StoreLayout(store).features_meta), 0.0)],
     }[point]
     for condition, delay in rounds:
         with Running(*cmd) as r:

@@ -261,3 +261,27 @@ def test_decoded_images_match_the_stored_pngs(store):
         png = tar.extractfile("train-00000000.png").read()
     first = next(read_shard(layout.shard("train", 0), channels=1))
     assert first[0] == 0 and torch.equal(first[2], decode(png, 1))
+
+
+def test_the_features_folder_holds_parquet_only_and_opens_as_a_dataset(tmp_path):
+    """pandas, pyarrow and DuckDB read ``STORE/features/`` as it is (features.json is beside it)."""
+    import duckdb
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from swift_sampler.pipeline.features import build_features
+    from swift_sampler.pipeline.ingest import ingest
+    from swift_sampler.train.models import create_model
+
+    store = tmp_path / "store"
+    ingest("digits", store, val_frac=0.2, test_frac=0.2, limit=200, shard_size=60, progress=False)
+    torch.manual_seed(0)
+    build_features(store, create_model("digits-net", 10, 1, 8), crops_per_image=2, progress=False,
+                   device="cpu", quantiles=16, angles=4)
+    folder = StoreLayout(store).features_dir
+    assert {p.suffix for p in folder.iterdir()} == {".parquet"}
+    assert StoreLayout(store).features_meta == store / "features.json"
+    rows = 2 * 120
+    assert len(pd.read_parquet(folder)) == rows
+    assert pq.read_table(folder).num_rows == rows
+    assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{folder}/*')").fetchall()[0][0] == rows

@@ -17,6 +17,7 @@ from swift_sampler.pipeline.tables import (
     build_tables,
     load_tables,
 )
+from swift_sampler.storage import StoreLayout
 
 TOL = 0.01
 
@@ -148,7 +149,7 @@ def make_feature_store(root, n=2000, seed=0, store_id="s-1", sha="abc"):
     atomic_write_json(root / "manifest.json", {"format": FORMAT, "version": VERSION, "store_id": store_id,
                                                "classes": ["a", "b"], "splits": {}, "noise": None, "seed": 0})
     atomic_write_parquet(root / "features" / "part-000000.parquet", pa.table(cols, schema=FEATURES))
-    atomic_write_json(root / "features" / "features.json", {"store_id": store_id, "checkpoint_sha256": sha,
+    atomic_write_json(StoreLayout(root).features_meta, {"store_id": store_id, "checkpoint_sha256": sha,
                                                             "done": True})
     return loss, er, w
 
@@ -165,8 +166,8 @@ def test_store_tables_round_trip(tmp_path):
     n = query(store, "SELECT count(*) AS n FROM cgf")["n"][0].as_py()
     assert n == 2 * 16 * 129
     # Features rebuilt from another checkpoint: the old tables are refused.
-    info = json.loads((store / "features" / "features.json").read_text())
-    (store / "features" / "features.json").write_text(json.dumps({**info, "checkpoint_sha256": "other"}))
+    info = json.loads(StoreLayout(store).features_meta.read_text())
+    StoreLayout(store).features_meta.write_text(json.dumps({**info, "checkpoint_sha256": "other"}))
     with pytest.raises(TablesError, match="rebuild"):
         load_tables(store)
 
