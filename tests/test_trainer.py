@@ -233,3 +233,33 @@ def test_sampler_needs_a_feature_store(small):
 
     with pytest.raises(StoreError, match="no feature store"):
         create_sampler_hook(small, UNIFORM, features="store")
+
+
+def test_an_exploding_loss_is_named_with_what_to_change():
+    from swift_sampler.train.presets import TrainConfig
+    from swift_sampler.train.trainer import exploding_loss
+
+    config = TrainConfig(store="s", lr=0.1, batch_size=128)
+    assert exploding_loss({"epoch": 0, "loss": 1.9, "val_loss": 2.2}, 10, config) is None
+    alarm = exploding_loss({"epoch": 0, "loss": 6.98, "val_loss": 110.7}, 10, config)
+    assert "epoch 1: train loss 6.98 and val loss 110.70" in alarm
+    assert "lower --lr (now 0.1)" in alarm and "--batch-size (now 128)" in alarm
+    assert exploding_loss({"epoch": 3, "loss": float("nan")}, 10, config) is None  # NaN: TrainingDiverged
+
+
+def test_a_diverging_run_warns_and_records_it(digits_store, tmp_path, caplog):
+    import logging
+    import shutil
+
+    from swift_sampler.train.presets import resolve_config
+    from swift_sampler.train.trainer import TrainingDiverged, fit
+
+    store = tmp_path / "store"
+    shutil.copytree(digits_store, store)
+    with caplog.at_level(logging.WARNING):
+        try:
+            summary = fit(resolve_config(store, preset="digits", name="hot", epochs=1, lr=30.0,
+                                         workers=0, progress=False)).summary
+        except TrainingDiverged:  # went all the way to NaN: also a clear stop
+            return
+    assert summary["warnings"] and "the run is diverging" in caplog.text

@@ -42,7 +42,7 @@ from swift_sampler.storage import (
     read_manifest,
     remove_stale_temporaries,
 )
-from swift_sampler.storage.errors import UsageError
+from swift_sampler.storage.errors import SwiftSamplerError, UsageError
 
 from .checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
 from .distributed import DistInfo, all_reduce_sum, average_buffers, barrier, init_distributed
@@ -55,7 +55,7 @@ from .schedules import lr_at
 log = logging.getLogger(__name__)
 
 
-class TrainingDiverged(ValueError):
+class TrainingDiverged(SwiftSamplerError, ValueError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
@@ -198,6 +198,11 @@ def fit(config: TrainConfig, *, sampler: SamplerHook | None = None,
             average_buffers(model, dist)
             if val is not None:
                 metrics.update(_validate(model, val, dist, amp))
+            alarm = exploding_loss(metrics, num_classes, config)
+            if alarm:
+                metrics["warning"] = alarm
+                if dist.is_main:
+                    log.warning("%s", alarm)
             history.append(metrics)
             if run_dir is not None and dist.is_main:
                 _write_metrics(run_dir / "metrics.jsonl", history)
@@ -218,10 +223,33 @@ def fit(config: TrainConfig, *, sampler: SamplerHook | None = None,
             **{k: metrics.get(k) for k in ("loss", "accuracy", "val_accuracy", "val_loss",
                                            "images_per_s", "kept_fraction", "flipped_kept_share")},
             "skipped": sum(m.get("skipped", 0) for m in history),
+            "warnings": [m["warning"] for m in history if m.get("warning")],
         }
         if run_dir is not None and dist.is_main:
             atomic_write_json(run_dir / "summary.json", summary)
     return FitResult(model.eval(), summary)
+
+
+def exploding_loss(metrics: dict[str, Any], num_classes: int, config: TrainConfig) -> str | None:
+    """A warning when an epoch's mean loss is far above ``ln(C)``, the loss of a uniform guess.
+
+    A network that learns anything is below ``ln(C)`` after its first epoch, even on noisy
+    labels; well above it (x1.5 on train, x5 on val) the optimiser is overshooting, the run is
+    diverging without a NaN yet, and its result will be poor. Returns None when all is well.
+    """
+    chance = math.log(max(num_classes, 2))
+    loss, val_loss = metrics.get("loss"), metrics.get("val_loss")
+    bad = []
+    if loss is not None and math.isfinite(loss) and loss > 1.5 * chance:
+        bad.append(f"train loss {loss:.2f}")
+    if val_loss is not None and math.isfinite(val_loss) and val_loss > 5 * chance:
+        bad.append(f"val loss {val_loss:.2f}")
+    if not bad:
+        return None
+    return (f"epoch {metrics.get('epoch', 0) + 1}: {' and '.join(bad)} far above ln({num_classes}) = "
+            f"{chance:.2f}, the loss of a uniform guess: the run is diverging; lower --lr (now "
+            f"{config.lr:g}) or raise --batch-size (now {config.batch_size}); a small data set "
+            "needs a smaller lr than the preset's")
 
 
 def _keep_checkpoint(ckpt_path: Path, epoch: int, config: TrainConfig) -> None:
