@@ -226,7 +226,9 @@ def check_parameters(params: dict[str, float], *, endpoints=None, values=None) -
             raise SamplerError(f"{name}: missing")
         x = params[name]
         lo, hi = BOUNDS[name]
-        if not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x) or not lo <= x <= hi:
+        if not isinstance(x, (int, float)) or isinstance(x, bool):
+            raise SamplerError(f"{name}: {x!r} is not a number (expected one in [{lo}, {hi}])")
+        if not math.isfinite(x) or not lo <= x <= hi:
             raise SamplerError(f"{name}: {x!r} is outside [{lo}, {hi}]")
     if endpoints is not None and (endpoints[0] != 0.0 or endpoints[-1] != 1.0):
         raise SamplerError(f"endpoints: e0 must be 0 and e4 must be 1, got {endpoints[0]!r}, {endpoints[-1]!r}")

@@ -149,4 +149,7 @@ def _check_read_only(sql: str) -> None:
         return
     # DESCRIBE, SHOW, SUMMARIZE, WITH ... SELECT and FROM-first queries are all SELECT here.
     if kind != "SELECT":
-        raise QueryError(f"the store is read-only: {kind} statements are refused; use SELECT")
+        # DuckDB files INSTALL under LOAD and CHECKPOINT under CALL: name what was written.
+        words = sql.strip().split(None, 1)
+        name = words[0].upper() if words else kind
+        raise QueryError(f"the store is read-only: {name} statements are refused; use SELECT")

@@ -53,6 +53,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_store_option(parser: argparse.ArgumentParser, *, positional: bool = False) -> None:
+    """``--store STORE`` as on every command; ``positional`` also takes it as the first
+    argument (``sql STORE "SELECT ..."``, and the older form of the plot commands)."""
+    parser.add_argument("--store", dest="store_opt", metavar="STORE", default=None, help="store directory")
+    if positional:
+        parser.add_argument("store_pos", nargs="?", metavar="STORE", default=None,
+                            help="store directory (or --store)")
+
+
+def resolve_store(args: argparse.Namespace) -> str:
+    opt, pos = getattr(args, "store_opt", None), getattr(args, "store_pos", None)
+    if opt and pos and opt != pos:
+        raise UserError(f"two stores given ({pos} and --store {opt}); give one")
+    store = opt or pos
+    if not store:
+        raise UserError("no store given; pass --store STORE")
+    args.store = store
+    return store
+
+
 def add_json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print only the JSON summary line")
 
@@ -100,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if hasattr(args, "store_opt"):
+            resolve_store(args)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)

@@ -118,3 +118,28 @@ def _children(pid: int) -> list[int]:
             if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
                 out.append(int(entry))
     return out
+
+
+@pytest.mark.parametrize("statement, word", [("INSTALL httpfs", "INSTALL"), ("CHECKPOINT", "CHECKPOINT")])
+def test_refused_statements_are_named_as_written(base, statement, word):
+    code, err = main_in_process("sql", base, statement)
+    assert code == 2 and f"{word} statements are refused" in err, err
+
+
+@pytest.mark.parametrize("value", ["0.3", True])
+def test_a_sampler_value_that_is_not_a_number_says_so(value):
+    from swift_sampler.pipeline.sampler import SamplerError, check_parameters
+
+    params = {"e1": 0.25, "e2": 0.5, "e3": 0.75, "v0": 1, "v1": 1, "v2": 1, "v3": 1, "v4": 1,
+              "c1": value, "c2": 0.0}
+    with pytest.raises(SamplerError, match="c1: .* is not a number"):
+        check_parameters(params)
+
+
+def test_store_is_accepted_as_an_option_everywhere(base):
+    code, err = main_in_process("sql", "--store", base, "SELECT count(*) FROM samples")
+    assert code == 0, err
+    code, err = main_in_process("sql", base, "SELECT count(*) FROM samples")
+    assert code == 0, err
+    code, err = main_in_process("sql", "SELECT 1")
+    assert code == 2 and "pass --store" in err, err

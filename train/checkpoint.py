@@ -13,6 +13,7 @@ previous epoch's checkpoint in place, which is what ``--resume`` and the NaN gua
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -62,14 +63,19 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     with open(path, "rb") as f:
         head = f.read(4)
     if head != b"PK\x03\x04":  # torch.save writes a zip archive
-        raise CheckpointError(f"{path} is not a checkpoint of this project (not a torch.save "
-                              "archive); pass the checkpoint.pt of a run")
+        raise CheckpointError(f"cannot read checkpoint {path}: it is not a checkpoint of this "
+                              "project (not a torch.save archive); pass the checkpoint.pt of a run")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # A whole archive holding more than tensors and plain data. Not torch's own advice:
+        # weights_only=False would run whatever code the pickle carries.
+        raise CheckpointError(f"cannot read checkpoint {path}: it holds objects other than "
+                              "tensors and plain data, and loading them could run code; it is "
+                              "not a checkpoint of this project") from None
     except Exception:  # a zip that does not read back whole: cut short or damaged
-        # Not torch's own advice (weights_only=False would run arbitrary pickled code).
-        raise CheckpointError(f"checkpoint {path} is truncated or damaged ({size} bytes); "
-                              "train again (or --resume) to write it anew") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: it is truncated or damaged "
+                              f"({size} bytes); train again (or --resume) to write it anew") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED):
         raise CheckpointError(
             f"{path} is not a swift-sampler checkpoint (needs keys {', '.join(REQUIRED)})"

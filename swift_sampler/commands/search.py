@@ -65,8 +65,8 @@ def register(sub, groups) -> None:
     s = search.add_parser("show", help="print the trials of a search",
                           description="The trials of STORE/searches/NAME as a table (from the "
                           "DuckDB view `trials`), then a JSON summary line.")
-    s.add_argument("--store", required=True)
-    s.add_argument("name")
+    s.add_argument("--store", required=True, help="store directory")
+    s.add_argument("name", help="search name (folder STORE/searches/NAME)")
     add_json_flag(s)
     s.set_defaults(func=show_search_command)
 

@@ -6,7 +6,7 @@ import json
 
 from swift_sampler.storage import available_views, query
 
-from ..cli import emit
+from ..cli import add_store_option, emit
 
 
 def register(sub, groups) -> None:
@@ -16,7 +16,7 @@ def register(sub, groups) -> None:
         description="Run one read-only SQL query over the store. Views: samples, features, "
         "cdf, cgf, trials, metrics (each once the stage that writes it has run).",
     )
-    p.add_argument("store", help="store directory")
+    add_store_option(p, positional=True)
     p.add_argument("query", help='SQL, e.g. "SELECT split, count(*) FROM samples GROUP BY split"')
     p.add_argument("--json", action="store_true", help="print the rows as JSON lines, then the summary")
     p.add_argument("--limit", type=int, default=50, help="rows to print as a table (default 50)")

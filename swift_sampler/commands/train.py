@@ -24,13 +24,13 @@ def register(sub, groups) -> None:
     p.add_argument("--model", default=None,
                    help="resnet18 | tiny-cnn | digits-net | torchvision:<arch> (default: preset's, "
                    "or the --init checkpoint's)")
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=None, help="per rank")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate")
-    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--weight-decay", type=float, default=None, help="SGD weight decay (default: the preset's)")
     p.add_argument("--schedule", default=None, help="multistep | cosine | one-cycle | constant")
     p.add_argument("--milestones", default=None, help="multistep epochs, comma-separated (e.g. 40)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="seed of init, crops and order (default: 0)")
     p.add_argument("--workers", type=int, default=None, help="loader workers per rank (2)")
     p.add_argument("--image-size", type=int, default=None, help="crop side for large images")
     p.add_argument("--val-split", default=None, help="split validated each epoch (val)")
