@@ -110,8 +110,10 @@ def run_search_command(args) -> int:
     finally:
         shutdown()
     if dist.is_main:
+        # A search that already holds more trials than --steps runs none and reports them all.
+        steps = max(args.steps, summary["search_trials"])
         emit({"command": "search run", **summary, "agent": args.agent, "transform": args.transform,
-              "steps": args.steps}, args,
+              "steps": steps}, args,
              _verdict(summary))
     return 0
 

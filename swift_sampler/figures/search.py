@@ -50,13 +50,16 @@ def plot_search(store, names, out=None) -> Path:
         label = name
         if settings.get("agent"):
             label += f" ({settings['agent']}, T={settings.get('transform', '?')})"
+        # The agent's trials, numbered as in trials.parquet and `search show` (from 0); the
+        # noise and guard re-evaluations are not part of the search's progress.
+        trials = [t for t in trials if t["phase"] == "search"]
         scores = np.array([t["score"] if t["status"] == "ok" else np.nan for t in trials])
-        curves.append((label, best_so_far(trials), scores))
+        numbers = np.array([t["trial"] for t in trials])
+        curves.append((label, best_so_far(trials), scores, numbers))
 
     out = Path(out) if out else layout.root / "figures" / "search.png"
     fig, ax = plt.subplots(figsize=(7.5, 4.6), constrained_layout=True)
-    for (label, best, scores), colour in zip(curves, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 9):
-        x = np.arange(1, len(best) + 1)
+    for (label, best, scores, x), colour in zip(curves, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 9):
         ax.step(x, 100 * best, where="post", color=colour, lw=2, label=label)
         ax.scatter(x, 100 * scores, color=colour, s=12, alpha=0.35)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
