@@ -73,7 +73,8 @@ class IngestError(SwiftSamplerError, ValueError):
 def ingest(source: str, store: str | os.PathLike, *, val_frac: float = 0.1,
            test_frac: float = 0.1, test_source: str | None = None, noise: str = "none",
            seed: int = 0, limit: int | None = None, shard_size: int = 5000,
-           overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+           labels: str | os.PathLike | None = None, overwrite: bool = False,
+           progress: bool = True) -> dict[str, Any]:
     """Build a store from ``source``; return a summary dict.
 
     Args:
@@ -86,6 +87,10 @@ def ingest(source: str, store: str | os.PathLike, *, val_frac: float = 0.1,
         limit: keep a seeded stratified subset of this many images of ``source`` (a
             ``test_source`` is taken whole).
         shard_size: samples per shard.
+        labels: a CSV or Parquet file ``path,label`` (``pipeline.label_file``) whose labels
+            replace the source's for train and val; the source's labels stay as ``true_label``
+            / ``noisy`` for diagnostics (as with injected noise) and label the test split.
+            Cannot be combined with ``noise``.
         overwrite: replace a store that already holds data (including its features, runs and
             searches, which belong to the old data).
         progress: show tqdm progress bars on stderr.
@@ -96,6 +101,8 @@ def ingest(source: str, store: str | os.PathLike, *, val_frac: float = 0.1,
     """
     t0 = time.perf_counter()
     spec = parse_noise(noise)
+    if labels is not None and spec.kind != "none":
+        raise IngestError(f"--labels {labels} gives the noisy labels itself; drop --noise {noise}")
     if test_source and test_frac:
         raise IngestError(f"--test-source gives the test split, so --test-frac must be 0 "
                           f"(got {test_frac:g})")
@@ -105,6 +112,12 @@ def ingest(source: str, store: str | os.PathLike, *, val_frac: float = 0.1,
     _check_store(layout, overwrite)  # fail before the slow part; checked again under the lock
     src = open_source(source)
     tsrc = open_source(test_source, split="test") if test_source else None
+    label_map = None
+    if labels is not None:
+        from .label_file import read_label_file
+
+        label_map = read_label_file(labels, classes=src.classes, names=[it.name for it in src.items])
+        label_map = (label_map[0], {"file": str(Path(labels).resolve()), "sha256": label_map[1]})
 
     created = not layout.root.exists()
     layout.root.mkdir(parents=True, exist_ok=True)
@@ -115,7 +128,7 @@ def ingest(source: str, store: str | os.PathLike, *, val_frac: float = 0.1,
             _check_store(layout, overwrite, clean=True)
             manifest = _build(src, tsrc, layout.inside(staging), spec=spec, val_frac=val_frac,
                               test_frac=test_frac, seed=seed, limit=limit,
-                              shard_size=shard_size, progress=progress)
+                              shard_size=shard_size, progress=progress, label_map=label_map)
             _commit(layout, staging, manifest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -150,7 +163,7 @@ def validate(items: Iterable[Item], *, skipped: list[dict[str, str]]
 
 
 def _build(src, tsrc, staging: Path, *, spec, val_frac, test_frac, seed, limit, shard_size,
-           progress) -> dict[str, Any]:
+           progress, label_map=None) -> dict[str, Any]:
     items = src.items
     if limit is not None:
         rng = np.random.default_rng([seed, _STREAM["subset"]])
@@ -192,10 +205,14 @@ def _build(src, tsrc, staging: Path, *, spec, val_frac, test_frac, seed, limit, 
         order = np.random.default_rng([seed, _STREAM["shuffle"], si]).permutation(len(members[split]))
         chosen = [members[split][i] for i in order]
         clean = np.array([it.label for it in chosen], dtype=np.int64)
-        noisy_on = spec.kind != "none" and split != "test"
-        train_labels = (inject_noise(clean, spec=spec, classes=src.classes,
-                                     seed=np.random.default_rng([seed, _STREAM["noise"], si]))
-                        if noisy_on else clean)
+        noisy_on = (spec.kind != "none" or label_map is not None) and split != "test"
+        if label_map is not None and split != "test":  # the file's labels; the source's stay as truth
+            train_labels = np.array([label_map[0][it.name] for it in chosen], dtype=np.int64)
+        elif noisy_on:
+            train_labels = inject_noise(clean, spec=spec, classes=src.classes,
+                                        seed=np.random.default_rng([seed, _STREAM["noise"], si]))
+        else:
+            train_labels = clean
         realised[split] = float(np.mean(train_labels != clean)) if clean.size else 0.0
         samples = _samples(chosen, clean, train_labels, split=split, ext=image["ext"],
                            ground_truth=noisy_on, bar=bar)
@@ -219,13 +236,23 @@ def _build(src, tsrc, staging: Path, *, spec, val_frac, test_frac, seed, limit, 
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "source": src.spec, "test_source": tsrc.spec if tsrc else None,
         "classes": list(src.classes), "image": image, "splits": splits,
-        "noise": {"spec": str(spec), "kind": spec.kind, "rate": spec.rate, "realised": realised,
-                  "expected": {s: expected_rate(np.array(rows["true_label"])[
-                      np.array(rows["split"]) == s], spec=spec, classes=src.classes)
-                      if s != "test" else 0.0 for s in SPLITS}},
+        "noise": _noise_doc(spec, realised, rows, src.classes, label_map),
         "seed": seed, "limit": limit, "val_frac": val_frac, "test_frac": test_frac,
         "shard_size": shard_size, "skipped": skipped, "versions": package_versions(),
     }
+
+
+def _noise_doc(spec, realised, rows, classes, label_map) -> dict[str, Any]:
+    if label_map is not None:
+        # The file's disagreement with the source labels is the noise; it is what it is.
+        info = label_map[1]
+        return {"spec": f"labels:{Path(info['file']).name}", "kind": "labels", "rate": None,
+                "labels_file": info["file"], "labels_sha256": info["sha256"],
+                "realised": realised, "expected": dict(realised)}
+    return {"spec": str(spec), "kind": spec.kind, "rate": spec.rate, "realised": realised,
+            "expected": {s: expected_rate(np.array(rows["true_label"])[
+                np.array(rows["split"]) == s], spec=spec, classes=classes)
+                if s != "test" else 0.0 for s in SPLITS}}
 
 
 def _samples(items: list[Item], clean: np.ndarray, labels: np.ndarray, *, split: str,

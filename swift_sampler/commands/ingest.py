@@ -26,6 +26,10 @@ def register(sub, groups) -> None:
                    help="none | symmetric:R | asymmetric:R (train and val only; default none)")
     p.add_argument("--limit", type=int, default=None,
                    help="keep a seeded stratified subset of N source images")
+    p.add_argument("--labels", default=None, metavar="FILE",
+                   help="CSV or Parquet `path,label` (path relative to the imagefolder root, label a "
+                   "class name) whose labels replace the source's for train and val; the source's "
+                   "stay for diagnostics and the test split. Every image needs a row.")
     p.add_argument("--seed", type=int, default=0, help="seed of subset, splits, shuffle, noise")
     p.add_argument("--shard-size", type=int, default=5000, help="samples per shard (5000)")
     p.add_argument("--overwrite", action="store_true",
@@ -40,6 +44,7 @@ def run(args) -> int:
     test_frac = args.test_frac if args.test_frac is not None else (0.0 if args.test_source else 0.1)
     summary = ingest(args.source, args.store, val_frac=args.val_frac, test_frac=test_frac,
                      test_source=args.test_source, noise=args.noise, seed=args.seed,
+                     labels=args.labels,
                      limit=args.limit, shard_size=args.shard_size, overwrite=args.overwrite,
                      progress=not args.json)
     emit({"command": "pipeline ingest", **summary}, args, format_summary(summary))
