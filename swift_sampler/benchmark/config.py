@@ -16,8 +16,11 @@ from swift_sampler.pipeline.noise import parse_noise
 from swift_sampler.storage.errors import UsageError
 
 # Order of the results table. ``ss-cdf`` and ``ss-random`` are the paper's ablations (Fig. 3).
-METHODS = ("uniform", "clean", "oracle-mask", "small-loss", "cleanlab", "ss", "ss-cdf", "ss-random")
-DEFAULT_METHODS = METHODS[:6]
+# ``small-loss`` is told the true noise rate (a reference no user has); ``small-loss-gmm``
+# estimates it, as DivideMix does.
+METHODS = ("uniform", "clean", "oracle-mask", "small-loss", "small-loss-gmm", "cleanlab", "ss",
+           "ss-cdf", "ss-random")
+DEFAULT_METHODS = ("uniform", "clean", "oracle-mask", "small-loss", "small-loss-gmm", "cleanlab", "ss")
 # Searches behind the ss methods: (search name, agent, transform).
 SEARCHES = {"ss": ("ss", "gp-ucb", "cgf"), "ss-cdf": ("ss-cdf", "gp-ucb", "cdf"),
             "ss-random": ("ss-random", "random", "cgf")}
@@ -233,7 +236,7 @@ def planned_work(c: BenchConfig, counts: dict[str, int]) -> dict[str, dict[str, 
         if m in work:
             work[m]["train"] += trials * c.finetune_epochs * c.finetune_repeats * n
             work[m]["forward"] += trials * c.finetune_repeats * val
-    if work.keys() & {"small-loss", *SEARCHES}:
+    if work.keys() & {"small-loss", "small-loss-gmm", *SEARCHES}:
         work["features"] = {"train": 0.0, "forward": float(c.crops_per_image * n)}
         if "uniform" not in work:  # w_share is trained anyway
             work["uniform"] = {"train": float(run), "forward": 0.0}

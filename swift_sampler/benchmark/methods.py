@@ -10,6 +10,9 @@ differs is the data it trains on:
   oversample-and-filter stage: the ceiling for any sampler;
 - ``small-loss``: weight 0 for the known noise rate's share of highest-loss images under
   ``w_share`` (loss of crop 0, the plain view, from the feature store), 1 for the rest;
+- ``small-loss-gmm``: DivideMix's rule, no noise rate given: a two-component Gaussian mixture
+  on the (min-max scaled) per-image loss under ``w_share``; weight 1 where the posterior of the
+  low-loss component is above 0.5, else 0;
 - ``cleanlab``: ``cleanlab.filter.find_label_issues`` on out-of-sample predicted probabilities
   from k-fold cross-validation (k models of this recipe, each trained on k-1 folds for the
   same number of passes over its data), flagged images weighted 0, retrained;
@@ -99,6 +102,38 @@ def small_loss(run: SeedRun) -> dict[str, Any]:
                    rate=rate, dropped=drop, **_detection(weights == 0, flipped))
 
 
+def gmm_clean_posterior(loss: np.ndarray, *, seed: int = 0) -> np.ndarray:
+    """Posterior ``(N,)`` of the low-mean component of a 2-component GMM on the loss.
+
+    As DivideMix (Li et al., 2020, §3.1): the loss is min-max scaled and fitted with
+    scikit-learn's ``GaussianMixture`` (``max_iter=10, tol=1e-2, reg_covar=5e-4``).
+    """
+    from sklearn.mixture import GaussianMixture
+
+    loss = np.asarray(loss, dtype=np.float64)
+    span = loss.max() - loss.min()
+    x = ((loss - loss.min()) / (span if span > 0 else 1.0)).reshape(-1, 1)
+    gmm = GaussianMixture(n_components=2, max_iter=10, tol=1e-2, reg_covar=5e-4,
+                          random_state=seed).fit(x)
+    return gmm.predict_proba(x)[:, int(np.argmin(gmm.means_.ravel()))]
+
+
+def small_loss_gmm(run: SeedRun) -> dict[str, Any]:
+    run.ensure_features()
+    clean_p = gmm_clean_posterior(crop0_loss(run.noisy), seed=run.seed)
+    weights = (clean_p > 0.5).astype(np.float64)
+    if not weights.any():
+        raise UsageError("the loss mixture put every image in the high-loss component; "
+                         "w_share may not have trained")
+    estimate = float(1.0 - weights.mean())
+    hook = weights_hook(weights, describe={"method": "small-loss-gmm", "estimated_rate": estimate})
+    model, summary = run.train("small-loss-gmm", hook=hook)
+    flipped = ground_truth(run.noisy)["noisy"]  # diagnostics only
+    return _result(run, model, summary, components=("run:small-loss-gmm",), train_runs=1.0,
+                   estimated_rate=estimate, dropped=int((weights == 0).sum()),
+                   **_detection(weights == 0, flipped))
+
+
 def cleanlab(run: SeedRun) -> dict[str, Any]:
     from cleanlab.filter import find_label_issues
     from sklearn.model_selection import StratifiedKFold
@@ -158,6 +193,7 @@ def ss_method(name: str):
 
 METHOD_FUNCTIONS = {
     "uniform": uniform, "clean": clean, "oracle-mask": oracle_mask, "small-loss": small_loss,
+    "small-loss-gmm": small_loss_gmm,
     "cleanlab": cleanlab, "ss": ss_method("ss"), "ss-cdf": ss_method("ss-cdf"),
     "ss-random": ss_method("ss-random"),
 }
