@@ -251,3 +251,31 @@ def test_gmm_rule_keeps_the_low_loss_mode_of_a_bimodal_loss():
     # Same seed, same decision; an order change does not change any image's decision.
     perm = rng.permutation(loss.size)
     np.testing.assert_array_equal(gmm_clean_posterior(loss[perm], seed=0) > 0.5, keep[perm])
+
+
+def test_coteaching_exchanges_selections_and_both_networks_take_the_same_steps(shared_cifar, tmp_path):
+    import torch
+
+    from swift_sampler.benchmark.coteaching import exchange, forget_rate, train_coteaching
+    from swift_sampler.pipeline.ingest import ingest
+
+    # The exchange: A learns from B's small-loss samples and B from A's.
+    loss_a = torch.tensor([0.1, 0.9, 0.5, 0.2])
+    loss_b = torch.tensor([0.8, 0.1, 0.3, 0.7])
+    for_a, for_b = exchange(loss_a, loss_b, 2)
+    assert sorted(for_a.tolist()) == [1, 2] and sorted(for_b.tolist()) == [0, 3]
+    assert forget_rate(0.0, rate=0.4, ramp_epochs=3) == 0.0
+    assert forget_rate(1.5, rate=0.4, ramp_epochs=3) == pytest.approx(0.2)
+    assert forget_rate(9.0, rate=0.4, ramp_epochs=3) == pytest.approx(0.4)
+
+    config = resolve_bench(shared_cifar, tmp_path / "o", preset="tiny", epochs=2)
+    store = tmp_path / "store"
+    ingest(f"imagefolder:{shared_cifar}", store, val_frac=0.2, test_frac=0.2, limit=300,
+           noise="symmetric:0.4", shard_size=100, progress=False)
+    sizes = []
+    out = train_coteaching(store, config=config, rate=0.4, seed=0, ramp_epochs=1,
+                           on_step=lambda a, b: sizes.append((len(a), len(b))))
+    steps = 2 * (180 // config.batch_size)
+    assert out["steps"] == [steps, steps] and len(sizes) == steps  # one run's steps each
+    assert all(a == b for a, b in sizes)
+    assert sizes[0][0] == config.batch_size and sizes[-1][0] == round(0.6 * config.batch_size)

@@ -18,9 +18,10 @@ from swift_sampler.storage.errors import UsageError
 # Order of the results table. ``ss-cdf`` and ``ss-random`` are the paper's ablations (Fig. 3).
 # ``small-loss`` is told the true noise rate (a reference no user has); ``small-loss-gmm``
 # estimates it, as DivideMix does.
-METHODS = ("uniform", "clean", "oracle-mask", "small-loss", "small-loss-gmm", "cleanlab", "ss",
-           "ss-cdf", "ss-random")
-DEFAULT_METHODS = ("uniform", "clean", "oracle-mask", "small-loss", "small-loss-gmm", "cleanlab", "ss")
+METHODS = ("uniform", "clean", "oracle-mask", "small-loss", "small-loss-gmm", "co-teaching",
+           "cleanlab", "ss", "ss-cdf", "ss-random")
+DEFAULT_METHODS = ("uniform", "clean", "oracle-mask", "small-loss", "small-loss-gmm", "co-teaching",
+                   "cleanlab", "ss")
 # Searches behind the ss methods: (search name, agent, transform).
 SEARCHES = {"ss": ("ss", "gp-ucb", "cgf"), "ss-cdf": ("ss-cdf", "gp-ucb", "cdf"),
             "ss-random": ("ss-random", "random", "cgf")}
@@ -228,6 +229,8 @@ def planned_work(c: BenchConfig, counts: dict[str, int]) -> dict[str, dict[str, 
     run = c.epochs * n
     fold_epochs = max(1, round(c.epochs * (c.cleanlab_folds - 1) / c.cleanlab_folds))
     work = {m: {"train": float(run), "forward": float(val + test)} for m in c.methods}
+    if "co-teaching" in work:  # two networks, each the steps of one run
+        work["co-teaching"]["train"] = 2.0 * run
     if "cleanlab" in work:
         work["cleanlab"]["train"] += c.cleanlab_folds * fold_epochs * n
         work["cleanlab"]["forward"] += c.cleanlab_folds * n
@@ -236,7 +239,7 @@ def planned_work(c: BenchConfig, counts: dict[str, int]) -> dict[str, dict[str, 
         if m in work:
             work[m]["train"] += trials * c.finetune_epochs * c.finetune_repeats * n
             work[m]["forward"] += trials * c.finetune_repeats * val
-    if work.keys() & {"small-loss", "small-loss-gmm", *SEARCHES}:
+    if work.keys() & {"small-loss", "small-loss-gmm", "co-teaching", *SEARCHES}:
         work["features"] = {"train": 0.0, "forward": float(c.crops_per_image * n)}
         if "uniform" not in work:  # w_share is trained anyway
             work["uniform"] = {"train": float(run), "forward": 0.0}

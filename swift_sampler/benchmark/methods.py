@@ -13,6 +13,9 @@ differs is the data it trains on:
 - ``small-loss-gmm``: DivideMix's rule, no noise rate given: a two-component Gaussian mixture
   on the (min-max scaled) per-image loss under ``w_share``; weight 1 where the posterior of the
   low-loss component is above 0.5, else 0;
+- ``co-teaching``: two networks, each updating on the small-loss part of the batch chosen by
+  the other, forget rate ramped to the GMM's estimate (``swift_sampler.benchmark.coteaching``);
+  two networks: two runs of cost;
 - ``cleanlab``: ``cleanlab.filter.find_label_issues`` on out-of-sample predicted probabilities
   from k-fold cross-validation (k models of this recipe, each trained on k-1 folds for the
   same number of passes over its data), flagged images weighted 0, retrained;
@@ -134,6 +137,19 @@ def small_loss_gmm(run: SeedRun) -> dict[str, Any]:
                    **_detection(weights == 0, flipped))
 
 
+def co_teaching(run: SeedRun) -> dict[str, Any]:
+    from .coteaching import train_coteaching
+
+    run.ensure_features()
+    rate = float(1.0 - (gmm_clean_posterior(crop0_loss(run.noisy), seed=run.seed) > 0.5).mean())
+    with run.timed("run:co-teaching"):
+        out = train_coteaching(run.noisy, config=run.config, rate=min(rate, 0.9), seed=run.seed)
+    return {**run.scores(out["model"]), "seconds": run.seconds("run:co-teaching"),
+            "train_runs": 2.0, "estimated_rate": rate, "steps": out["steps"],
+            "ramp_epochs": out["ramp_epochs"], "kept_fraction": out["kept_fraction"],
+            "flipped_kept_share": None}
+
+
 def cleanlab(run: SeedRun) -> dict[str, Any]:
     from cleanlab.filter import find_label_issues
     from sklearn.model_selection import StratifiedKFold
@@ -193,7 +209,7 @@ def ss_method(name: str):
 
 METHOD_FUNCTIONS = {
     "uniform": uniform, "clean": clean, "oracle-mask": oracle_mask, "small-loss": small_loss,
-    "small-loss-gmm": small_loss_gmm,
+    "small-loss-gmm": small_loss_gmm, "co-teaching": co_teaching,
     "cleanlab": cleanlab, "ss": ss_method("ss"), "ss-cdf": ss_method("ss-cdf"),
     "ss-random": ss_method("ss-random"),
 }
