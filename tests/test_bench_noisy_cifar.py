@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -279,3 +280,22 @@ def test_coteaching_exchanges_selections_and_both_networks_take_the_same_steps(s
     assert out["steps"] == [steps, steps] and len(sizes) == steps  # one run's steps each
     assert all(a == b for a, b in sizes)
     assert sizes[0][0] == config.batch_size and sizes[-1][0] == round(0.6 * config.batch_size)
+
+
+def test_benchmark_takes_a_label_file_and_keeps_the_test_split_clean(shared_cifar, tmp_path):
+    from swift_sampler.benchmark.stores import ground_truth, prepare_stores
+
+    rows = (Path(shared_cifar).parents[1] / "cifar10n" / "random1.csv").read_text().splitlines()
+    labels = tmp_path / "random1.csv"
+    labels.write_text("\n".join(rows) + "\n")
+    config = resolve_bench(shared_cifar, tmp_path / "o", preset="tiny", labels=str(labels))
+    assert config.noise == "none" and config.labels == str(labels.resolve())
+    with pytest.raises(ValueError, match="drop --noise"):
+        resolve_bench(shared_cifar, tmp_path / "o", preset="tiny", labels=str(labels),
+                      noise="symmetric:0.4")
+    stores = prepare_stores(config, tmp_path / "o" / "seed-0", 0)
+    truth = ground_truth(stores["noisy"])
+    assert 0.05 < truth["noisy"].mean() < 0.35  # random1 is 17% wrong over all 50,000
+    test = ground_truth(stores["noisy"], "test")
+    assert not test["noisy"].any()
+    assert stores["noise"]["kind"] == "labels"

@@ -51,6 +51,9 @@ class BenchConfig:
     out: str
     preset: str = "cpu-quick"
     noise: str = "symmetric:0.4"
+    # A label file (``ingest --labels``: CSV/Parquet path,label, e.g. CIFAR-10N) for train and
+    # val instead of injected noise; then ``noise`` is "none". The test split stays clean.
+    labels: str | None = None
     methods: tuple[str, ...] = DEFAULT_METHODS
     seeds: int = 1
     verify_ranks: int = 0
@@ -166,6 +169,11 @@ def resolve_bench(data: str, out: str, *, preset: str = "cpu-quick", **options: 
     values = {**PRESETS[preset], **{k: v for k, v in options.items() if v is not None}}
     if Path(data).is_dir():  # one spelling per folder, so a resumed run matches bench.json
         data = str(Path(data).resolve())
+    if values.get("labels"):
+        values["labels"] = str(Path(values["labels"]).resolve())
+        if "noise" in options and options["noise"] not in (None, "none"):
+            raise UsageError(f"--labels gives the noisy labels; drop --noise {options['noise']}")
+        values["noise"] = "none"
     if isinstance(values.get("methods"), str):
         values["methods"] = parse_methods(values["methods"])
     config = BenchConfig(data=str(data), out=str(out), preset=preset, **values)

@@ -75,7 +75,7 @@ def markdown(doc: dict[str, Any]) -> str:
         f"Command: `{doc['command']}`", "",
         f"Preset `{c['preset']}`: {c['model']}, {counts.get('train', '?'):,} noisy train / "
         f"{counts.get('val', '?'):,} noisy val / {counts.get('test', '?'):,} clean test images; "
-        f"noise `{c['noise']}` (realised on train {_pct(realised.get('train'))}%); every method "
+        f"noise `{c['noise'] if not c.get('labels') else 'labels: ' + c['labels'].rsplit('/', 1)[-1]}` (realised on train {_pct(realised.get('train'))}%); every method "
         f"trains {c['epochs']} epochs at batch {c['batch_size']}, lr {c['lr']:g} "
         f"(`{c['train_preset']}` recipe), equal optimiser steps; search {c['steps']} trials x "
         f"{c['finetune_epochs']} fine-tune epochs at {c.get('finetune_lr_fraction', 1.0):g}x the lr"

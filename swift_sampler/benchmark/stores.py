@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from swift_sampler.pipeline.ingest import ingest
-from swift_sampler.storage import StoreError, StoreLayout, read_manifest
+from swift_sampler.storage import StoreError, StoreLayout, read_manifest, sha256_file
 
 from .config import BenchConfig
 
@@ -44,18 +44,21 @@ def prepare_stores(config: BenchConfig, folder: Path, seed: int) -> dict[str, An
     stores = {}
     for kind, noise in (("noisy", config.noise), ("clean", "none")):
         store = folder / kind
+        labels = config.labels if kind == "noisy" else None
         want = {"source": source, "seed": seed, "limit": config.limit,
                 "val_frac": config.val_frac, "test_frac": config.test_frac}
+        spec = f"labels:{Path(labels).name}" if labels else str(_spec(noise))
         if StoreLayout(store).manifest.is_file():
             manifest = read_manifest(StoreLayout(store))
             have = {k: manifest.get(k) for k in want}
-            if have != want or manifest["noise"]["spec"] != str(_spec(noise)):
+            if have != want or manifest["noise"]["spec"] != spec or (
+                    labels and manifest["noise"].get("labels_sha256") != sha256_file(labels)):
                 raise StoreError(f"{store} holds another data set ({have}, noise "
                                  f"{manifest['noise']['spec']}); use a new --out folder")
         else:
             ingest(source, store, val_frac=config.val_frac, test_frac=config.test_frac,
                    noise=noise, seed=seed, limit=config.limit, shard_size=config.shard_size,
-                   progress=config.progress)
+                   labels=labels, progress=config.progress)
         stores[kind] = store
     check_twins(stores["noisy"], stores["clean"])
     manifest = read_manifest(StoreLayout(stores["noisy"]))

@@ -41,6 +41,9 @@ def register(sub, groups) -> None:
                    help="fine-tune peak lr as a fraction of the training lr (preset)")
     p.add_argument("--finetune-repeats", type=int, default=None, metavar="R",
                    help="fine-tunes per search trial, scores averaged (default 1)")
+    p.add_argument("--labels", default=None, metavar="FILE",
+                   help="label file for train and val instead of injected noise (CSV/Parquet "
+                   "path,label, e.g. ../shared/datasets/cifar10n/random1.csv); the test split stays clean")
     p.add_argument("--trial-seeds", default=None, choices=("distinct", "common"),
                    help="seeds of the search trials (default: the preset's)")
     p.add_argument("--inner-start", default=None, choices=("final", "early", "scratch"),
@@ -68,7 +71,7 @@ def run(args) -> int:
         args.data, args.out, preset="tiny" if args.tiny else args.preset, noise=args.noise,
         methods=args.methods, seeds=args.seeds, verify_ranks=args.verify_ranks, steps=args.steps,
         finetune_epochs=args.finetune_epochs, finetune_lr_fraction=args.finetune_lr_fraction,
-        finetune_repeats=args.finetune_repeats, trial_seeds=args.trial_seeds,
+        finetune_repeats=args.finetune_repeats, trial_seeds=args.trial_seeds, labels=args.labels,
         inner_start=args.inner_start, inner_score=args.inner_score, guard=args.guard,
         guard_candidates=args.guard_candidates, guard_repeats=args.guard_repeats,
         limit=args.limit, epochs=args.epochs,
