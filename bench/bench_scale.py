@@ -7,10 +7,10 @@ own ``ru_maxrss``, which includes the interpreter and imports: see the ``baselin
 ``seconds`` excludes interpreter start and imports, ``process_s`` includes them):
 
 - ``read``: every feature part, all columns, as one Arrow table (``pyarrow.dataset``);
-- ``read_columns``: the three columns the tables need (``pipeline.tables.read_feature_columns``);
-- ``tables``: ``pipeline.tables.build_store_tables`` (1024 quantiles, 720 angles, written);
+- ``read_columns``: the three columns the tables need (``swift_sampler.pipeline.tables.read_feature_columns``);
+- ``tables``: ``swift_sampler.pipeline.tables.build_store_tables`` (1024 quantiles, 720 angles, written);
 - ``tau``: ``load_tables`` + the loss/E^r columns + ``Sampler.tau`` for every row (also timed alone);
-- ``sql_mean``: ``storage.query`` mean loss by label over the ``features`` view;
+- ``sql_mean``: ``swift_sampler.storage.query`` mean loss by label over the ``features`` view;
 - ``sql_cdf``: a query that needs the view's ``cdf_loss``/``cdf_entropy_r`` (window) columns.
 
 At 10%, 50% and 100% of the size by default; the store is deleted afterwards. Prints one JSON
@@ -95,7 +95,7 @@ extra = {"groups": t.num_rows, "rows": int(sum(t["n"].to_pylist()))}
 # Imports happen before the clock starts, so ``seconds`` is the step's own work.
 CHILD = """
 import json, resource, sys, time
-import pyarrow.dataset, pipeline.tables, pipeline.sampler, storage
+import pyarrow.dataset, swift_sampler.pipeline.tables, swift_sampler.pipeline.sampler, swift_sampler.storage
 store = sys.argv[1]
 extra = {}
 _start = time.perf_counter()

@@ -99,6 +99,7 @@ def _fresh(src: Path, dst: Path) -> Path:
     store = copy_store(src, dst)
     for d in ("features", "tables", "runs"):
         shutil.rmtree(store / d, ignore_errors=True)
+    (store / "features.json").unlink(missing_ok=True)
     return store
 
 

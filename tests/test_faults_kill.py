@@ -135,6 +135,7 @@ def _store_without_features(ref_store, dst):
     for d in ("features", "tables"):
         for p in (store / d).iterdir():
             p.unlink()
+    StoreLayout(store).features_meta.unlink(missing_ok=True)
     return store
 
 

@@ -258,7 +258,7 @@ def test_killed_run_leaves_no_complete_store_and_next_run_cleans(tmp_path):
     store = tmp_path / "st"
     # Die hard (no finally, no cleanup) in the middle of writing the second shard.
     script = textwrap.dedent(f"""
-        import os, pipeline.shards as shards
+        import os, swift_sampler.pipeline.shards as shards
         real = shards.TarWriter.add_sample
         calls = [0]
         def add_sample(self, sample):

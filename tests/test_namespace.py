@@ -39,7 +39,9 @@ def test_no_bare_stage_package_is_importable(tmp_path):
 
 
 def test_no_module_imports_a_bare_stage_package():
-    pattern = re.compile(rf"^\s*(from|import)\s+({'|'.join(BARE)})(\.|\s|$)", re.M)
+    # Also inside code strings (subprocess scripts): ``import os, pipeline.shards``.
+    pattern = re.compile(rf"^\s*(from|import)\s+({'|'.join(BARE)})(\.|\s|$)"
+                         rf"|^\s*import (?:[\w.]+, )*({'|'.join(BARE)})\.\w", re.M)
     offenders = []
     for folder in (*BARE, "swift_sampler", "bench", "tests"):
         for path in (ROOT / folder).rglob("*.py"):

@@ -46,7 +46,7 @@ def ckpt_of(store):
 
 def test_checkpoint_and_store_mismatches_are_refused(store, tmp_path):
     bare = tmp_path / "bare"
-    shutil.copytree(store, bare, ignore=shutil.ignore_patterns("features", "tables"))
+    shutil.copytree(store, bare, ignore=shutil.ignore_patterns("features", "features.json", "tables"))
     with pytest.raises(StoreError, match="no features"):
         check_search_inputs(bare, ckpt_of(store))
     other = tmp_path / "other.pt"
