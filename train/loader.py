@@ -78,15 +78,11 @@ CropStage = Callable[..., Iterator[dict[str, Any]]]
 # ----------------------------------------------------------------------------- sample stages
 
 
-def parse_sample(raw: dict[str, Any], *, channels: int) -> dict[str, Any]:
-    """A raw WebDataset sample -> ``{"key", "index", "label", "image"}``.
-
-    Reads only ``index`` (and ``label`` when ``KEY.cls`` is missing) from ``KEY.json``.
+def parse_meta(raw: dict[str, Any]) -> dict[str, Any]:
+    """A raw WebDataset sample -> ``{"key", "index", "label", "ext"}`` without decoding the image.
 
     Raises:
-        CorruptSampleError: no image bytes, an unreadable label or index, or an image that
-            does not decode. Anything else is a bug and is not caught by the loader (as timm
-            re-raises it).
+        CorruptSampleError: no image bytes, an unreadable label or index.
     """
     ext = next((e for e in IMAGE_EXTS if e in raw), None)
     if ext is None:
@@ -99,8 +95,38 @@ def parse_sample(raw: dict[str, Any], *, channels: int) -> dict[str, Any]:
         raise CorruptSampleError("KEY.json is not a JSON object")
     label = _as_int(raw["cls"] if "cls" in raw else meta.get("label"), "label")
     index = _as_int(meta.get("index"), "index")
-    return {"key": raw.get("__key__", "?"), "index": index, "label": label,
-            "image": decode(raw[ext], channels)}
+    return {"key": raw.get("__key__", "?"), "index": index, "label": label, "ext": ext}
+
+
+def parse_sample(raw: dict[str, Any], *, channels: int) -> dict[str, Any]:
+    """A raw WebDataset sample -> ``{"key", "index", "label", "image"}``.
+
+    Reads only ``index`` (and ``label`` when ``KEY.cls`` is missing) from ``KEY.json``.
+
+    Raises:
+        CorruptSampleError: no image bytes, an unreadable label or index, or an image that
+            does not decode. Anything else is a bug and is not caught by the loader (as timm
+            re-raises it).
+    """
+    meta = parse_meta(raw)
+    ext = meta.pop("ext")
+    return {**meta, "image": decode(raw[ext], channels)}
+
+
+def undecoded_samples(src: Iterable[dict[str, Any]], *, skipped: list[str]) -> Iterator[dict[str, Any]]:
+    """Stage: raw samples -> ``{"key", "index", "label", "data"}`` (image bytes, not decoded),
+    for crop stages that choose before they decode (``choose_first``); unreadable metadata is
+    logged, appended to ``skipped`` and dropped."""
+    for raw in src:
+        try:
+            meta = parse_meta(raw)
+        except _SAMPLE_ERRORS as e:
+            key = raw.get("__key__", "?")
+            log.warning("skipping corrupt sample %s (%s): %s", key, raw.get("__url__", "?"), e)
+            skipped.append(key)
+            continue
+        meta["data"] = raw[meta.pop("ext")]
+        yield meta
 
 
 def _as_int(value: Any, what: str) -> int:
@@ -270,9 +296,11 @@ class ShardDataset(IterableDataset):
                  seed: int = 0, rank: int | None = None, world_size: int | None = None,
                  num_workers: int = 2, shuffle_buffer: int = 2000, image_size: int | None = None,
                  candidates_per_image: int = 1, crop_stage: CropStage | None = None,
-                 batch_filter: BatchFilter | None = None, skip_damaged: bool = False) -> None:
+                 batch_filter: BatchFilter | None = None, skip_damaged: bool = False,
+                 choose_first: bool = True) -> None:
         super().__init__()
         self.skip_damaged = bool(skip_damaged)
+        self.choose_first = bool(choose_first)
         layout = StoreLayout(store)
         manifest = read_manifest(layout)
         # Size and sha256 travel with each shard: the reader checks them on the bytes it reads.
@@ -342,14 +370,22 @@ class ShardDataset(IterableDataset):
         ident = (self.seed, self.epoch, self.rank, worker)
         crop_rng = np.random.default_rng(seed_ints(*ident, 1))
         filter_rng = np.random.default_rng(seed_ints(*ident, 2))
-        samples = self._samples(worker, skipped)
-        crops = self.crop_stage(samples, rng=crop_rng, candidates=self.candidates,
-                                augment=self.train)
-        batches = batch_samples(crops, size=self.batch_size * self.candidates,
-                                partial=not self.train, skipped=skipped, out_size=self.out_size)
-        if self.batch_filter is not None:
-            batches = filter_batches(batches, batch_filter=self.batch_filter, rng=filter_rng,
-                                     size=self.batch_size)
+        if self._chooses_first():
+            # Choose, then cut: the kept crops are picked from the stored tau of the 2B
+            # candidates before any pixel is read, and only their images are decoded.
+            batches = self.crop_stage.choose_first(
+                self._samples(worker, skipped, decode=False), crop_rng=crop_rng,
+                filter_rng=filter_rng, size=self.batch_size, candidates=self.candidates,
+                channels=self.channels, out_size=self.out_size, skipped=skipped)
+        else:
+            samples = self._samples(worker, skipped)
+            crops = self.crop_stage(samples, rng=crop_rng, candidates=self.candidates,
+                                    augment=self.train)
+            batches = batch_samples(crops, size=self.batch_size * self.candidates,
+                                    partial=not self.train, skipped=skipped, out_size=self.out_size)
+            if self.batch_filter is not None:
+                batches = filter_batches(batches, batch_filter=self.batch_filter, rng=filter_rng,
+                                         size=self.batch_size)
         if not self.train:
             yield from batches
             return
@@ -358,7 +394,12 @@ class ShardDataset(IterableDataset):
         if quota > 0:
             yield from itertools.islice(batches, quota)
 
-    def _samples(self, worker: int, skipped: list[str]) -> Iterator[dict[str, Any]]:
+    def _chooses_first(self) -> bool:
+        """The crop stage can choose before decoding, with exactly this batch filter's rule."""
+        return (self.train and self.choose_first and self.batch_filter is not None
+                and getattr(self.crop_stage, "chooses_first_with", None) is self.batch_filter)
+
+    def _samples(self, worker: int, skipped: list[str], decode: bool = True) -> Iterator[dict[str, Any]]:
         reported: set[str] = set()
 
         def one_pass(repeat: int) -> Iterator[dict[str, Any]]:
@@ -372,6 +413,8 @@ class ShardDataset(IterableDataset):
                 rng = python_rng(self.seed, self.epoch, self.rank, worker, repeat, 3)
                 raw = wds.filters.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
                                           rng=rng)(raw)
+            if not decode:
+                return undecoded_samples(raw, skipped=skipped)
             return decode_samples(raw, channels=self.channels, skipped=skipped)
 
         if not self.train:

@@ -17,6 +17,7 @@ width, flip, loss, entropy_r`` only.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from swift_sampler.pipeline.crops import Crop
+from swift_sampler.pipeline.decode import CorruptSampleError
 from swift_sampler.pipeline.filter import select, select_torch
 from swift_sampler.pipeline.sampler import Sampler
 from swift_sampler.pipeline.scoring import cross_entropy, entropy_r
@@ -35,6 +37,7 @@ from swift_sampler.storage.errors import UsageError
 from .trainer import SamplerHook
 
 FEATURE_COLUMNS = ("index", "crop", "top", "left", "height", "width", "flip", "loss", "entropy_r")
+log = logging.getLogger(__name__)
 
 
 class StoredCrops:
@@ -69,6 +72,57 @@ class StoredCrops:
                           cols["entropy_r"][order].astype(np.float32))
         self.tau = np.asarray(tau, dtype=np.float32).reshape(n, k)
 
+    def choose_first(self, src, *, crop_rng: np.random.Generator, filter_rng: np.random.Generator,
+                     size: int, candidates: int, channels: int, out_size, skipped: list[str]):
+        """Stage: undecoded samples -> batches of ``size`` kept crops, chosen before decoding.
+
+        The same draws as ``__call__`` + ``batch_samples`` + ``tau_filter``, in the same order:
+        per image, ``candidates`` stored crops by ``crop_rng``; per ``2B`` candidates, ``B``
+        kept by Efraimidis-Spirakis keys from ``filter_rng`` on their stored tau. So for a
+        seed the batches are bit-identical to choosing after cutting, as long as every image
+        decodes (an image that does not is found only once chosen: its kept crops are dropped
+        and the batch is short, where the other order would have skipped it before the draw).
+        Only the images of kept crops are decoded, and only kept crops are cut.
+        """
+        from swift_sampler.train.loader import collate, decode
+
+        window = size * candidates
+        pending: list[tuple[dict[str, Any], int]] = []  # (sample, stored crop id)
+        for s in src:
+            i = s["index"]
+            if i >= len(self.crops):
+                raise StoreError(f"sample {s['key']} has no stored features (index {i}); the "
+                                 "feature store belongs to another ingest")
+            for j in crop_rng.choice(self.k, size=min(candidates, self.k), replace=False):
+                pending.append((s, int(j)))
+            while len(pending) >= window:
+                cands, pending = pending[:window], pending[window:]
+                tau = np.array([self.tau[c["index"], j] for c, j in cands], dtype=np.float32)
+                images: dict[int, Any] = {}
+                kept = []
+                for k in select(tau, size, filter_rng):
+                    c, j = cands[k]
+                    if id(c) not in images:
+                        try:
+                            images[id(c)] = decode(c["data"], channels)
+                        except CorruptSampleError as e:
+                            log.warning("skipping corrupt sample %s: %s", c["key"], e)
+                            skipped.append(c["key"])
+                            images[id(c)] = None
+                    if images[id(c)] is None:
+                        continue
+                    top, left, h, w, flip = (int(v) for v in self.crops[c["index"], j])
+                    kept.append({"index": c["index"], "label": c["label"],
+                                 "crop": Crop(top, left, h, w, bool(flip)), "crop_id": j,
+                                 "tau": float(tau[k]), "source": images[id(c)]})
+                if not kept:
+                    continue
+                batch = collate(kept, out_size)
+                batch["candidates"] = len(cands)
+                batch["skipped"] = list(skipped)
+                skipped.clear()
+                yield batch
+
     def __call__(self, src, *, rng: np.random.Generator, candidates: int = 2, augment: bool = True,
                  **_: Any):
         for s in src:
@@ -98,6 +152,11 @@ def tau_filter(batch: dict[str, Any], *, rng: np.random.Generator, size: int) ->
            for k, v in batch.items()}
     out["candidates"] = n
     return out
+
+
+# The loader may let a StoredCrops stage choose before decoding when its batches are filtered
+# by tau_filter: choose_first reproduces exactly that rule.
+StoredCrops.chooses_first_with = staticmethod(tau_filter)
 
 
 def keep_all(batch: dict[str, Any], *, rng: np.random.Generator, size: int) -> dict[str, Any]:
