@@ -18,11 +18,11 @@ Passes are interleaved (A, B, C, A, B, C, ...) so that all three see the same ma
 one JSON object reports every pass, the medians and the ratios B/A (target >= 0.95) and B/C
 (target >= 1.5), both per round and of the medians. Absolute images/s depend on what else runs.
 
-    .venv/bin/python bench/bench_sampler_loader.py [--store /tmp/sl-store] [--images 20000] \
-        [--repeats 3] [--batch-size 256] [--workers 2] [--out result.json]
+    .venv/bin/python bench/bench_sampler_loader.py [--store /tmp/sl-store-25k] [--images 160000] \
+        [--repeats 5] [--batch-size 256] [--workers 2] [--out result.json]
 
-Without an existing ``--store`` the default one is built first: 5,000 of the shared CIFAR-10
-JPEGs ingested (train 4,000), and features from a freshly initialised ``tiny-cnn`` (K = 4); the
+Without an existing ``--store`` the default one is built first: 25,000 of the shared CIFAR-10
+JPEGs ingested (train 20,000), and features from a freshly initialised ``tiny-cnn`` (K = 4); the
 throughput does not depend on how good the model is. A store without features gets them the same
 way.
 """
@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 import torch
 
 DEFAULT_FOLDER = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10" / "train"
-DEFAULT_STORE = "/tmp/sl-store"
+DEFAULT_STORE = "/tmp/sl-store-25k"
 # A sampler that drops high-loss crops: c = (1, 0) so t = cgf(cdf(loss)); tau = 1 on the lower
 # half of t, 0.6 at t = 0.5 falling to 0 at t = 0.75, and 0 above it.
 DEFAULT_POINT = (0.25, 0.5, 0.75, 1.0, 1.0, 0.6, 0.0, 0.0, 1.0, 0.5)
@@ -72,9 +72,9 @@ def prepare_store(store: str, folder: str, *, default: bool) -> dict[str, Any]:
                              "or leave out --store to build the default one")
         from swift_sampler.pipeline.ingest import ingest
 
-        log(f"ingesting 5000 images of {folder} into {store} ...")
+        log(f"ingesting 25000 images of {folder} into {store} ...")
         t0 = time.perf_counter()
-        ingest(f"imagefolder:{folder}", store, limit=5000, val_frac=0.1, test_frac=0.1, seed=0,
+        ingest(f"imagefolder:{folder}", store, limit=25000, val_frac=0.1, test_frac=0.1, seed=0,
                progress=False)
         built["ingest_s"] = round(time.perf_counter() - t0, 1)
     if not layout.features_meta.is_file() or not layout.tables_meta.is_file():
@@ -215,8 +215,9 @@ def main() -> None:
     ap.add_argument("--imagefolder", default=str(DEFAULT_FOLDER),
                     help="the JPEG folder the store was ingested from (peer C reads it)")
     ap.add_argument("--images", type=int,
-                    help="images per measured pass (default: 20000, at most one epoch of the store)")
-    ap.add_argument("--repeats", type=int, default=3, help="measured passes of each loader")
+                    help="images per measured pass (default: 160000, several epochs: a pass of "
+                    ">= 10 s per loader is long enough to be stable)")
+    ap.add_argument("--repeats", type=int, default=5, help="measured passes of each loader (default: 5)")
     ap.add_argument("--warmup", type=int, default=1, help="unmeasured passes of each loader first")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--workers", type=int, default=2)
@@ -249,7 +250,7 @@ def main() -> None:
     loader_b, ds_b = create_ours(args.store, hook, batch_size=args.batch_size,
                                  workers=args.workers, pin_memory=pin_memory, seed=args.seed)
     epoch_images = ds_a.steps_per_epoch() * args.batch_size
-    images = args.images or min(20000, epoch_images)
+    images = args.images or 160000
     weights, sources, zero_crops = image_weights(args.store, sampler)
     t0 = time.perf_counter()
     loader_c = create_peer(args.imagefolder, weights, sources, batch_size=args.batch_size,
