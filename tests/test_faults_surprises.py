@@ -143,3 +143,24 @@ def test_store_is_accepted_as_an_option_everywhere(base):
     assert code == 0, err
     code, err = main_in_process("sql", "SELECT 1")
     assert code == 2 and "pass --store" in err, err
+
+
+def test_a_checkpoint_of_another_store_is_named_by_evaluate_and_train_init(base, tmp_path, caplog):
+    import logging
+
+    from swift_sampler.train.checkpoint import load_checkpoint, save_checkpoint
+    from swift_sampler.train.models import create_model
+
+    ckpt = make_checkpoint(base, tmp_path / "w.pt")
+    meta = load_checkpoint(ckpt)
+    other = tmp_path / "other.pt"
+    model = create_model(meta["model_name"], meta["num_classes"], meta["in_chans"], meta["image_size"])
+    save_checkpoint(other, model, store_id="another-store")
+    store = copy_store(base, tmp_path / "store")
+    with caplog.at_level(logging.WARNING):
+        code, err = main_in_process("evaluate", "--store", store, "--checkpoint", other, "--workers", "0")
+        assert code == 0, err
+        code, err = main_in_process("train", "--store", store, "--name", "ft", "--init", other,
+                                    "--epochs", "1", "--workers", "0")
+        assert code == 0, err
+    assert caplog.text.count("was trained on another store") == 2

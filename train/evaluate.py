@@ -9,6 +9,7 @@ of ``samples.parquet`` by index, here and only here: the loader never reads it.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -49,6 +50,8 @@ def predict_batches(model: nn.Module, loader, device: torch.device, *, amp: bool
             out["features"].append(h.float().cpu().numpy())
     bare.train(was_training)
     return {k: (np.concatenate(v) if v else np.zeros((0,), np.float32)) for k, v in out.items()}
+
+log = logging.getLogger(__name__)
 
 
 def predict(store: str | os.PathLike, model: nn.Module, split: str = "test", *,
@@ -131,8 +134,11 @@ def evaluate(store: str | os.PathLike, checkpoint_or_model: str | os.PathLike | 
     if isinstance(checkpoint_or_model, nn.Module):
         model, source = checkpoint_or_model, "model"
     else:
-        model, _ = load_model(checkpoint_or_model)
+        model, meta = load_model(checkpoint_or_model)
         source = str(checkpoint_or_model)
+        if meta.get("store_id") not in (None, manifest["store_id"]):
+            log.warning("%s was trained on another store (store_id %s, this store %s); "
+                        "evaluating it anyway", source, meta.get("store_id"), manifest["store_id"])
     bare = unwrap(model)
     classes = len(manifest["classes"])
     channels = int(manifest.get("image", {}).get("channels") or 3)

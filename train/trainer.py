@@ -138,6 +138,10 @@ def fit(config: TrainConfig, *, sampler: SamplerHook | None = None,
     model = create_model(model_name, num_classes, in_chans, ds.image_size)
     if init_ckpt is not None:
         load_weights(model, init_ckpt, where=f"--init {config.init}")
+        if init_ckpt.get("store_id") not in (None, manifest["store_id"]):
+            log.warning("--init %s was trained on another store (store_id %s, this store %s); "
+                        "fine-tuning from it anyway", config.init, init_ckpt.get("store_id"),
+                        manifest["store_id"])
     if continued is not None:
         load_weights(model, continued, where=f"continue_from {config.continue_from}")
     model = model.to(device)
