@@ -110,7 +110,7 @@ def make_sampler(item: dict[str, Any], tables):
 # -- one unit of work --------------------------------------------------------------------------
 class Study:
     def __init__(self, args: argparse.Namespace) -> None:
-        from swift_sampler.benchmark.config import resolve_bench
+        from benchlib.config import resolve_bench
 
         self.args = args
         self.out = Path(args.out)
@@ -147,7 +147,7 @@ class Study:
 
         c = self.config
         if not StoreLayout(self.store).manifest.is_file():
-            from swift_sampler.benchmark.stores import source_spec
+            from benchlib.stores import source_spec
 
             ingest(source_spec(c.data), self.store, val_frac=c.val_frac, test_frac=c.test_frac,
                    noise=c.noise, seed=0, limit=c.limit, shard_size=c.shard_size, progress=False)
@@ -349,7 +349,7 @@ def report(study: Study, panel: list[dict[str, Any]], args) -> dict[str, Any]:
            "config": study.config.to_json(), "truth_seeds": args.truth_seeds,
            "truth_seed_sd": truth_sd, "panel": panel, "truth": truth_rows, "proxies": proxies,
            "sensible": [n for n, s in zip(names, sensible) if s]}
-    from swift_sampler.benchmark.stores import write_json
+    from benchlib.stores import write_json
 
     write_json(study.out / "results.json", doc)
     (study.out / "results.md").write_text(render(doc))

@@ -11,17 +11,17 @@ import pytest
 import torch
 from scipy.stats import rankdata
 
-from swift_sampler.benchmark.config import (
+from benchlib.config import (
     METHODS,
     BenchConfig,
     parse_methods,
     planned_work,
     resolve_bench,
 )
-from swift_sampler.benchmark.methods import small_loss_weights
-from swift_sampler.benchmark.report import gap_share, spread
-from swift_sampler.benchmark.ss import rank_agreement
-from swift_sampler.benchmark.weights import ImageWeights, SubsetCrops
+from benchlib.methods import small_loss_weights
+from benchlib.report import gap_share, spread
+from benchlib.ss import rank_agreement
+from benchlib.weights import ImageWeights, SubsetCrops
 from swift_sampler.cli import main
 
 # ----------------------------------------------------------------------------- pieces
@@ -148,7 +148,7 @@ def test_search_settings_name_the_search_and_scale_its_cost(tmp_path):
 
 
 def test_clean_twin_is_checked(tmp_path):
-    from swift_sampler.benchmark.stores import check_twins, ground_truth
+    from benchlib.stores import check_twins, ground_truth
     from swift_sampler.pipeline.ingest import ingest
     from swift_sampler.storage import StoreError
 
@@ -239,7 +239,7 @@ def test_tiny_benchmark_end_to_end_and_resume(shared_cifar, tmp_path, capsys):
 
 
 def test_gmm_rule_keeps_the_low_loss_mode_of_a_bimodal_loss():
-    from swift_sampler.benchmark.methods import gmm_clean_posterior
+    from benchlib.methods import gmm_clean_posterior
 
     rng = np.random.default_rng(0)
     clean = rng.normal(0.3, 0.1, 600).clip(0)   # fitted labels: small loss
@@ -257,7 +257,7 @@ def test_gmm_rule_keeps_the_low_loss_mode_of_a_bimodal_loss():
 def test_coteaching_exchanges_selections_and_both_networks_take_the_same_steps(shared_cifar, tmp_path):
     import torch
 
-    from swift_sampler.benchmark.coteaching import exchange, forget_rate, train_coteaching
+    from benchlib.coteaching import exchange, forget_rate, train_coteaching
     from swift_sampler.pipeline.ingest import ingest
 
     # The exchange: A learns from B's small-loss samples and B from A's.
@@ -283,7 +283,7 @@ def test_coteaching_exchanges_selections_and_both_networks_take_the_same_steps(s
 
 
 def test_benchmark_takes_a_label_file_and_keeps_the_test_split_clean(shared_cifar, tmp_path):
-    from swift_sampler.benchmark.stores import ground_truth, prepare_stores
+    from benchlib.stores import ground_truth, prepare_stores
 
     rows = (Path(shared_cifar).parents[1] / "cifar10n" / "random1.csv").read_text().splitlines()
     labels = tmp_path / "random1.csv"

@@ -61,3 +61,12 @@ def test_wheel_holds_swift_sampler_alone(tmp_path):
     assert top == {"swift_sampler"}
     for stage in BARE:
         assert f"swift_sampler/{stage}/__init__.py" in names
+
+
+def test_bench_outside_a_checkout_says_where_the_benchmark_lives(monkeypatch, tmp_path, capsys):
+    import swift_sampler.commands.bench as bench
+    from swift_sampler.cli import main
+
+    monkeypatch.setattr(bench, "BENCH_DIR", tmp_path / "no-bench")
+    assert main(["bench", "noisy-cifar", "--tiny", "--out", str(tmp_path / "o")]) == 2
+    assert "lives in bench/ of a checkout" in capsys.readouterr().err

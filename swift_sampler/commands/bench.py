@@ -1,19 +1,44 @@
-"""``swift-sampler bench noisy-cifar`` (also ``bench/noisy_cifar.py``): SS against peers."""
+"""``swift-sampler bench noisy-cifar`` (also ``bench/noisy_cifar.py``): SS against peers.
+
+The benchmark is not part of the installed library: its code lives in ``bench/benchlib`` of a
+checkout of the repository (with cleanlab behind it, the ``bench`` extra). This command finds
+it there; from a plain installation it says where to get it.
+"""
 
 from __future__ import annotations
 
+import importlib
 import shlex
 import sys
+from pathlib import Path
 
-from ..cli import add_json_flag, emit
+from ..cli import UserError, add_json_flag, emit
+
+BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
+
+
+def benchlib(module: str = ""):
+    """``benchlib`` (or its ``module``) from the checkout this command runs from."""
+    if not (BENCH_DIR / "benchlib" / "__init__.py").is_file():
+        raise UserError("the benchmark is not installed with the package: it lives in bench/ of "
+                        "a checkout of the swift-sampler repository; run it there with "
+                        "`python bench/noisy_cifar.py` (after `pip install -e '.[bench]'`)")
+    if str(BENCH_DIR) not in sys.path:
+        sys.path.insert(0, str(BENCH_DIR))
+    return importlib.import_module("benchlib" + (f".{module}" if module else ""))
 
 
 def register(sub, groups) -> None:
-    from ..benchmark.config import METHODS, PRESETS
+    try:
+        config = benchlib("config")  # the light part: the list of methods and presets
+        METHODS, PRESETS = config.METHODS, config.PRESETS
+    except UserError:  # a plain installation: the command is listed and explains itself
+        METHODS, PRESETS = ("(from a checkout)",), {"cpu-quick": None}
 
     p = groups["bench"].add_parser(
         "noisy-cifar",
-        help="uniform vs Swift Sampler vs peers (clean, oracle-mask, small-loss, cleanlab) on one budget",
+        help="uniform vs Swift Sampler vs peers (clean, oracle-mask, small-loss, small-loss-gmm, "
+        "co-teaching, cleanlab) on one budget (from a checkout: bench/benchlib)",
         description="Carve a clean test split and a noisy train/val split from an image folder, "
         "train the same model with the same recipe and steps under each method, and report "
         "clean-test top-1 (mean ± std over seeds), the recovered share of the uniform -> "
@@ -65,7 +90,8 @@ def register(sub, groups) -> None:
 
 
 def run(args) -> int:
-    from ..benchmark import resolve_bench, run_benchmark
+    lib = benchlib()
+    resolve_bench, run_benchmark = lib.resolve_bench, lib.run_benchmark
 
     config = resolve_bench(
         args.data, args.out, preset="tiny" if args.tiny else args.preset, noise=args.noise,

@@ -14,12 +14,12 @@ differs is the data it trains on:
   on the (min-max scaled) per-image loss under ``w_share``; weight 1 where the posterior of the
   low-loss component is above 0.5, else 0;
 - ``co-teaching``: two networks, each updating on the small-loss part of the batch chosen by
-  the other, forget rate ramped to the GMM's estimate (``swift_sampler.benchmark.coteaching``);
+  the other, forget rate ramped to the GMM's estimate (``benchlib.coteaching``);
   two networks: two runs of cost;
 - ``cleanlab``: ``cleanlab.filter.find_label_issues`` on out-of-sample predicted probabilities
   from k-fold cross-validation (k models of this recipe, each trained on k-1 folds for the
   same number of passes over its data), flagged images weighted 0, retrained;
-- ``ss`` (and the ablations ``ss-cdf``, ``ss-random``): see ``swift_sampler.benchmark.ss``.
+- ``ss`` (and the ablations ``ss-cdf``, ``ss-random``): see ``benchlib.ss``.
 
 A result holds ``test_top1`` (clean test), ``val_top1`` (noisy val), ``seconds`` (this
 method's own work), ``train_runs`` (its training cost in units of one full training run) and

@@ -133,7 +133,7 @@ class BenchConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     # tiny-cnn on 20,000 noisy train / 5,000 noisy val / 10,000 clean test images, 12 epochs
     # one-cycle at batch 128; sizes and timings in the module
-    # docstring of swift_sampler.benchmark.
+    # docstring of benchlib.
     # 12 search trials + uniform on 2 more seeds + the guard's 2 candidates on those 2 seeds:
     # 18 trials of 3 epochs, the cost of the 18-trial search before the guard.
     "cpu-quick": dict(train_preset="cpu-quick", model="tiny-cnn", limit=35000, val_frac=5 / 35,
