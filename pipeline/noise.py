@@ -20,7 +20,7 @@ import numpy as np
 
 from swift_sampler.storage.errors import SwiftSamplerError
 
-KINDS = ("none", "symmetric", "asymmetric")
+NOISE_KINDS = ("none", "symmetric", "asymmetric")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck")
 CIFAR10_PAIRS = {"truck": "automobile", "bird": "airplane", "deer": "horse", "cat": "dog",
@@ -33,7 +33,7 @@ class NoiseSpecError(SwiftSamplerError, ValueError):
 
 @dataclass(frozen=True)
 class NoiseSpec:
-    """Parsed noise specification: ``kind`` in KINDS, ``rate`` in [0, 1]."""
+    """Parsed noise specification: ``kind`` in NOISE_KINDS, ``rate`` in [0, 1]."""
 
     kind: str = "none"
     rate: float = 0.0
@@ -50,7 +50,7 @@ def parse_noise(spec: str | NoiseSpec | None) -> NoiseSpec:
     if text in ("none", "0", ""):
         return NoiseSpec()
     kind, sep, rate_text = text.partition(":")
-    if kind not in KINDS[1:] or not sep:
+    if kind not in NOISE_KINDS[1:] or not sep:
         raise NoiseSpecError(
             f"bad noise spec {spec!r}: use none, symmetric:R or asymmetric:R with 0 <= R <= 1 "
             "(e.g. symmetric:0.4)"

@@ -27,7 +27,7 @@ import numpy as np
 from swift_sampler.storage.errors import SwiftSamplerError
 
 from .piecewise import EPS32, Piecewise
-from .tables import KINDS, FeatureTables, unit
+from .tables import TRANSFORM_KINDS, FeatureTables, unit
 
 # One declaration of every bound (cf. scikit-learn's ``_parameter_constraints``).
 PARAMETERS = ("e1", "e2", "e3", "v0", "v1", "v2", "v3", "v4", "c1", "c2")  # point order
@@ -37,7 +37,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "c1": (-1.0, 1.0),
     "c2": (-1.0, 1.0),
 }
-TRANSFORMS = KINDS  # "cgf" (grad-norm weighted, eq. 10) or "cdf" (uniform weights, ablation)
+TRANSFORMS = TRANSFORM_KINDS  # "cgf" (grad-norm weighted, eq. 10) or "cdf" (uniform weights, ablation)
 SEGMENTS = 4
 
 

@@ -51,7 +51,7 @@ from swift_sampler.storage.schemas import CDF, CGF, FEATURE_NAMES, POINTS
 
 from .piecewise import EPS32, Piecewise
 
-KINDS = ("cgf", "cdf")
+TRANSFORM_KINDS = ("cgf", "cdf")
 _FINE = 1 << 16  # resolution of the 1-D marginals used to place the grid edges
 
 
@@ -99,11 +99,11 @@ class FeatureTables:
         if ang.ndim != 1 or np.any(np.diff(ang) <= 0) or (ang.size and (ang[0] < 0 or ang[-1] >= 2 * math.pi)):
             raise TablesError("tables: angles must be ascending radians in [0, 2*pi)")
         for kind, k in self.knots.items():
-            if kind not in KINDS:
-                raise TablesError(f"tables: unknown transform {kind!r} (expected one of {KINDS})")
+            if kind not in TRANSFORM_KINDS:
+                raise TablesError(f"tables: unknown transform {kind!r} (expected one of {TRANSFORM_KINDS})")
             _check_knots(f"{kind} knots", k, (ang.size, q + 1))
         for kind, p in (self.points or {}).items():
-            if kind not in KINDS or np.asarray(p).ndim != 2 or np.asarray(p).shape[0] != 3:
+            if kind not in TRANSFORM_KINDS or np.asarray(p).ndim != 2 or np.asarray(p).shape[0] != 3:
                 raise TablesError(f"tables: points of {kind!r} must have shape (3, p)")
         object.__setattr__(self, "angles", ang)
         object.__setattr__(self, "_row", {float(x): i for i, x in enumerate(ang)})
@@ -249,8 +249,8 @@ def grid_angle(j: int, count: int) -> float:
 
 
 def _check_kind(kind: str) -> None:
-    if kind not in KINDS:
-        raise TablesError(f"unknown transform {kind!r} (expected one of {KINDS})")
+    if kind not in TRANSFORM_KINDS:
+        raise TablesError(f"unknown transform {kind!r} (expected one of {TRANSFORM_KINDS})")
 
 
 def _same(a: Mapping, b: Mapping) -> bool:
@@ -425,10 +425,10 @@ def build_tables(loss, entropy_r, grad_norm, *, quantiles: int = 1024, angles: i
     lv = probe.levels
     points = _points(f1, f2, w, bins, atoms(cdf_knots["loss"], lv), atoms(cdf_knots["entropy_r"], lv))
     del f1, f2
-    knots = {kind: np.empty((angles, quantiles + 1)) for kind in KINDS}
+    knots = {kind: np.empty((angles, quantiles + 1)) for kind in TRANSFORM_KINDS}
     half = angles // 2 if angles % 2 == 0 else None
     for j in range(half if half is not None else angles):
-        for kind in KINDS:
+        for kind in TRANSFORM_KINDS:
             x, y, m = points[kind]
             here, opposite = _knots_at(x, y, m, grid_angle(j, angles), quantiles)
             knots[kind][j] = here
@@ -479,16 +479,16 @@ def build_store_tables(store, *, quantiles: int = 1024, angles: int = 720, bins:
     }, schema=CDF)
     angle_values = t.angles
     cgf = pa.table({
-        "transform": np.repeat(np.array(KINDS, dtype=object), angles * q1),
-        "angle": np.tile(np.repeat(angle_values, q1), len(KINDS)),
-        "level": np.tile(levels, angles * len(KINDS)),
-        "g": np.concatenate([t.knots[k].ravel() for k in KINDS]),
+        "transform": np.repeat(np.array(TRANSFORM_KINDS, dtype=object), angles * q1),
+        "angle": np.tile(np.repeat(angle_values, q1), len(TRANSFORM_KINDS)),
+        "level": np.tile(levels, angles * len(TRANSFORM_KINDS)),
+        "g": np.concatenate([t.knots[k].ravel() for k in TRANSFORM_KINDS]),
     }, schema=CGF)
     points = pa.table({
-        "transform": np.concatenate([np.full(t.points[k].shape[1], k, dtype=object) for k in KINDS]),
-        "f1": np.concatenate([t.points[k][0] for k in KINDS]),
-        "f2": np.concatenate([t.points[k][1] for k in KINDS]),
-        "mass": np.concatenate([t.points[k][2] for k in KINDS]),
+        "transform": np.concatenate([np.full(t.points[k].shape[1], k, dtype=object) for k in TRANSFORM_KINDS]),
+        "f1": np.concatenate([t.points[k][0] for k in TRANSFORM_KINDS]),
+        "f2": np.concatenate([t.points[k][1] for k in TRANSFORM_KINDS]),
+        "mass": np.concatenate([t.points[k][2] for k in TRANSFORM_KINDS]),
     }, schema=POINTS)
     atomic_write_parquet(layout.inside(layout.cdf_table), cdf)
     atomic_write_parquet(layout.inside(layout.cgf_table), cgf)
@@ -526,7 +526,7 @@ def load_tables(store) -> FeatureTables:
     kinds = cgf["transform"].to_numpy(zero_copy_only=False)
     g = cgf["g"].to_numpy()
     knots = {}
-    for kind in KINDS:
+    for kind in TRANSFORM_KINDS:
         sel = g[kinds == kind]
         if sel.size != a * (q + 1):
             raise TablesError(f"{layout.cgf_table.name}: {kind} holds {sel.size} knots, expected {a}x{q + 1}")
@@ -536,9 +536,9 @@ def load_tables(store) -> FeatureTables:
     if layout.points_table.is_file():
         pts = pq.read_table(layout.points_table)
         pk = pts["transform"].to_numpy(zero_copy_only=False)
-        points = {k: np.stack([pts[c].to_numpy()[pk == k] for c in ("f1", "f2", "mass")]) for k in KINDS}
+        points = {k: np.stack([pts[c].to_numpy()[pk == k] for c in ("f1", "f2", "mass")]) for k in TRANSFORM_KINDS}
     return FeatureTables(q, a, cdf_knots, angles, knots, int(meta["rows"]), points)
 
 
-__all__ = ["EPS32", "KINDS", "FeatureTables", "Piecewise", "TablesError", "build_store_tables", "build_tables",
+__all__ = ["EPS32", "TRANSFORM_KINDS", "FeatureTables", "Piecewise", "TablesError", "build_store_tables", "build_tables",
            "direction", "grid_angle", "load_tables", "read_feature_columns", "weighted_knots"]
