@@ -192,9 +192,9 @@ def _diff(old: dict, new: dict) -> str:
 
 
 def _dist():
-    import torch.distributed as dist
+    from .process_group import process_group
 
-    return dist if dist.is_available() and dist.is_initialized() else None
+    return process_group()
 
 
 def _agree(rank: int, error: BaseException | None) -> None:

@@ -104,5 +104,7 @@ def barrier(info: DistInfo) -> None:
 
 def shutdown() -> None:
     """Leave the process group (the CLI calls this once, at exit)."""
-    if dist.is_available() and dist.is_initialized():
+    from swift_sampler.pipeline.process_group import process_group
+
+    if process_group() is not None:
         dist.destroy_process_group()

@@ -433,9 +433,9 @@ class ShardDataset(IterableDataset):
 
 
 def _dist_info() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+    from swift_sampler.pipeline.process_group import rank_and_world
+
+    return rank_and_world()
 
 
 def create_loader(store: str | os.PathLike, split: str, *, batch_size: int, train: bool = True,
