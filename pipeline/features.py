@@ -308,10 +308,13 @@ def build_features(store, model: nn.Module, *, crops_per_image: int = 8, grad_no
         seconds = time.perf_counter() - t_score
 
         dist = _dist()
+        counts = [len(todo), len(mine) - len(todo), scored]
         if dist is not None:
             everyone: list = [None] * world_size
-            dist.all_gather_object(everyone, bad)
-            bad = [b for rank_bad in everyone for b in rank_bad]
+            dist.all_gather_object(everyone, (bad, counts))
+            bad = [b for rank_bad, _ in everyone for b in rank_bad]
+            # The summary counts every rank's parts, not rank 0's alone.
+            counts = [sum(c[i] for _, c in everyone) for i in range(3)]
             dist.barrier()
         if bad:
             crops = sum(c for _, c, _ in bad)
@@ -322,8 +325,8 @@ def build_features(store, model: nn.Module, *, crops_per_image: int = 8, grad_no
                 f"{sorted(s for s, _, _ in bad)} were not written. The checkpoint is probably "
                 "diverged: check it, then run again (finished shards are kept)")
         summary = {"store": str(layout.root), "rank": rank, "world_size": world_size,
-                   "parts_written": len(todo), "parts_skipped": len(mine) - len(todo),
-                   "crops_scored": scored, "crops_per_s": scored / seconds if seconds > 0 else None,
+                   "parts_written": counts[0], "parts_skipped": counts[1],
+                   "crops_scored": counts[2], "crops_per_s": counts[2] / seconds if seconds > 0 else None,
                    "grad_norm": grad_norm, "crops_per_image": crops_per_image}
         if rank != 0:
             return summary

@@ -88,7 +88,14 @@ def test_search_run_under_torchrun_through_the_cli(tmp_path):
     swift_sampler.ingest("digits", store, noise="symmetric:0.4", val_frac=0.2, test_frac=0.2,
                          shard_size=400, progress=False)
     ckpt = swift_sampler.train_model(store, "w_share", epochs=2, workers=0, progress=False)["checkpoint"]
-    swift_sampler.build_features(store, ckpt, crops_per_image=2, progress=False, device="cpu")
+    # build-features under torchrun reports the parts of every rank, not rank 0's alone.
+    proc = run_torchrun(["-m", "swift_sampler", "pipeline", "build-features", "--store", str(store),
+                         "--checkpoint", ckpt, "--crops-per-image", "2", "--json"],
+                        cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    built = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")][-1]
+    shards = len(swift_sampler.storage.StoreLayout(store).shards("train"))
+    assert built["parts_written"] == shards == 3
     proc = run_torchrun(["-m", "swift_sampler", "search", "run", "--store", str(store),
                          "--checkpoint", ckpt, "--name", "ddp", "--steps", "2",
                          "--finetune-epochs", "1", "--guard-candidates", "1", "--guard-repeats", "2",
