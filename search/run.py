@@ -31,7 +31,7 @@ def search(
     transform: str = "cgf",
     seed: int = 0,
     finetune: FinetuneSettings | None = None,
-    trial_seeds: str = "distinct",
+    trial_seeds: str = "common",
     guard: GuardSettings | None = None,
     workers: int = 2,
     device: str | None = None,

@@ -196,8 +196,9 @@ def test_tiny_benchmark_end_to_end_and_resume(shared_cifar, tmp_path, capsys):
         assert e["train_runs"] * config.epochs * 180 == pytest.approx(work[m]["train"]), m
     for m in ("ss", "ss-cdf", "ss-random"):
         e = doc["methods"][m]
-        # 2 search trials, uniform on 2 more seeds, 1 guard candidate on those 2: 6 x 1 epoch
-        assert e["search_epochs"] == 6 and e["search_cost_runs"] == pytest.approx(6.0)
+        # 2 search trials, uniform on 2 more seeds, 1 guard candidate on those 2: 6 x 1 epoch,
+        # 3 runs of 2 epochs
+        assert e["search_epochs"] == 6 and e["search_cost_runs"] == pytest.approx(3.0)
     v = doc["verify_ranks"]["per_seed"][0]
     assert v["samplers"] == 2 and v["tr"] in (1, 2) and (v["sr"] is None or abs(v["sr"]) <= 1)
     table = (out / "results.md").read_text()
@@ -234,7 +235,7 @@ def test_tiny_benchmark_end_to_end_and_resume(shared_cifar, tmp_path, capsys):
     assert "already holds 3 trials" in capsys.readouterr().err
 
     # Other data or training settings in the same folder are refused, naming the difference.
-    assert main([*argv, "--steps", "3", "--epochs", "2"]) == 2
+    assert main([*argv, "--steps", "3", "--epochs", "3"]) == 2
     assert "epochs" in capsys.readouterr().err
 
 

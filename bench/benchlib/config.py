@@ -78,8 +78,8 @@ class BenchConfig:
     finetune_repeats: int = 1
     # The inner loop (search.objective.FinetuneSettings ``start``/``score``), its trial seeds,
     # and the no-harm guard (search.loop.GuardSettings); see results/inner-loop/.
-    trial_seeds: str = "distinct"
-    inner_start: str = "final"
+    trial_seeds: str = "common"
+    inner_start: str = "early"
     inner_score: str = "top1"
     guard: bool = True
     guard_candidates: int = 2
@@ -146,9 +146,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                   test_frac=0.2, epochs=80, batch_size=128, lr=0.1, steps=40, finetune_epochs=5,
                   finetune_lr_fraction=1.0,
                   crops_per_image=8, cleanlab_folds=5, workers=8),
-    # Seconds-scale smoke run (tests): 300 images, 1 epoch, 2 trials, 2 folds.
+    # Seconds-scale smoke run (tests): 300 images, 2 epochs, 2 trials, 2 folds.
+    # Two epochs, so that the early-checkpoint inner loop has a checkpoint to start from.
     "tiny": dict(train_preset="cpu-quick", model="tiny-cnn", limit=300, val_frac=0.2,
-                 test_frac=0.2, epochs=1, batch_size=32, lr=0.05, steps=2, finetune_epochs=1,
+                 test_frac=0.2, epochs=2, batch_size=32, lr=0.05, steps=2, finetune_epochs=1,
                  guard_candidates=1,
                  crops_per_image=2, cleanlab_folds=2, workers=0, shard_size=100),
 }

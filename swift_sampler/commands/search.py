@@ -32,9 +32,9 @@ def register(sub, groups) -> None:
     p.add_argument("--agent", default="gp-ucb", help="gp-ucb | random")
     p.add_argument("--transform", default="cgf", choices=("cgf", "cdf"), help="T of the sampler (cgf)")
     p.add_argument("--seed", type=int, default=0, help="seed of the agent and of the fine-tunes")
-    p.add_argument("--trial-seeds", default="distinct", choices=("distinct", "common"),
-                   help="distinct: trial n fine-tunes with --seed + n (default); common: every "
-                   "trial uses --seed (common random numbers)")
+    p.add_argument("--trial-seeds", default="common", choices=("distinct", "common"),
+                   help="common: every trial uses --seed (common random numbers: same data order, "
+                   "augmentation and filter keys; default); distinct: trial n uses --seed + n")
     p.add_argument("--finetune-lr", type=float, default=None,
                    help="peak fine-tune lr (default: --lr-fraction x the checkpoint's lr)")
     p.add_argument("--lr-fraction", type=float, default=None, help="fine-tune peak lr as a fraction of the checkpoint's (1.0)")
@@ -43,9 +43,10 @@ def register(sub, groups) -> None:
     p.add_argument("--repeats", type=int, default=None,
                    help="fine-tunes per trial with different seeds, scores averaged (1)")
     p.add_argument("--start", default=None, choices=("final", "early", "scratch"),
-                   help="where a trial starts: final (w_share's checkpoint, the paper's fine-tune), "
-                   "early (w_share's own run resumed --finetune-epochs before its end, continuing "
-                   "its schedule), scratch (a fresh model for --finetune-epochs)")
+                   help="where a trial starts: early (default: w_share's own run resumed "
+                   "--finetune-epochs before its end, continuing its schedule; needs the checkpoints "
+                   "`train` keeps of its last epochs), final (w_share's checkpoint, the paper's "
+                   "fine-tune), scratch (a fresh model for --finetune-epochs)")
     p.add_argument("--score", default=None, choices=("top1", "prob"),
                    help="what a trial scores on val: top1, or prob (mean probability of the label)")
     p.add_argument("--features", default=None, choices=("store", "online"),
