@@ -48,7 +48,7 @@ SCORES = ("top1", "prob")
 COMMON_SEED = 0
 DISTINCT_SEED = 100  # + panel position
 # The proxy the search uses by default (the study's pick); marked "default" in results.json.
-DEFAULT_PROXY = "early-crn:top1"
+DEFAULT_PROXY = "scratch-crn:top1"
 
 
 # -- the panel ---------------------------------------------------------------------------------

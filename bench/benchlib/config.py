@@ -79,7 +79,7 @@ class BenchConfig:
     # The inner loop (search.objective.FinetuneSettings ``start``/``score``), its trial seeds,
     # and the no-harm guard (search.loop.GuardSettings); see results/inner-loop/.
     trial_seeds: str = "common"
-    inner_start: str = "early"
+    inner_start: str = "scratch"
     inner_score: str = "top1"
     guard: bool = True
     guard_candidates: int = 2
@@ -147,7 +147,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   finetune_lr_fraction=1.0,
                   crops_per_image=8, cleanlab_folds=5, workers=8),
     # Seconds-scale smoke run (tests): 300 images, 2 epochs, 2 trials, 2 folds.
-    # Two epochs, so that the early-checkpoint inner loop has a checkpoint to start from.
+    # Two epochs, so that every inner loop runs (the early one needs a checkpoint before the end).
     "tiny": dict(train_preset="cpu-quick", model="tiny-cnn", limit=300, val_frac=0.2,
                  test_frac=0.2, epochs=2, batch_size=32, lr=0.05, steps=2, finetune_epochs=1,
                  guard_candidates=1,

@@ -43,10 +43,11 @@ def register(sub, groups) -> None:
     p.add_argument("--repeats", type=int, default=None,
                    help="fine-tunes per trial with different seeds, scores averaged (1)")
     p.add_argument("--start", default=None, choices=("final", "early", "scratch"),
-                   help="where a trial starts: early (default: w_share's own run resumed "
+                   help="where a trial starts: scratch (default: a fresh model trained "
+                   "--finetune-epochs on w_share's recipe), early (w_share's own run resumed "
                    "--finetune-epochs before its end, continuing its schedule; needs the checkpoints "
                    "`train` keeps of its last epochs), final (w_share's checkpoint, the paper's "
-                   "fine-tune), scratch (a fresh model for --finetune-epochs)")
+                   "fine-tune)")
     p.add_argument("--score", default=None, choices=("top1", "prob"),
                    help="what a trial scores on val: top1, or prob (mean probability of the label)")
     p.add_argument("--features", default=None, choices=("store", "online"),
