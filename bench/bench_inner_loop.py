@@ -345,7 +345,8 @@ def report(study: Study, panel: list[dict[str, Any]], args) -> dict[str, Any]:
             row["signal_to_noise"] = (row["sensible_spread_sd"] / row["noise_sd"]
                                       if row["noise_sd"] and row["sensible_spread_sd"] else None)
             proxies.append(row)
-    doc = {"benchmark": "inner-loop", "command": " ".join(["python", "bench/bench_inner_loop.py", *sys.argv[1:]]),
+    argv = [a for a in sys.argv[1:] if a != "--report-only"]  # the command that ran the units
+    doc = {"benchmark": "inner-loop", "command": " ".join(["python", "bench/bench_inner_loop.py", *argv]),
            "config": study.config.to_json(), "truth_seeds": args.truth_seeds,
            "truth_seed_sd": truth_sd, "panel": panel, "truth": truth_rows, "proxies": proxies,
            "sensible": [n for n, s in zip(names, sensible) if s]}
@@ -395,7 +396,9 @@ def render(doc: dict[str, Any]) -> str:
              f"Store: preset `{c['preset']}` of `{Path(c['data']).name}` ({c['noise']}, {c['limit']} images), {c['model']}, "
              f"{c['epochs']} epochs at batch {c['batch_size']}, lr {c['lr']}; proxies use "
              f"E_f = {c['finetune_epochs']} epochs. Truth: each panel sampler trained from scratch, "
-             f"val top-1 against the noisy val labels, mean over {doc['truth_seeds']} seeds "
+             f"val top-1 against the noisy val labels, mean over the seeds run so far "
+             f"({min(t['seeds'] for t in doc['truth'])}-{max(t['seeds'] for t in doc['truth'])} "
+             f"of {doc['truth_seeds']} per sampler) "
              f"(seed-to-seed sd of one run: {f(doc['truth_seed_sd'], 2, True)} points). "
              "Spearman over the sensible part of the panel (inverted shapes left out) and over all of it.",
              "", "## Proxies", "",
