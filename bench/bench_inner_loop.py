@@ -47,8 +47,20 @@ PROXIES = ("finetune", "finetune-crn", "early-crn", "scratch-crn")
 SCORES = ("top1", "prob")
 COMMON_SEED = 0
 DISTINCT_SEED = 100  # + panel position
-# The proxy the search uses by default (the study's pick); marked "default" in results.json.
-DEFAULT_PROXY = "scratch-crn:top1"
+
+
+def default_proxy() -> str:
+    """The proxy the search uses by default (marked "default" in results.json), read from the
+    search's own defaults so that the two cannot drift apart."""
+    import inspect
+
+    from swift_sampler.search.objective import FinetuneSettings
+    from swift_sampler.search.run import search
+
+    s = FinetuneSettings()
+    common = inspect.signature(search).parameters["trial_seeds"].default == "common"
+    loop = {"final": "finetune", "early": "early", "scratch": "scratch"}[s.start]
+    return f"{loop}{'-crn' if common else ''}:{s.score}"
 
 
 # -- the panel ---------------------------------------------------------------------------------
@@ -341,7 +353,7 @@ def report(study: Study, panel: list[dict[str, Any]], args) -> dict[str, Any]:
                    "noise_repeats": len(noise),
                    "sensible_spread_sd": _sd(x[sensible]),
                    "epochs": epochs,
-                   "default": f"{proxy}:{score}" == DEFAULT_PROXY}
+                   "default": f"{proxy}:{score}" == default_proxy()}
             row["signal_to_noise"] = (row["sensible_spread_sd"] / row["noise_sd"]
                                       if row["noise_sd"] and row["sensible_spread_sd"] else None)
             proxies.append(row)

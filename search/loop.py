@@ -227,7 +227,6 @@ def run_search(
             raise error
         if start[0] == "error":
             raise StoreError(f"rank 0 failed: {start[1]}")
-        number = start[1]
         durations: list[float] = []
         while True:
             task = broadcast(_next_task(trials, bot, settings, steps) if is_main else None)
@@ -238,7 +237,6 @@ def run_search(
             t0 = time.perf_counter()
             result = objective(sampler, trial_seed)
             seconds = time.perf_counter() - t0
-            number += 1
             if not is_main:
                 continue
             row = _record(len(trials), point, sampler, result, seconds, trial_seed, trials, phase)

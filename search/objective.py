@@ -4,7 +4,7 @@ Default (``start="scratch"``, chosen by the study in ``bench/bench_inner_loop.py
 ``results/inner-loop/``): a short run from scratch, ``E_f`` epochs of ``w_share``'s recipe
 compressed to them, with the candidate sampler, on common random numbers; the score is val
 top-1. On noisy CIFAR (cpu-quick) it ranked 10 sensible samplers as the full run from scratch
-does with Spearman 0.96 (signal/noise 9.4), against 0.92 (4.8) for ``"early"`` (``w_share``'s
+(seed 0) does with Spearman 0.96 (signal/noise 9.4), against 0.92 (4.8) for ``"early"`` (``w_share``'s
 own run resumed ``E_f`` epochs before its end) and 0.84 (3.7) for the paper's fine-tune from
 the final checkpoint (``"final"``, described below), at the same 3 epochs per trial.
 
@@ -105,8 +105,8 @@ class FinetuneSettings:
     repeats: int = 1
     features: str = "store"
     # The inner loop the study in results/inner-loop/ picked (Spearman 0.96 with training from
-    # scratch over the sensible panel, against 0.92 for "early" and 0.84 for "final", the
-    # paper's), on common random numbers (``search.run.search``'s default).
+    # scratch over the sensible panel on the truth's seed 0, against 0.92 for "early" and 0.84
+    # for "final", the paper's), on common random numbers (``search.run.search``'s default).
     start: str = "scratch"
     score: str = "top1"
 

@@ -49,10 +49,9 @@ def train_model(store: PathLike, name: str | None, *, sampler: Sampler | PathLik
     if preset is None:
         from swift_sampler.storage import StoreLayout, read_manifest
         from swift_sampler.train.distributed import pick_device
-        from swift_sampler.train.presets import default_preset
+        from swift_sampler.train.presets import preset_for_store
 
-        side = (read_manifest(StoreLayout(store)).get("image") or {}).get("height")
-        preset = default_preset(side, pick_device().type == "cuda")
+        preset = preset_for_store(read_manifest(StoreLayout(store)), pick_device().type == "cuda")
     hook = None
     if sampler is not None:
         from swift_sampler.train.sampling import create_sampler_hook

@@ -36,3 +36,16 @@ def shared_cifar():
     if not os.path.isdir(path):
         pytest.skip("shared CIFAR-10 not found beside the checkout")
     return path
+
+
+@pytest.fixture(scope="module")
+def tables():
+    """Feature tables of 2,000 synthetic crops (the search tests' samplers need some)."""
+    import numpy as np
+
+    from swift_sampler.pipeline.tables import build_tables
+
+    rng = np.random.default_rng(0)
+    n = 2000
+    return build_tables(rng.gamma(2.0, 1.0, n), rng.uniform(0, 1, n), rng.gamma(1.0, 1.0, n) + 0.01,
+                        quantiles=32, angles=16, bins=16)

@@ -8,9 +8,9 @@ import math
 
 import numpy as np
 import pytest
+from test_search_loop import make_store
 
 from swift_sampler.pipeline.sampler import Sampler, uniform_sampler
-from swift_sampler.pipeline.tables import build_tables
 from swift_sampler.search.agents._gp_ucb import fit_gp
 from swift_sampler.search.choice import (
     guard_decision,
@@ -21,20 +21,6 @@ from swift_sampler.search.choice import (
 from swift_sampler.search.design import canonical_samplers, initial_design
 from swift_sampler.search.loop import GuardSettings, TrialResult, read_trials, run_search, summarize
 from swift_sampler.storage import StoreLayout
-
-
-@pytest.fixture(scope="module")
-def tables():
-    rng = np.random.default_rng(0)
-    n = 2000
-    return build_tables(rng.gamma(2.0, 1.0, n), rng.uniform(0, 1, n), rng.gamma(1.0, 1.0, n) + 0.01,
-                        quantiles=32, angles=16, bins=16)
-
-
-def make_store(path):
-    path.mkdir(parents=True)
-    (path / "manifest.json").write_text(json.dumps({"store_id": "test-store"}))
-    return path
 
 
 class Toy:

@@ -11,7 +11,6 @@ import pytest
 
 from swift_sampler.pipeline.sampler import Sampler, uniform_sampler
 from swift_sampler.pipeline.sampler_file import load_sampler
-from swift_sampler.pipeline.tables import build_tables
 from swift_sampler.search.loop import (
     GuardSettings,
     TrialResult,
@@ -23,14 +22,6 @@ from swift_sampler.search.loop import (
 from swift_sampler.storage import LockedError, StoreError, StoreLayout, exclusive_lock, query
 
 TARGET = np.linspace(0.2, 0.8, 10)
-
-
-@pytest.fixture(scope="module")
-def tables():
-    rng = np.random.default_rng(0)
-    n = 2000
-    return build_tables(rng.gamma(2.0, 1.0, n), rng.uniform(0, 1, n), rng.gamma(1.0, 1.0, n) + 0.01,
-                        quantiles=32, angles=16, bins=16)
 
 
 def make_store(path):

@@ -121,9 +121,7 @@ def undecoded_samples(src: Iterable[dict[str, Any]], *, skipped: list[str]) -> I
         try:
             meta = parse_meta(raw)
         except _SAMPLE_ERRORS as e:
-            key = raw.get("__key__", "?")
-            log.warning("skipping corrupt sample %s (%s): %s", key, raw.get("__url__", "?"), e)
-            skipped.append(key)
+            _skip(raw, e, skipped)
             continue
         meta["data"] = raw[meta.pop("ext")]
         yield meta
@@ -163,11 +161,15 @@ def decode_samples(src: Iterable[dict[str, Any]], *, channels: int, skipped: lis
         try:
             sample = parse_sample(raw, channels=channels)
         except _SAMPLE_ERRORS as e:
-            key = raw.get("__key__", "?")
-            log.warning("skipping corrupt sample %s (%s): %s", key, raw.get("__url__", "?"), e)
-            skipped.append(key)
+            _skip(raw, e, skipped)
             continue
         yield sample
+
+
+def _skip(raw: dict[str, Any], error: Exception, skipped: list[str]) -> None:
+    key = raw.get("__key__", "?")
+    log.warning("skipping corrupt sample %s (%s): %s", key, raw.get("__url__", "?"), error)
+    skipped.append(key)
 
 
 def random_crops(src: Iterable[dict[str, Any]], *, rng: np.random.Generator, candidates: int = 1,

@@ -90,6 +90,13 @@ def default_preset(image_side: int | None, has_cuda: bool) -> str:
     return "paper-cifar" if has_cuda else "cpu-quick"
 
 
+def preset_for_store(manifest: dict[str, Any], has_cuda: bool) -> str:
+    """``default_preset`` for a store's images (its manifest's smaller image side)."""
+    image = manifest.get("image", {})
+    side = min(image["height"], image["width"]) if image.get("height") else None
+    return default_preset(side, has_cuda)
+
+
 def resolve_config(store: str, *, preset: str | None = None, **overrides: Any) -> TrainConfig:
     """Defaults < ``PRESETS[preset]`` < ``overrides`` (``None`` values do not override).
 

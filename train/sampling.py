@@ -34,6 +34,7 @@ from swift_sampler.pipeline.scoring import cross_entropy, entropy_r
 from swift_sampler.storage import StoreError, StoreLayout
 from swift_sampler.storage.errors import UsageError
 
+from .loader import collate, decode
 from .trainer import SamplerHook
 
 FEATURE_COLUMNS = ("index", "crop", "top", "left", "height", "width", "flip", "loss", "entropy_r")
@@ -84,8 +85,6 @@ class StoredCrops:
         and the batch is short, where the other order would have skipped it before the draw).
         Only the images of kept crops are decoded, and only kept crops are cut.
         """
-        from swift_sampler.train.loader import collate, decode
-
         window = size * candidates
         pending: list[tuple[dict[str, Any], int]] = []  # (sample, stored crop id)
         for s in src:

@@ -77,7 +77,7 @@ def run_train(args) -> int:
     from swift_sampler.storage import StoreLayout, read_manifest
     from swift_sampler.train.checkpoint import load_checkpoint
     from swift_sampler.train.distributed import init_distributed, shutdown
-    from swift_sampler.train.presets import default_preset, resolve_config
+    from swift_sampler.train.presets import preset_for_store, resolve_config
     from swift_sampler.train.trainer import train
 
     manifest = read_manifest(StoreLayout(args.store))
@@ -86,9 +86,7 @@ def run_train(args) -> int:
         model = load_checkpoint(args.init)["model_name"]
     preset = args.preset
     if preset is None:
-        image = manifest.get("image", {})
-        side = min(image["height"], image["width"]) if image.get("height") else None
-        preset = default_preset(side, torch.cuda.is_available() and args.device != "cpu")
+        preset = preset_for_store(manifest, torch.cuda.is_available() and args.device != "cpu")
     milestones = None
     if args.milestones:
         try:
