@@ -76,7 +76,10 @@ def time_bare(model, batches, device):
 
 
 def time_build(store, model, args, device):
-    shutil.rmtree(StoreLayout(store).features_dir, ignore_errors=True)
+    # A from-scratch build each time: same-provenance parts would otherwise be kept (resume).
+    layout = StoreLayout(store)
+    shutil.rmtree(layout.features_dir, ignore_errors=True)
+    layout.features_meta.unlink(missing_ok=True)
     sync(device)
     t0 = time.perf_counter()
     s = build_features(store, model, crops_per_image=args.crops_per_image, seed=args.seed,
@@ -95,6 +98,45 @@ def time_scores(model, x, y, mode, device, batch_size):
     return len(x) / (time.perf_counter() - t0)
 
 
+# Functions whose inclusive time (cProfile's cumtime: outermost calls only) an in-process
+# build is split by; nested ones are subtracted from the one that pulls them.
+PROFILED = {
+    "read_shard": "crop_stream.py", "make_crops": "crop_stream.py", "batch_crops": "crop_stream.py",
+    "score_rows": "features.py", "_call_impl": "module.py", "assemble": "features.py",
+    "_check_part": "features.py", "atomic_write_parquet": "atomic.py",
+}
+
+
+def profile_build(store, model, args, device) -> dict:
+    """One in-process build (workers=0) under cProfile: exclusive seconds of each stage."""
+    import cProfile
+    import pstats
+
+    layout = StoreLayout(store)
+    shutil.rmtree(layout.features_dir, ignore_errors=True)
+    layout.features_meta.unlink(missing_ok=True)
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.runcall(build_features, store, model, crops_per_image=args.crops_per_image, seed=args.seed,
+                 batch_size=args.batch_size, device=device, tables=False, progress=False, workers=0)
+    total = time.perf_counter() - t0
+    stats = pstats.Stats(prof).stats  # {(file, line, name): (cc, nc, tottime, cumtime, callers)}
+    cum = {name: sum(v[3] for k, v in stats.items() if k[0].endswith(file) and k[2] == name)
+           for name, file in PROFILED.items()}
+    stages = {
+        "read shards, decode JPEG/PNG": cum["read_shard"],
+        "cut crops": cum["make_crops"] - cum["read_shard"],
+        "stack batches": cum["batch_crops"] - cum["make_crops"],
+        "model forward": cum["_call_impl"],
+        "loss, entropy, grad norm": cum["score_rows"] - cum["_call_impl"],
+        "assemble + check part": cum["assemble"] + cum["_check_part"],
+        "write Parquet": cum["atomic_write_parquet"],
+    }
+    stages["other"] = total - sum(stages.values())
+    return {"workers": 0, "seconds": round(total, 2),
+            "stages": {k: {"seconds": round(v, 2), "share": round(v / total, 3)} for k, v in stages.items()}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--store", required=True, help="a scratch store (its features/ are rebuilt)")
@@ -107,6 +149,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--full-crops", type=int, default=256)
     p.add_argument("--workers", type=int, help="decoding processes (default: build_features' default)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one in-process build (workers=0) and report its stages")
     p.add_argument("--out", help="write the JSON result here too")
     args = p.parse_args()
 
@@ -140,6 +184,8 @@ def main() -> None:
         "full_slowdown": statistics.median(last) / statistics.median(full),
         "target_build_over_bare": 0.85,
     }
+    if args.profile:
+        result["profile"] = profile_build(args.store, model, args, device)
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).write_text(text + "\n")
