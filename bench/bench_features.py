@@ -25,14 +25,14 @@ from pathlib import Path
 
 import torch
 
-from swift_sampler.pipeline.features import (
+from swift_sampler.pipeline.features.build import (
     batch_crops,
     build_features,
     make_crops,
     output_size,
     read_shard,
 )
-from swift_sampler.pipeline.scoring import score_batch
+from swift_sampler.pipeline.features.scoring import score_batch
 from swift_sampler.storage import StoreLayout, num_classes, read_manifest, split_shards
 
 

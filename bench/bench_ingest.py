@@ -1,6 +1,6 @@
 """Benchmark: ingest of the shared CIFAR-10 JPEGs (50,000 images) into a temporary store.
 
-Prints one JSON object: images/s of ``pipeline.ingest.ingest`` (median of ``--runs``), of a
+Prints one JSON object: images/s of ``pipeline.ingest.build.ingest`` (median of ``--runs``), of a
 plain ``webdataset.ShardWriter`` loop over the same files in the same process (the floor any
 tar writer pays), their ratio, and the bytes of the shards against the source JPEG bytes.
 
@@ -46,8 +46,8 @@ def main() -> None:
 
     import torchvision.io  # noqa: F401  (import cost is not ingest cost)
 
-    from swift_sampler.pipeline.ingest import ingest
-    from swift_sampler.pipeline.sources import imagefolder
+    from swift_sampler.pipeline.ingest.build import ingest
+    from swift_sampler.pipeline.ingest.sources import imagefolder
 
     src = imagefolder(args.source)
     files = [(it.path, it.label) for it in src.items][: args.limit]

@@ -112,7 +112,7 @@ def searched_samplers(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def make_sampler(item: dict[str, Any], tables):
-    from swift_sampler.pipeline.sampler import Sampler
+    from swift_sampler.pipeline.sampler.function import Sampler
 
     p = item["params"]
     return Sampler((0.0, p["e1"], p["e2"], p["e3"], 1.0), tuple(p[f"v{i}"] for i in range(5)),
@@ -154,7 +154,7 @@ class Study:
 
     # -- shared stages --------------------------------------------------------------------
     def prepare(self) -> None:
-        from swift_sampler.pipeline.ingest import ingest
+        from swift_sampler.pipeline.ingest.build import ingest
         from swift_sampler.storage import StoreLayout
 
         c = self.config
@@ -165,7 +165,7 @@ class Study:
                    noise=c.noise, seed=0, limit=c.limit, shard_size=c.shard_size, progress=False)
         self.unit("w_share", self._train_w_share)
         self._features()
-        from swift_sampler.pipeline.tables import load_tables
+        from swift_sampler.pipeline.sampler.table_store import load_tables
 
         self.tables = load_tables(self.store)
 
@@ -194,7 +194,7 @@ class Study:
         return {**self.scores(result.model), "epochs": self.config.epochs}
 
     def _features(self) -> None:
-        from swift_sampler.pipeline.features import build_features
+        from swift_sampler.pipeline.features.build import build_features
         from swift_sampler.storage import StoreLayout, sha256_file
         from swift_sampler.train.checkpoint import load_model
         from swift_sampler.train.distributed import pick_device

@@ -11,7 +11,7 @@ ratio.
         [--batches 120] [--runs 3]
 
 The store is one built from the same JPEGs, e.g.
-``pipeline.ingest.ingest("imagefolder:DIR", "/tmp/cifar-store", val_frac=0, test_frac=0.1)``.
+``pipeline.ingest.build.ingest("imagefolder:DIR", "/tmp/cifar-store", val_frac=0, test_frac=0.1)``.
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ def prepare_store(store: str, folder: str, *, default: bool) -> dict[str, Any]:
         if not default:
             raise SystemExit(f"error: {store} is not a store (no manifest.json); ingest it first "
                              "or leave out --store to build the default one")
-        from swift_sampler.pipeline.ingest import ingest
+        from swift_sampler.pipeline.ingest.build import ingest
 
         log(f"ingesting 25000 images of {folder} into {store} ...")
         t0 = time.perf_counter()
@@ -78,7 +78,7 @@ def prepare_store(store: str, folder: str, *, default: bool) -> dict[str, Any]:
                progress=False)
         built["ingest_s"] = round(time.perf_counter() - t0, 1)
     if not layout.features_meta.is_file() or not layout.tables_meta.is_file():
-        from swift_sampler.pipeline.features import build_features
+        from swift_sampler.pipeline.features.build import build_features
         from swift_sampler.storage import read_manifest
         from swift_sampler.train.models import create_model
 
@@ -223,7 +223,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--point", default=",".join(str(x) for x in DEFAULT_POINT),
                     help="the sampler as 10 comma-separated coordinates in [0,1] "
-                    "(e1,e2,e3,v0..v4,c1,c2 as in pipeline.sampler.Sampler.from_point)")
+                    "(e1,e2,e3,v0..v4,c1,c2 as in pipeline.sampler.function.Sampler.from_point)")
     ap.add_argument("--transform", default="cgf", choices=("cgf", "cdf"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="write the JSON result here too")
@@ -231,8 +231,8 @@ def main() -> None:
     if args.repeats < 1 or args.batch_size < 1 or args.workers < 0 or (args.images or 1) < 1:
         ap.error("--repeats, --batch-size and --images must be positive, --workers >= 0")
 
-    from swift_sampler.pipeline.sampler import Sampler
-    from swift_sampler.pipeline.tables import load_tables
+    from swift_sampler.pipeline.sampler.function import Sampler
+    from swift_sampler.pipeline.sampler.table_store import load_tables
     from swift_sampler.train.sampling import create_sampler_hook
 
     # The main process only receives batches; leave the cores to the workers.

@@ -7,8 +7,8 @@ own ``ru_maxrss``, which includes the interpreter and imports: see the ``baselin
 ``seconds`` excludes interpreter start and imports, ``process_s`` includes them):
 
 - ``read``: every feature part, all columns, as one Arrow table (``pyarrow.dataset``);
-- ``read_columns``: the three columns the tables need (``swift_sampler.pipeline.tables.read_feature_columns``);
-- ``tables``: ``swift_sampler.pipeline.tables.build_store_tables`` (1024 quantiles, 720 angles, written);
+- ``read_columns``: the three columns the tables need (``swift_sampler.pipeline.sampler.table_store.read_feature_columns``);
+- ``tables``: ``swift_sampler.pipeline.sampler.table_store.build_store_tables`` (1024 quantiles, 720 angles, written);
 - ``tau``: ``load_tables`` + the loss/E^r columns + ``Sampler.tau`` for every row (also timed alone);
 - ``sql_mean``: ``swift_sampler.storage.query`` mean loss by label over the ``features`` view;
 - ``sql_cdf``: a query that needs the view's ``cdf_loss``/``cdf_entropy_r`` (window) columns.
@@ -57,19 +57,19 @@ t = ds.dataset(parts, format="parquet").to_table()
 extra = {"rows": t.num_rows, "arrow_mb": round(t.nbytes / 2**20, 1)}
 """,
     "read_columns": """
-from swift_sampler.pipeline.tables import read_feature_columns
+from swift_sampler.pipeline.sampler.table_store import read_feature_columns
 cols = read_feature_columns(store)
 extra = {"rows": int(cols["loss"].size)}
 """,
     "tables": """
-from swift_sampler.pipeline.tables import build_store_tables
+from swift_sampler.pipeline.sampler.table_store import build_store_tables
 meta = build_store_tables(store)
 extra = {"rows": meta["rows"], "quantiles": meta["quantiles"], "angles": meta["angles"]}
 """,
     "tau": """
 import time
-from swift_sampler.pipeline.sampler import Sampler
-from swift_sampler.pipeline.tables import load_tables, read_feature_columns
+from swift_sampler.pipeline.sampler.function import Sampler
+from swift_sampler.pipeline.sampler.table_store import load_tables, read_feature_columns
 tables = load_tables(store)
 cols = read_feature_columns(store, ("loss", "entropy_r"))
 s = Sampler((0.0, 0.2, 0.5, 0.8, 1.0), (0.1, 1.0, 0.6, 0.2, 0.0), 0.6, -0.8, "cgf",
@@ -95,7 +95,7 @@ extra = {"groups": t.num_rows, "rows": int(sum(t["n"].to_pylist()))}
 # Imports happen before the clock starts, so ``seconds`` is the step's own work.
 CHILD = """
 import json, resource, sys, time
-import pyarrow.dataset, swift_sampler.pipeline.tables, swift_sampler.pipeline.sampler, swift_sampler.storage
+import pyarrow.dataset, swift_sampler.pipeline.sampler.table_store, swift_sampler.pipeline.sampler.function, swift_sampler.storage
 store = sys.argv[1]
 extra = {}
 _start = time.perf_counter()

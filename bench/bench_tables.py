@@ -16,8 +16,8 @@ import sys
 CHILD = r"""
 import json, resource, sys, time
 import numpy as np
-from swift_sampler.pipeline.sampler import Sampler
-from swift_sampler.pipeline.tables import build_tables
+from swift_sampler.pipeline.sampler.function import Sampler
+from swift_sampler.pipeline.sampler.table_build import build_tables
 n = int(sys.argv[1])
 rng = np.random.default_rng(0)
 loss = rng.gamma(0.7, 1.0, n).astype(np.float32)

@@ -16,8 +16,8 @@ import time
 
 import numpy as np
 
-from swift_sampler.pipeline.sampler import Sampler
-from swift_sampler.pipeline.tables import build_tables
+from swift_sampler.pipeline.sampler.function import Sampler
+from swift_sampler.pipeline.sampler.table_build import build_tables
 
 
 def timed(fn, runs: int) -> tuple[float, list[float]]:

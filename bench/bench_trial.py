@@ -36,8 +36,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from swift_sampler.pipeline.sampler import Sampler, uniform_sampler  # noqa: E402
-from swift_sampler.pipeline.tables import load_tables  # noqa: E402
+from swift_sampler.pipeline.sampler.function import Sampler, uniform_sampler  # noqa: E402
+from swift_sampler.pipeline.sampler.table_store import load_tables
 from swift_sampler.search.objective import FinetuneObjective, FinetuneSettings  # noqa: E402
 from swift_sampler.search.space import sobol_points  # noqa: E402
 
@@ -70,8 +70,8 @@ def spearman(a, b) -> float:
 
 def build_digits(root: Path) -> tuple[Path, Path]:
     """Digits with 40% symmetric noise, w_share (the digits preset) and its features."""
-    from swift_sampler.pipeline.features import build_features
-    from swift_sampler.pipeline.ingest import ingest
+    from swift_sampler.pipeline.features.build import build_features
+    from swift_sampler.pipeline.ingest.build import ingest
     from swift_sampler.storage import StoreLayout, sha256_file
     from swift_sampler.train.presets import resolve_config
     from swift_sampler.train.trainer import fit

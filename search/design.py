@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from swift_sampler.pipeline.sampler import Sampler, uniform_sampler
+from swift_sampler.pipeline.sampler.function import Sampler, uniform_sampler
 
 STEP_CUTS = (0.3, 0.5, 0.7)
 DESIGN_VERSION = "uniform+steps(0.3,0.5,0.7)+ramp"

@@ -49,8 +49,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from swift_sampler.pipeline.sampler import PARAMETERS, Sampler
-from swift_sampler.pipeline.sampler_file import save_sampler
+from swift_sampler.pipeline.sampler.file import save_sampler
+from swift_sampler.pipeline.sampler.function import PARAMETERS, Sampler
 from swift_sampler.storage import (
     StoreError,
     StoreLayout,

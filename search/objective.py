@@ -47,8 +47,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from swift_sampler.pipeline.sampler import Sampler
-from swift_sampler.pipeline.sampler_file import SamplerFileError, check_not_all_zero
+from swift_sampler.pipeline.sampler.file import SamplerFileError, check_not_all_zero
+from swift_sampler.pipeline.sampler.function import Sampler
 from swift_sampler.storage import (
     StoreError,
     StoreLayout,

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from swift_sampler.pipeline.sampler import Sampler
-from swift_sampler.pipeline.tables import load_tables
+from swift_sampler.pipeline.sampler.function import Sampler
+from swift_sampler.pipeline.sampler.table_store import load_tables
 
 from .agents import create_agent
 from .design import DESIGN_VERSION, initial_design

@@ -1,7 +1,7 @@
 """The search space of the agents: the unit cube [0,1]^dim, and points in it.
 
 The sampler's 10 parameters are mapped to and from [0,1]^10 by
-``pipeline.sampler.Sampler.to_point/from_point``; the agents only ever see the cube, so every
+``pipeline.sampler.function.Sampler.to_point/from_point``; the agents only ever see the cube, so every
 bound lives here once and every proposal is checked against it.
 """
 

@@ -30,8 +30,8 @@ half by tau. The same stages run from the command line as ``swift-sampler``.
 from __future__ import annotations
 
 from .api import build_features, evaluate, ingest, learn_sampler, load_sampler, sql, train_model
-from .pipeline.image_weights import ImageWeights, image_tau, keep_by_tau, sampler_weights
-from .pipeline.sampler import Sampler
+from .pipeline.sampler.function import Sampler
+from .pipeline.sampler.image_weights import ImageWeights, image_tau, keep_by_tau, sampler_weights
 
 __all__ = ["ImageWeights", "Sampler", "build_features", "evaluate", "image_tau", "ingest",
            "keep_by_tau", "learn_sampler", "load_sampler", "sampler_weights", "sql", "train_model"]

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from swift_sampler.pipeline.sampler import Sampler
+from swift_sampler.pipeline.sampler.function import Sampler
 
 PathLike = str | os.PathLike
 
@@ -22,7 +22,7 @@ def ingest(source: str, store: PathLike, **options: Any) -> dict[str, Any]:
     ``swift-sampler pipeline ingest``: ``val_frac``, ``test_frac``, ``noise``, ``labels``,
     ``seed``, ``limit``, ``progress`` ...
     """
-    from swift_sampler.pipeline.ingest import ingest as _ingest
+    from swift_sampler.pipeline.ingest.build import ingest as _ingest
 
     return _ingest(source, store, **options)
 
@@ -65,7 +65,7 @@ def build_features(store: PathLike, checkpoint: PathLike, **options: Any) -> dic
     """Score every train crop with ``checkpoint`` (``w_share``): loss, E^r, grad norm, and the
     cdf/cgf tables. Options as ``swift-sampler pipeline build-features`` (``crops_per_image``,
     ``grad_norm``, ``seed``, ``progress`` ...)."""
-    from swift_sampler.pipeline.features import build_features as _build
+    from swift_sampler.pipeline.features.build import build_features as _build
     from swift_sampler.storage import sha256_file
     from swift_sampler.train.checkpoint import load_model
     from swift_sampler.train.distributed import pick_device
@@ -93,7 +93,7 @@ def load_sampler(path: Sampler | PathLike) -> Sampler:
     """A ``Sampler`` from a sampler file (validated field by field); a ``Sampler`` as is."""
     if isinstance(path, Sampler):
         return path
-    from swift_sampler.pipeline.sampler_file import load_sampler as _load
+    from swift_sampler.pipeline.sampler.file import load_sampler as _load
 
     return _load(Path(path))[0]
 

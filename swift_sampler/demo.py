@@ -34,9 +34,9 @@ def run_demo(config: DemoConfig = DemoConfig(), log=print) -> dict[str, Any]:
     from swift_sampler.figures.noise_density import plot_noise_density
     from swift_sampler.figures.sampler import plot_sampler
     from swift_sampler.figures.search import plot_search
-    from swift_sampler.pipeline.features import build_features
-    from swift_sampler.pipeline.ingest import ingest
-    from swift_sampler.pipeline.sampler_file import load_sampler
+    from swift_sampler.pipeline.features.build import build_features
+    from swift_sampler.pipeline.ingest.build import ingest
+    from swift_sampler.pipeline.sampler.file import load_sampler
     from swift_sampler.search.objective import FinetuneSettings
     from swift_sampler.search.run import search
     from swift_sampler.storage import sha256_file

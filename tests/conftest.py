@@ -22,7 +22,7 @@ SHARED_CIFAR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "da
 @pytest.fixture(scope="session")
 def digits_store(tmp_path_factory):
     """Digits with 40% symmetric noise on train/val; read-only for tests (copy to modify)."""
-    from swift_sampler.pipeline.ingest import ingest
+    from swift_sampler.pipeline.ingest.build import ingest
 
     store = tmp_path_factory.mktemp("digits") / "store"
     ingest("digits", store, val_frac=0.2, test_frac=0.2, noise="symmetric:0.4", seed=0,
@@ -43,7 +43,7 @@ def tables():
     """Feature tables of 2,000 synthetic crops (the search tests' samplers need some)."""
     import numpy as np
 
-    from swift_sampler.pipeline.tables import build_tables
+    from swift_sampler.pipeline.sampler.table_build import build_tables
 
     rng = np.random.default_rng(0)
     n = 2000

@@ -193,7 +193,7 @@ def ingest_args(store: str | Path, **override) -> list[str]:
 def base_store(tmp_path_factory) -> Path:
     """The reference store (ingested in-process once per session); copy it before changing it."""
     if "digits" not in _BASE:
-        from swift_sampler.pipeline.ingest import ingest
+        from swift_sampler.pipeline.ingest.build import ingest
 
         root = tmp_path_factory.mktemp("fault-base") / "store"
         ingest(INGEST["source"], root, **{k: v for k, v in INGEST.items() if k != "source"},
@@ -285,7 +285,7 @@ def check_store(store: str | Path) -> dict:
 
     Returns the manifest.
     """
-    from swift_sampler.pipeline.shards import iter_tar
+    from swift_sampler.pipeline.ingest.shards import iter_tar
 
     layout = StoreLayout(store)
     manifest = read_manifest(layout)

@@ -12,9 +12,9 @@ import torch
 import webdataset as wds
 
 import swift_sampler
-from swift_sampler.pipeline.sampler import Sampler, uniform_sampler
-from swift_sampler.pipeline.sampler_file import save_sampler
-from swift_sampler.pipeline.tables import load_tables
+from swift_sampler.pipeline.sampler.file import save_sampler
+from swift_sampler.pipeline.sampler.function import Sampler, uniform_sampler
+from swift_sampler.pipeline.sampler.table_store import load_tables
 from swift_sampler.storage import StoreError, StoreLayout, read_manifest, split_shards
 
 

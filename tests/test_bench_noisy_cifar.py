@@ -149,7 +149,7 @@ def test_search_settings_name_the_search_and_scale_its_cost(tmp_path):
 
 def test_clean_twin_is_checked(tmp_path):
     from benchlib.stores import check_twins, ground_truth
-    from swift_sampler.pipeline.ingest import ingest
+    from swift_sampler.pipeline.ingest.build import ingest
     from swift_sampler.storage import StoreError
 
     kw = dict(val_frac=0.2, test_frac=0.2, limit=200, shard_size=100, progress=False)
@@ -259,7 +259,7 @@ def test_coteaching_exchanges_selections_and_both_networks_take_the_same_steps(s
     import torch
 
     from benchlib.coteaching import exchange, forget_rate, train_coteaching
-    from swift_sampler.pipeline.ingest import ingest
+    from swift_sampler.pipeline.ingest.build import ingest
 
     # The exchange: A learns from B's small-loss samples and B from A's.
     loss_a = torch.tensor([0.1, 0.9, 0.5, 0.2])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from test_search_loop import make_store
 
-from swift_sampler.pipeline.sampler import Sampler, uniform_sampler
+from swift_sampler.pipeline.sampler.function import Sampler, uniform_sampler
 from swift_sampler.search.agents._gp_ucb import fit_gp
 from swift_sampler.search.choice import (
     guard_decision,

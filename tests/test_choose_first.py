@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from swift_sampler.pipeline.sampler import Sampler
-from swift_sampler.pipeline.tables import load_tables
+from swift_sampler.pipeline.sampler.function import Sampler
+from swift_sampler.pipeline.sampler.table_store import load_tables
 from swift_sampler.train.loader import ShardDataset
 from swift_sampler.train.sampling import StoredCrops, tau_filter
 
 
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory):
-    from swift_sampler.pipeline.features import build_features
-    from swift_sampler.pipeline.ingest import ingest
+    from swift_sampler.pipeline.features.build import build_features
+    from swift_sampler.pipeline.ingest.build import ingest
     from swift_sampler.train.models import create_model
 
     store = tmp_path_factory.mktemp("choose") / "store"

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from swift_sampler import cli
-from swift_sampler.pipeline.decode import CorruptSampleError
+from swift_sampler.pipeline.ingest.decode import CorruptSampleError
 from swift_sampler.storage import StoreError, UsageError
 from swift_sampler.train.loader import decode_samples, parse_sample
 

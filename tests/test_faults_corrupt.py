@@ -62,7 +62,7 @@ def base(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def jpeg_store(tmp_path_factory) -> Path:
     """3 classes x 16 tiny JPEGs, ingested (JPEG bytes are copied into the shards as they are)."""
-    from swift_sampler.pipeline.ingest import ingest
+    from swift_sampler.pipeline.ingest.build import ingest
 
     root = tmp_path_factory.mktemp("jpeg")
     rng = np.random.default_rng(0)
@@ -265,7 +265,7 @@ def test_any_cut_part_is_a_clear_error_and_the_other_views_still_work(featured, 
 
 
 def test_cut_feature_part_is_a_clear_error_for_tables(featured, tmp_path):
-    from swift_sampler.pipeline.tables import build_store_tables
+    from swift_sampler.pipeline.sampler.table_store import build_store_tables
 
     store = copy_store(featured[0], tmp_path / "store")
     _cut_part(store)

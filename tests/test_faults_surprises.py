@@ -128,7 +128,7 @@ def test_refused_statements_are_named_as_written(base, statement, word):
 
 @pytest.mark.parametrize("value", ["0.3", True])
 def test_a_sampler_value_that_is_not_a_number_says_so(value):
-    from swift_sampler.pipeline.sampler import SamplerError, check_parameters
+    from swift_sampler.pipeline.sampler.function import SamplerError, check_parameters
 
     params = {"e1": 0.25, "e2": 0.5, "e3": 0.75, "v0": 1, "v1": 1, "v2": 1, "v3": 1, "v4": 1,
               "c1": value, "c2": 0.0}

@@ -162,8 +162,8 @@ def test_sql_cli_refusal_is_a_clean_error(sql_store):
 # -- sampler files and configs are data --------------------------------------------------------
 
 def _uniform_doc() -> dict:
-    from swift_sampler.pipeline.sampler import uniform_sampler
-    from swift_sampler.pipeline.sampler_file import sampler_to_dict
+    from swift_sampler.pipeline.sampler.file import sampler_to_dict
+    from swift_sampler.pipeline.sampler.function import uniform_sampler
 
     return sampler_to_dict(uniform_sampler(None), {"store_id": "x"})
 
@@ -176,7 +176,7 @@ def _uniform_doc() -> dict:
     (lambda d: d["parameters"].update(evil=1.0), "unknown"),
 ])
 def test_sampler_file_fields_are_validated_never_evaluated(tmp_path, mutate, field):
-    from swift_sampler.pipeline.sampler_file import SamplerFileError, load_sampler
+    from swift_sampler.pipeline.sampler.file import SamplerFileError, load_sampler
 
     marker = tmp_path / "code-ran"
     doc = _uniform_doc()
@@ -190,7 +190,7 @@ def test_sampler_file_fields_are_validated_never_evaluated(tmp_path, mutate, fie
 
 
 def test_sampler_file_with_nan_or_garbage_is_refused(tmp_path):
-    from swift_sampler.pipeline.sampler_file import SamplerFileError, load_sampler
+    from swift_sampler.pipeline.sampler.file import SamplerFileError, load_sampler
 
     path = tmp_path / "s.json"
     path.write_text(json.dumps(_uniform_doc()).replace('"v0": 1.0', '"v0": NaN'))

@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from swift_sampler.pipeline.crops import apply_crop, plain_crop
-from swift_sampler.pipeline.decode import decode
-from swift_sampler.pipeline.features import NonFiniteScoreError, build_features, read_shard
-from swift_sampler.pipeline.scoring import score_batch
+from swift_sampler.pipeline.features.build import NonFiniteScoreError, build_features, read_shard
+from swift_sampler.pipeline.features.crops import apply_crop, plain_crop
+from swift_sampler.pipeline.features.scoring import score_batch
+from swift_sampler.pipeline.ingest.decode import decode
 from swift_sampler.storage import (
     LockedError,
     StoreError,
@@ -269,8 +269,8 @@ def test_the_features_folder_holds_parquet_only_and_opens_as_a_dataset(tmp_path)
     import pandas as pd
     import pyarrow.parquet as pq
 
-    from swift_sampler.pipeline.features import build_features
-    from swift_sampler.pipeline.ingest import ingest
+    from swift_sampler.pipeline.features.build import build_features
+    from swift_sampler.pipeline.ingest.build import ingest
     from swift_sampler.train.models import create_model
 
     store = tmp_path / "store"

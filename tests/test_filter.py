@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from swift_sampler.pipeline.filter import (
+from swift_sampler.pipeline.sampler.filter import (
     FilterStats,
     es_keys,
     filter_candidates,

@@ -13,10 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from swift_sampler.pipeline.features import build_features
-from swift_sampler.pipeline.sampler import Sampler
-from swift_sampler.pipeline.shards import TarWriter, iter_tar
-from swift_sampler.pipeline.tables import load_tables
+from swift_sampler.pipeline.features.build import build_features
+from swift_sampler.pipeline.ingest.shards import TarWriter, iter_tar
+from swift_sampler.pipeline.sampler.function import Sampler
+from swift_sampler.pipeline.sampler.table_store import load_tables
 from swift_sampler.storage import StoreLayout, atomic_writer, read_manifest
 from swift_sampler.storage.schemas import GROUND_TRUTH_COLUMNS
 from swift_sampler.train.models import create_model

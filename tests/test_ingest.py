@@ -18,11 +18,11 @@ import webdataset as wds
 from PIL import Image
 
 from swift_sampler.cli import main
-from swift_sampler.pipeline.ingest import IngestError, ingest
-from swift_sampler.pipeline.noise import NoiseSpecError
-from swift_sampler.pipeline.shards import iter_split
-from swift_sampler.pipeline.sources import SourceError
-from swift_sampler.pipeline.splits import SplitError, stratified_split, stratified_subset
+from swift_sampler.pipeline.ingest.build import IngestError, ingest
+from swift_sampler.pipeline.ingest.noise import NoiseSpecError
+from swift_sampler.pipeline.ingest.shards import iter_split
+from swift_sampler.pipeline.ingest.sources import SourceError
+from swift_sampler.pipeline.ingest.splits import SplitError, stratified_split, stratified_subset
 from swift_sampler.storage import StoreError, StoreLayout, query, read_manifest, verify_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -247,7 +247,7 @@ def test_failed_overwrite_keeps_the_old_store(tmp_path, monkeypatch, fails):
         raise OSError("disk full")
 
     # Fails while building (parquet) or while swapping the new data in (manifest).
-    monkeypatch.setattr(f"swift_sampler.pipeline.ingest.{fails}", boom)
+    monkeypatch.setattr(f"swift_sampler.pipeline.ingest.build.{fails}", boom)
     with pytest.raises(OSError, match="disk full"):
         ingest("digits", tmp_path / "st", limit=200, overwrite=True, progress=False)
     assert read_manifest(layout) == before and verify_shards(layout, before) == []
@@ -258,7 +258,7 @@ def test_killed_run_leaves_no_complete_store_and_next_run_cleans(tmp_path):
     store = tmp_path / "st"
     # Die hard (no finally, no cleanup) in the middle of writing the second shard.
     script = textwrap.dedent(f"""
-        import os, swift_sampler.pipeline.shards as shards
+        import os, swift_sampler.pipeline.ingest.shards as shards
         real = shards.TarWriter.add_sample
         calls = [0]
         def add_sample(self, sample):
@@ -267,7 +267,7 @@ def test_killed_run_leaves_no_complete_store_and_next_run_cleans(tmp_path):
                 os._exit(9)
             real(self, sample)
         shards.TarWriter.add_sample = add_sample
-        from swift_sampler.pipeline.ingest import ingest
+        from swift_sampler.pipeline.ingest.build import ingest
         ingest("digits", {str(store)!r}, shard_size=200, progress=False)
     """)
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True)
@@ -355,7 +355,7 @@ def test_read_tar_matches_tarfile_and_webdataset_grouping(tmp_path, fmt):
 
     from webdataset.tariterators import group_by_keys
 
-    from swift_sampler.pipeline.shards import group_members, iter_tar, read_tar
+    from swift_sampler.pipeline.ingest.shards import group_members, iter_tar, read_tar
 
     rng = np.random.default_rng(1)
     deep = "d" * 60 + "/" + "e" * 70  # > 100 bytes with the file name: needs a long name
@@ -393,7 +393,7 @@ def test_damaged_tar_raises_naming_the_shard_after_the_good_members(digits_store
     before the damage unchanged; iter_split stops on it."""
     import tarfile
 
-    from swift_sampler.pipeline.shards import ShardReadError, read_tar
+    from swift_sampler.pipeline.ingest.shards import ShardReadError, read_tar
 
     source = StoreLayout(digits_store).shard("test", 0)
     good = source.read_bytes()

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from test_ingest import make_folder
 
-from swift_sampler.pipeline.ingest import IngestError, ingest
-from swift_sampler.pipeline.label_file import LabelFileError
+from swift_sampler.pipeline.ingest.build import IngestError, ingest
+from swift_sampler.pipeline.ingest.label_file import LabelFileError
 from swift_sampler.storage import StoreLayout, query, read_manifest
 
 CLASSES = {"cat": 12, "dog": 12, "fox": 12}

@@ -10,10 +10,10 @@ import pyarrow as pa
 import pytest
 import torch
 
-from swift_sampler.pipeline.crops import Crop, apply_crop
-from swift_sampler.pipeline.decode import decode
-from swift_sampler.pipeline.shards import write_shards
-from swift_sampler.pipeline.sources import encode_png
+from swift_sampler.pipeline.features.crops import Crop, apply_crop
+from swift_sampler.pipeline.ingest.decode import decode
+from swift_sampler.pipeline.ingest.shards import write_shards
+from swift_sampler.pipeline.ingest.sources import encode_png
 from swift_sampler.storage import StoreError, StoreLayout, atomic_write_parquet, write_manifest
 from swift_sampler.storage.schemas import SAMPLES
 from swift_sampler.train.loader import ShardDataset, create_loader, cut_crops, replay_crops

@@ -39,7 +39,7 @@ def test_no_bare_stage_package_is_importable(tmp_path):
 
 
 def test_no_module_imports_a_bare_stage_package():
-    # Also inside code strings (subprocess scripts): ``import os, pipeline.shards``.
+    # Also inside code strings (subprocess scripts): ``import os, pipeline.ingest.shards``.
     pattern = re.compile(rf"^\s*(from|import)\s+({'|'.join(BARE)})(\.|\s|$)"
                          rf"|^\s*import (?:[\w.]+, )*({'|'.join(BARE)})\.\w", re.M)
     offenders = []

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from swift_sampler.pipeline.noise import (
+from swift_sampler.pipeline.ingest.noise import (
     CIFAR10_CLASSES,
     NoiseSpec,
     NoiseSpecError,

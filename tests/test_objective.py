@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from swift_sampler.pipeline.sampler import Sampler, uniform_sampler
-from swift_sampler.pipeline.sampler_file import check_provenance, load_sampler
-from swift_sampler.pipeline.tables import load_tables
+from swift_sampler.pipeline.sampler.file import check_provenance, load_sampler
+from swift_sampler.pipeline.sampler.function import Sampler, uniform_sampler
+from swift_sampler.pipeline.sampler.table_store import load_tables
 from swift_sampler.search.loop import GuardSettings, read_trials, run_search
 from swift_sampler.search.objective import FinetuneObjective, FinetuneSettings, check_search_inputs
 from swift_sampler.storage import StoreError, StoreLayout, sha256_file
@@ -23,8 +23,8 @@ from swift_sampler.train.models import create_model
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """Digits (40% noise) with a short w_share and its features and tables."""
-    from swift_sampler.pipeline.features import build_features
-    from swift_sampler.pipeline.ingest import ingest
+    from swift_sampler.pipeline.features.build import build_features
+    from swift_sampler.pipeline.ingest.build import ingest
     from swift_sampler.train.presets import resolve_config
     from swift_sampler.train.trainer import fit
 

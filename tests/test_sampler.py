@@ -11,15 +11,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from swift_sampler.pipeline.sampler import UNIFORM, Sampler, SamplerError, uniform_sampler
-from swift_sampler.pipeline.sampler_file import (
+from swift_sampler.pipeline.sampler.file import (
     SamplerFileError,
     check_not_all_zero,
     check_provenance,
     load_sampler,
     save_sampler,
 )
-from swift_sampler.pipeline.tables import build_tables
+from swift_sampler.pipeline.sampler.function import UNIFORM, Sampler, SamplerError, uniform_sampler
+from swift_sampler.pipeline.sampler.table_build import build_tables
 from swift_sampler.storage import StoreError
 
 N = 4000

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from swift_sampler.pipeline.scoring import (
+from swift_sampler.pipeline.features.scoring import (
     cross_entropy,
     entropy_r,
     full_grad_norm,

@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from swift_sampler.pipeline.sampler import Sampler, uniform_sampler
-from swift_sampler.pipeline.sampler_file import load_sampler
+from swift_sampler.pipeline.sampler.file import load_sampler
+from swift_sampler.pipeline.sampler.function import Sampler, uniform_sampler
 from swift_sampler.search.loop import (
     GuardSettings,
     TrialResult,

@@ -11,7 +11,7 @@ import tarfile
 
 import pytest
 
-from swift_sampler.pipeline.shards import tar_header, write_shards
+from swift_sampler.pipeline.ingest.shards import tar_header, write_shards
 from swift_sampler.storage import (
     LockedError,
     StoreError,

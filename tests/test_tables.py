@@ -8,15 +8,11 @@ import math
 import numpy as np
 import pytest
 
-from swift_sampler.pipeline.piecewise import Piecewise
-from swift_sampler.pipeline.sampler import Sampler
-from swift_sampler.pipeline.tables import (
-    FeatureTables,
-    TablesError,
-    build_store_tables,
-    build_tables,
-    load_tables,
-)
+from swift_sampler.pipeline.sampler.function import Sampler
+from swift_sampler.pipeline.sampler.piecewise import Piecewise
+from swift_sampler.pipeline.sampler.table_build import build_tables
+from swift_sampler.pipeline.sampler.table_store import build_store_tables, load_tables
+from swift_sampler.pipeline.sampler.transform import FeatureTables, TablesError
 from swift_sampler.storage import StoreLayout
 
 TOL = 0.01

@@ -183,8 +183,8 @@ def write_features(store, k=4, seed=0):
 
 
 def test_stored_crops_filter_keeps_only_positive_tau_and_replays_exactly(small):
-    from swift_sampler.pipeline.decode import decode
-    from swift_sampler.pipeline.sampler import UNIFORM
+    from swift_sampler.pipeline.ingest.decode import decode
+    from swift_sampler.pipeline.sampler.function import UNIFORM
     from swift_sampler.train.loader import ShardDataset, replay_crops
     from swift_sampler.train.sampling import StoredCrops, tau_filter
     from swift_sampler.train.shardio import read_tar
@@ -215,7 +215,7 @@ def test_stored_crops_filter_keeps_only_positive_tau_and_replays_exactly(small):
 
 
 def test_train_with_sampler_logs_kept_fraction_and_flipped_share(small):
-    from swift_sampler.pipeline.sampler import UNIFORM
+    from swift_sampler.pipeline.sampler.function import UNIFORM
     from swift_sampler.train.sampling import create_sampler_hook
 
     write_features(small)
@@ -228,7 +228,7 @@ def test_train_with_sampler_logs_kept_fraction_and_flipped_share(small):
 
 
 def test_sampler_needs_a_feature_store(small):
-    from swift_sampler.pipeline.sampler import UNIFORM
+    from swift_sampler.pipeline.sampler.function import UNIFORM
     from swift_sampler.train.sampling import create_sampler_hook
 
     with pytest.raises(StoreError, match="no feature store"):

@@ -4,7 +4,7 @@ One pass of a worker, stage by stage (each a plain generator, as in webdataset):
 
     plan_worker        shards of this epoch for global worker (rank, worker), seeded shuffle
     read_shards        WebDataset samples {"__key__", "jpg"|"png", "cls", "json"} of each
-                       shard (pipeline.shards' ustar parser, via train.shardio); a damaged
+                       shard (pipeline.ingest.shards' ustar parser, via train.shardio); a damaged
                        tar is cut short (logged, counted); a shard whose bytes differ from
                        the manifest's sha256 stops training unless the change shows as
                        corrupt samples, which decode_samples skips
@@ -27,7 +27,7 @@ False``) read every sample exactly once, in store order, with the plain crop.
 
 Batches are dicts: ``image`` uint8 ``(B, C, H, W)``, ``label`` int64 ``(B,)`` (from ``KEY.cls``),
 ``index`` int64 ``(B,)`` (dense per split, from ``KEY.json``), ``crop`` int64 ``(B, 5)`` (top,
-left, height, width, flip) that ``pipeline.crops.apply_crop`` replays exactly, ``crop_id``
+left, height, width, flip) that ``pipeline.features.crops.apply_crop`` replays exactly, ``crop_id``
 int64 ``(B,)`` (-1 for a fresh random crop), plus whatever numeric fields a crop stage adds
 (``loss``, ``entropy_r`` ...), and ``skipped`` (list of keys of corrupt samples dropped since the
 worker's previous batch). The loader never reads ground-truth noise fields.
@@ -56,10 +56,10 @@ import torch.nn.functional as F
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from swift_sampler.pipeline.crop_stream import output_size
-from swift_sampler.pipeline.crops import Crop, apply_crop, plain_crop, sample_crop
-from swift_sampler.pipeline.decode import CorruptSampleError, decode
-from swift_sampler.pipeline.shards import IMAGE_EXTS, shard_infos
+from swift_sampler.pipeline.features.crop_stream import output_size
+from swift_sampler.pipeline.features.crops import Crop, apply_crop, plain_crop, sample_crop
+from swift_sampler.pipeline.ingest.decode import CorruptSampleError, decode
+from swift_sampler.pipeline.ingest.shards import IMAGE_EXTS, shard_infos
 from swift_sampler.storage import StoreError, StoreLayout, read_manifest
 from swift_sampler.storage.errors import UsageError
 
@@ -178,7 +178,7 @@ def random_crops(src: Iterable[dict[str, Any]], *, rng: np.random.Generator, can
     (the plain crop when ``augment`` is false). Pixels are cut later, batch-wise
     (``cut_crops``); a crop-sample carries its decoded ``source`` image until then.
 
-    The pad-and-crop shift scales with the image (``pipeline.crops.pad_for``)."""
+    The pad-and-crop shift scales with the image (``pipeline.features.crops.pad_for``)."""
     for s in src:
         image = s["image"]
         h, w = image.shape[-2:]

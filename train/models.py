@@ -1,7 +1,7 @@
 """Classifiers with one interface: uint8 crops in, logits out, penultimate features exposed.
 
 Every model built by ``create_model``:
-- takes a batch ``(B, C, H, W)`` of uint8 pixels (as ``pipeline.crops.apply_crop`` returns
+- takes a batch ``(B, C, H, W)`` of uint8 pixels (as ``pipeline.features.crops.apply_crop`` returns
   them) or floats in [0, 1]; scaling and mean/std normalisation happen inside the model, so
   the loader, build-features and the sampler stage never normalise anything;
 - exposes ``features(x) -> (B, D)`` and ``head`` (``nn.Linear(D, C)``) with

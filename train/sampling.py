@@ -6,10 +6,10 @@ Two feature sources:
 - ``store`` (default): ``StoredCrops`` picks two of the K crops stored for each image in the
   feature store, replays them exactly (``cut_crops`` == ``apply_crop``) and attaches their tau,
   computed once for all N x K rows; ``TauFilter`` keeps B of the 2B by Efraimidis-Spirakis keys
-  (``pipeline.filter.select``). No extra forward pass; both run inside the loader workers.
+  (``pipeline.sampler.filter.select``). No extra forward pass; both run inside the loader workers.
 - ``online``: the loader yields 2B fresh random crops (``keep_all``); ``OnlineFilter`` scores
   them with the frozen pretrained model in the training process (on the GPU when present) and
-  keeps B by ``pipeline.filter.select_torch``.
+  keeps B by ``pipeline.sampler.filter.select_torch``.
 
 Nothing here reads ground-truth noise fields: features carry ``index, crop, top, left, height,
 width, flip, loss, entropy_r`` only.
@@ -26,11 +26,11 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from swift_sampler.pipeline.crops import Crop
-from swift_sampler.pipeline.decode import CorruptSampleError
-from swift_sampler.pipeline.filter import select, select_torch
-from swift_sampler.pipeline.sampler import Sampler
-from swift_sampler.pipeline.scoring import cross_entropy, entropy_r
+from swift_sampler.pipeline.features.crops import Crop
+from swift_sampler.pipeline.features.scoring import cross_entropy, entropy_r
+from swift_sampler.pipeline.ingest.decode import CorruptSampleError
+from swift_sampler.pipeline.sampler.filter import select, select_torch
+from swift_sampler.pipeline.sampler.function import Sampler
 from swift_sampler.storage import StoreError, StoreLayout
 from swift_sampler.storage.errors import UsageError
 

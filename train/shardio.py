@@ -8,7 +8,7 @@ workers, every worker reads all shards and keeps every ``G``-th sample instead (
 splitting): reading a tar is cheap next to decoding it, and each sample still goes to exactly
 one worker.
 
-Reading: ``pipeline.shards.read_tar`` and ``group_members`` (the one fast ustar parser, also
+Reading: ``pipeline.ingest.shards.read_tar`` and ``group_members`` (the one fast ustar parser, also
 used by build-features; re-exported here). A damaged shard (bad header checksum, truncated
 member) ends early with a logged, counted error instead of a crash mid-epoch. A shard that
 reads as a whole tar but whose size or sha256 differs from the manifest was changed after
@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from swift_sampler.pipeline.shards import (
+from swift_sampler.pipeline.ingest.shards import (
     ShardChecksumError,
     ShardReadError,
     group_members,

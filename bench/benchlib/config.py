@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from swift_sampler.pipeline.noise import parse_noise
+from swift_sampler.pipeline.ingest.noise import parse_noise
 from swift_sampler.storage.errors import UsageError
 
 # Order of the results table. ``ss-cdf`` and ``ss-random`` are the paper's ablations (Fig. 3).

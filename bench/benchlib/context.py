@@ -92,7 +92,7 @@ class SeedRun:
 
     def ensure_features(self) -> dict[str, Any]:
         """Features and tables of the noisy store, built from ``w_share`` (once)."""
-        from swift_sampler.pipeline.features import build_features
+        from swift_sampler.pipeline.features.build import build_features
 
         layout = StoreLayout(self.noisy)
         ckpt = self.checkpoint("uniform")

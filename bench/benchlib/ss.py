@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from swift_sampler.pipeline.sampler import Sampler
-from swift_sampler.pipeline.sampler_file import load_sampler
-from swift_sampler.pipeline.tables import load_tables
+from swift_sampler.pipeline.sampler.file import load_sampler
+from swift_sampler.pipeline.sampler.function import Sampler
+from swift_sampler.pipeline.sampler.table_store import load_tables
 from swift_sampler.storage.errors import UsageError
 
 from .config import SEARCHES

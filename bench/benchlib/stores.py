@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from swift_sampler.pipeline.ingest import ingest
+from swift_sampler.pipeline.ingest.build import ingest
 from swift_sampler.storage import StoreError, StoreLayout, read_manifest, sha256_file
 
 from .config import BenchConfig
@@ -67,7 +67,7 @@ def prepare_stores(config: BenchConfig, folder: Path, seed: int) -> dict[str, An
 
 
 def _spec(noise: str):
-    from swift_sampler.pipeline.noise import parse_noise
+    from swift_sampler.pipeline.ingest.noise import parse_noise
 
     return parse_noise(noise)
 

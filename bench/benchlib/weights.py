@@ -6,7 +6,7 @@ uniform run (``len(loader) = N // B`` batches per epoch, whatever is kept):
 - ``ImageWeights``: the 2x oversample-and-filter of the sampler stage (arXiv 2410.05578, §4.2) with a
   weight per *image* instead of a tau per crop: two random crops per image are drawn, each
   carries its image's weight as ``tau``, and the sampler stage's own filter
-  (``train.sampling.tau_filter``: Efraimidis-Spirakis keys, ``pipeline.filter.select``) keeps
+  (``train.sampling.tau_filter``: Efraimidis-Spirakis keys, ``pipeline.sampler.filter.select``) keeps
   B of the 2B without replacement with probability proportional to it. A weight of 0 is never
   kept. The oracle mask, the small-loss filter and cleanlab's pruning train this way, through
   the same mechanism as a learned sampler, so every method gets the same steps.

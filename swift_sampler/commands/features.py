@@ -37,7 +37,7 @@ def register(sub, groups) -> None:
 def run(args) -> int:
     import torch
 
-    from swift_sampler.pipeline.features import build_features
+    from swift_sampler.pipeline.features.build import build_features
     from swift_sampler.storage import sha256_file
 
     if not os.path.isfile(args.checkpoint):

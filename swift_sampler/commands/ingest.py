@@ -39,7 +39,7 @@ def register(sub, groups) -> None:
 
 
 def run(args) -> int:
-    from swift_sampler.pipeline.ingest import ingest
+    from swift_sampler.pipeline.ingest.build import ingest
 
     test_frac = args.test_frac if args.test_frac is not None else (0.0 if args.test_source else 0.1)
     summary = ingest(args.source, args.store, val_frac=args.val_frac, test_frac=test_frac,

@@ -112,7 +112,7 @@ def run_train(args) -> int:
 
 
 def _sampler_hook(args, config, device):
-    from swift_sampler.pipeline.sampler_file import (
+    from swift_sampler.pipeline.sampler.file import (
         check_not_all_zero,
         check_provenance,
         load_sampler,

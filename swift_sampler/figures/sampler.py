@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from swift_sampler.pipeline.sampler_file import load_sampler
-from swift_sampler.pipeline.tables import read_feature_columns
+from swift_sampler.pipeline.sampler.file import load_sampler
+from swift_sampler.pipeline.sampler.table_store import read_feature_columns
 from swift_sampler.storage import StoreError, StoreLayout, atomic_writer
 
 GRID = 256

@@ -1,7 +1,7 @@
 """Piecewise-linear functions of one variable, evaluated fast in float32.
 
 The sampler's transforms are all of this shape: a feature cdf and ``T`` are the
-piecewise-linear inverse of quantile knots (``np.interp``, ``pipeline.tables``), ``H`` is
+piecewise-linear inverse of quantile knots (``np.interp``, ``pipeline.sampler.table_store``), ``H`` is
 linear through ``(e_i, v_i)``, and ``H(T(G))`` composes to one more such function
 (``Piecewise.then``), so ``tau`` costs one multiply-add and one lookup per crop.
 

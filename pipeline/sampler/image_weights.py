@@ -9,7 +9,7 @@ use it without this project's trainer:
   ``torch.utils.data.WeightedRandomSampler``;
 - a WebDataset pipeline: ``keep_by_tau(...)`` is a stage for ``.compose(...)`` that draws
   twice the samples it emits and keeps half, chosen with probability proportional to tau
-  (Efraimidis-Spirakis, ``pipeline.filter.select``), looked up by ``__key__``.
+  (Efraimidis-Spirakis, ``pipeline.sampler.filter.select``), looked up by ``__key__``.
 
     >>> import webdataset as wds                                   # doctest: +SKIP
     >>> stage = keep_by_tau("STORE/searches/ss/best_sampler.json", "STORE")  # doctest: +SKIP
@@ -33,7 +33,7 @@ from swift_sampler.storage import StoreError, query
 from swift_sampler.storage.errors import UsageError
 
 from .filter import select
-from .sampler import Sampler
+from .function import Sampler
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class ImageWeights:
 def _sampler(sampler: Sampler | str | os.PathLike) -> Sampler:
     if isinstance(sampler, Sampler):
         return sampler
-    from .sampler_file import load_sampler
+    from .file import load_sampler
 
     return load_sampler(sampler)[0]
 

@@ -2,7 +2,7 @@
 
 The stage is a chain of generators, one job each:
 ``read_shard`` (tar -> index, label, image) -> ``make_crops`` (-> K crops) -> ``batch_crops``
-(-> tensors), all in ``pipeline.crop_stream`` -> scoring (``pipeline.scoring``) -> one Parquet
+(-> tensors), all in ``pipeline.features.crop_stream`` -> scoring (``pipeline.features.scoring``) -> one Parquet
 part per shard (here).
 
 Invariants:
@@ -51,6 +51,7 @@ from swift_sampler.storage import (
 from swift_sampler.storage.errors import UsageError
 from swift_sampler.storage.schemas import FEATURES
 
+from ..ingest.shards import shard_infos
 from .crop_stream import (
     ShardCrops,
     batch_crops,
@@ -61,7 +62,6 @@ from .crop_stream import (
     read_shard,
 )
 from .scoring import GRAD_NORM_MODES, score_batch
-from .shards import shard_infos
 
 # The crop-stream stages are re-exported: build-features callers (benchmarks, notebooks) find
 # the whole stage here.
@@ -192,7 +192,7 @@ def _diff(old: dict, new: dict) -> str:
 
 
 def _dist():
-    from .process_group import process_group
+    from ..process_group import process_group
 
     return process_group()
 
@@ -232,7 +232,7 @@ def build_features(store, model: nn.Module, *, crops_per_image: int = 8, grad_no
         overwrite: replace features from another checkpoint or configuration instead of refusing.
         image_size: model input size (default ``model.image_size``); crops are resized to it
             unless they are pad crops of images of exactly that size.
-        quantiles, angles: passed to ``pipeline.tables.build_store_tables`` when ``tables``.
+        quantiles, angles: passed to ``pipeline.sampler.table_store.build_store_tables`` when ``tables``.
         workers: decoding/cropping processes (default: one per spare CPU core, at most 8;
             0 decodes in this process).
         on_part: called as ``on_part(shard, path)`` after each part is written.
@@ -391,7 +391,7 @@ def _finish(layout: StoreLayout, manifest: dict, shards: list, prov: dict) -> di
 
 
 def _build_tables(layout: StoreLayout, *, quantiles: int | None, angles: int | None) -> dict:
-    from .tables import build_store_tables
+    from ..sampler.table_store import build_store_tables
 
     kwargs = {k: v for k, v in (("quantiles", quantiles), ("angles", angles)) if v is not None}
     return build_store_tables(layout.root, **kwargs)

@@ -9,7 +9,7 @@ experiments) do it.
 
 Counts are allocated by largest remainder over classes, so the realised rate of a split is
 within 1/(2n) of its expectation (R for symmetric; R times the share of source classes for
-asymmetric). Noise applies to train and val, never to test (``pipeline.ingest`` decides).
+asymmetric). Noise applies to train and val, never to test (``pipeline.ingest.build`` decides).
 """
 
 from __future__ import annotations

@@ -87,7 +87,7 @@ def ingest(source: str, store: str | os.PathLike, *, val_frac: float = 0.1,
         limit: keep a seeded stratified subset of this many images of ``source`` (a
             ``test_source`` is taken whole).
         shard_size: samples per shard.
-        labels: a CSV or Parquet file ``path,label`` (``pipeline.label_file``) whose labels
+        labels: a CSV or Parquet file ``path,label`` (``pipeline.ingest.label_file``) whose labels
             replace the source's for train and val; the source's labels stay as ``true_label``
             / ``noisy`` for diagnostics (as with injected noise) and label the test split.
             Cannot be combined with ``noise``.

@@ -20,9 +20,9 @@ import torch
 
 from swift_sampler.storage import StoreError
 
+from ..ingest.decode import CorruptSampleError, decode
+from ..ingest.shards import IMAGE_EXTS, ShardInfo, group_members, read_tar
 from .crops import Crop, apply_crop, crop_policy, plain_crop, sample_crop
-from .decode import CorruptSampleError, decode
-from .shards import IMAGE_EXTS, ShardInfo, group_members, read_tar
 
 
 def read_shard(path: Path, *, channels: int, sha256: str | None = None, size: int | None = None

@@ -27,7 +27,7 @@ import numpy as np
 from swift_sampler.storage.errors import SwiftSamplerError
 
 from .piecewise import EPS32, Piecewise
-from .tables import TRANSFORM_KINDS, FeatureTables, unit
+from .transform import TRANSFORM_KINDS, FeatureTables, unit
 
 # One declaration of every bound (cf. scikit-learn's ``_parameter_constraints``).
 PARAMETERS = ("e1", "e2", "e3", "v0", "v1", "v2", "v3", "v4", "c1", "c2")  # point order
@@ -247,7 +247,7 @@ UNIFORM = uniform_sampler()
 
 
 def _direction(c1: float, c2: float) -> float:
-    from .tables import direction
+    from .transform import direction
 
     return direction(c1, c2)
 
@@ -272,7 +272,7 @@ def _interp_torch(x, xp, fp, left=None):
 
 
 def _angle_t_torch(f1, f2, theta: float, knots, levels):
-    from .tables import unit
+    from .transform import unit
 
     u1, u2 = unit(theta)
     return _interp_torch(u1 * f1 + u2 * f2, knots, levels, left=0.0)

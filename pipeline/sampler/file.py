@@ -26,8 +26,8 @@ import numpy as np
 from swift_sampler.storage import StoreLayout, atomic_write_text, read_features_meta, read_manifest
 from swift_sampler.storage.schemas import FEATURE_NAMES
 
-from .sampler import PARAMETERS, TRANSFORMS, Sampler, SamplerError
-from .tables import FeatureTables, TablesError
+from .function import PARAMETERS, TRANSFORMS, Sampler, SamplerError
+from .transform import FeatureTables, TablesError
 
 FORMAT = "swift-sampler/sampler"
 VERSION = 1
@@ -111,7 +111,7 @@ def sampler_from_dict(doc: Any, *, where: str = "sampler") -> tuple[Sampler, dic
         tables = _tables_from_dict(doc.get("tables"), transform, where)
         endpoints = (0.0, params.get("e1"), params.get("e2"), params.get("e3"), 1.0)
         values = tuple(params.get(f"v{s}") for s in range(5))
-        from .sampler import check_parameters
+        from .function import check_parameters
 
         check_parameters(params)
         sampler = Sampler(endpoints, values, params["c1"], params["c2"], transform, tables)
@@ -198,7 +198,7 @@ def check_not_all_zero(sampler: Sampler, store=None, *, grid: int = 129) -> None
     if max(sampler.values) <= 0:
         raise SamplerFileError("values: all v0..v4 are 0, so tau is 0 for every crop; nothing would be trained")
     if store is not None:
-        from .tables import read_feature_columns
+        from .table_store import read_feature_columns
 
         cols = read_feature_columns(store, ("loss", "entropy_r"))
         tau = sampler.tau(cols["loss"], cols["entropy_r"])

@@ -1,0 +1,122 @@
+"""The tables in a store: build them from its features (``tables/cdf.parquet``,
+``cgf.parquet``, ``points.parquet``, then ``tables.json``) and load them back, refusing tables
+built from other features. Features are read through the store's DuckDB catalog.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from swift_sampler.storage import (
+    StoreLayout,
+    atomic_write_json,
+    atomic_write_parquet,
+    read_json_object,
+)
+from swift_sampler.storage.schemas import CDF, CGF, FEATURE_NAMES, POINTS
+
+from .table_build import build_tables
+from .transform import TRANSFORM_KINDS, FeatureTables, TablesError, grid_angle
+
+
+def read_feature_columns(store, columns=("loss", "entropy_r", "grad_norm")) -> dict[str, np.ndarray]:
+    """Feature columns of every part of the store as NumPy arrays (via pyarrow.dataset)."""
+    import pyarrow.dataset as ds
+
+    layout = StoreLayout(store).require()
+    parts = layout.feature_parts()
+    if not parts:
+        raise TablesError(f"no feature parts in {layout.features_dir}: run "
+                          "`swift-sampler pipeline build-features` first")
+    table = ds.dataset([str(p) for p in parts], format="parquet").to_table(columns=list(columns))
+    return {c: table[c].to_numpy() for c in columns}
+
+
+def _features_info(layout: StoreLayout) -> dict:
+    if not layout.features_meta.is_file():
+        raise TablesError(f"{layout.features_meta} missing: features are incomplete; finish "
+                          "`swift-sampler pipeline build-features` first")
+    return read_json_object(layout.features_meta, "delete it and run `swift-sampler pipeline "
+                            "build-features` again (finished parts are kept)")
+
+
+def build_store_tables(store, *, quantiles: int = 1024, angles: int = 720, bins: int = 512) -> dict:
+    """Build the tables of a store's features; write cdf.parquet, cgf.parquet, then tables.json.
+
+    Returns:
+        The ``tables.json`` content: store_id, features_checkpoint_sha256, quantiles, angles, rows.
+    """
+    layout = StoreLayout(store).require()
+    info = _features_info(layout)
+    cols = read_feature_columns(layout.root)
+    t = build_tables(cols["loss"], cols["entropy_r"], cols["grad_norm"],
+                     quantiles=quantiles, angles=angles, bins=bins)
+    levels = t.levels
+    q1 = quantiles + 1
+    cdf = pa.table({
+        "feature": np.repeat(np.array(FEATURE_NAMES, dtype=object), q1),
+        "level": np.tile(levels, len(FEATURE_NAMES)),
+        "value": np.concatenate([t.cdf_knots[f] for f in FEATURE_NAMES]),
+    }, schema=CDF)
+    angle_values = t.angles
+    cgf = pa.table({
+        "transform": np.repeat(np.array(TRANSFORM_KINDS, dtype=object), angles * q1),
+        "angle": np.tile(np.repeat(angle_values, q1), len(TRANSFORM_KINDS)),
+        "level": np.tile(levels, angles * len(TRANSFORM_KINDS)),
+        "g": np.concatenate([t.knots[k].ravel() for k in TRANSFORM_KINDS]),
+    }, schema=CGF)
+    points = pa.table({
+        "transform": np.concatenate([np.full(t.points[k].shape[1], k, dtype=object) for k in TRANSFORM_KINDS]),
+        "f1": np.concatenate([t.points[k][0] for k in TRANSFORM_KINDS]),
+        "f2": np.concatenate([t.points[k][1] for k in TRANSFORM_KINDS]),
+        "mass": np.concatenate([t.points[k][2] for k in TRANSFORM_KINDS]),
+    }, schema=POINTS)
+    atomic_write_parquet(layout.inside(layout.cdf_table), cdf)
+    atomic_write_parquet(layout.inside(layout.cgf_table), cgf)
+    atomic_write_parquet(layout.inside(layout.points_table), points)
+    meta = {
+        "store_id": info.get("store_id"),
+        "features_checkpoint_sha256": info.get("checkpoint_sha256"),
+        "quantiles": quantiles, "angles": angles, "bins": bins, "rows": t.rows,
+    }
+    atomic_write_json(layout.inside(layout.tables_meta), meta)
+    return meta
+
+
+def load_tables(store) -> FeatureTables:
+    """Read a store's tables; refuse tables built from other features than the current ones."""
+    import pyarrow.parquet as pq
+
+    layout = StoreLayout(store).require()
+    if not layout.tables_meta.is_file():
+        raise TablesError(f"{layout.tables_meta} missing: build the tables with "
+                          "`swift-sampler pipeline build-features` first")
+    meta = read_json_object(layout.tables_meta, "delete it and rebuild the tables with "
+                      "`swift-sampler pipeline build-features` (it keeps the scored parts)")
+    info = _features_info(layout)
+    if meta.get("features_checkpoint_sha256") != info.get("checkpoint_sha256") or \
+            meta.get("store_id") != info.get("store_id"):
+        raise TablesError("tables were built from other features than those in "
+                          f"{layout.features_dir} (checkpoint or store differs); rebuild the tables")
+    q, a = int(meta["quantiles"]), int(meta["angles"])
+    cdf = pq.read_table(layout.cdf_table)
+    cgf = pq.read_table(layout.cgf_table)
+    feats = cdf["feature"].to_numpy(zero_copy_only=False)
+    values = cdf["value"].to_numpy()
+    cdf_knots = {f: values[feats == f] for f in FEATURE_NAMES}
+    kinds = cgf["transform"].to_numpy(zero_copy_only=False)
+    g = cgf["g"].to_numpy()
+    knots = {}
+    for kind in TRANSFORM_KINDS:
+        sel = g[kinds == kind]
+        if sel.size != a * (q + 1):
+            raise TablesError(f"{layout.cgf_table.name}: {kind} holds {sel.size} knots, expected {a}x{q + 1}")
+        knots[kind] = sel.reshape(a, q + 1)
+    angles = np.array([grid_angle(j, a) for j in range(a)])
+    points = None
+    if layout.points_table.is_file():
+        pts = pq.read_table(layout.points_table)
+        pk = pts["transform"].to_numpy(zero_copy_only=False)
+        points = {k: np.stack([pts[c].to_numpy()[pk == k] for c in ("f1", "f2", "mass")]) for k in TRANSFORM_KINDS}
+    return FeatureTables(q, a, cdf_knots, angles, knots, int(meta["rows"]), points)
