@@ -7,7 +7,10 @@ own ``ru_maxrss``, which includes the interpreter and imports: see the ``baselin
 ``seconds`` excludes interpreter start and imports, ``process_s`` includes them):
 
 - ``read``: every feature part, all columns, as one Arrow table (``pyarrow.dataset``);
-- ``read_columns``: the three columns the tables need (``swift_sampler.pipeline.sampler.table_store.read_feature_columns``);
+- ``read_columns``: the three columns the tables need (``swift_sampler.pipeline.sampler.table_store.read_feature_columns``,
+  one query over the DuckDB catalog's ``feature_parts`` view);
+- ``read_columns_pyarrow``: the same three columns read with ``pyarrow.dataset`` directly (how
+  the stages read them before they went through the catalog), for the cost of the catalog;
 - ``tables``: ``swift_sampler.pipeline.sampler.table_store.build_store_tables`` (1024 quantiles, 720 angles, written);
 - ``tau``: ``load_tables`` + the loss/E^r columns + ``Sampler.tau`` for every row (also timed alone);
 - ``sql_mean``: ``swift_sampler.storage.query`` mean loss by label over the ``features`` view;
@@ -36,10 +39,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from swift_sampler.storage.schemas import FEATURES, SAMPLES
 
-from swift_sampler.storage.schemas import FEATURES, SAMPLES  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 IMAGENET = 1_281_167
 CLASSES = 1000
@@ -59,6 +61,14 @@ extra = {"rows": t.num_rows, "arrow_mb": round(t.nbytes / 2**20, 1)}
     "read_columns": """
 from swift_sampler.pipeline.sampler.table_store import read_feature_columns
 cols = read_feature_columns(store)
+extra = {"rows": int(cols["loss"].size)}
+""",
+    "read_columns_pyarrow": """
+import pyarrow.dataset as ds
+from swift_sampler.storage import StoreLayout
+parts = [str(p) for p in StoreLayout(store).feature_parts()]
+t = ds.dataset(parts, format="parquet").to_table(columns=["loss", "entropy_r", "grad_norm"])
+cols = {c: t[c].to_numpy() for c in ("loss", "entropy_r", "grad_norm")}
 extra = {"rows": int(cols["loss"].size)}
 """,
     "tables": """
@@ -163,7 +173,7 @@ def write_store(root: Path, images: int, *, crops: int, parts: int, seed: int = 
 
 
 def run_step(store: Path, name: str, timeout: float) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = dict(os.environ)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", CHILD, str(store), STEPS[name]], capture_output=True,
                           text=True, timeout=timeout, env=env, cwd=REPO)

@@ -34,12 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from swift_sampler.pipeline.sampler.function import Sampler, uniform_sampler  # noqa: E402
+from swift_sampler.pipeline.sampler.function import Sampler, uniform_sampler
 from swift_sampler.pipeline.sampler.table_store import load_tables
-from swift_sampler.search.objective import FinetuneObjective, FinetuneSettings  # noqa: E402
-from swift_sampler.search.space import sobol_points  # noqa: E402
+from swift_sampler.search.objective import FinetuneObjective, FinetuneSettings
+from swift_sampler.search.space import sobol_points
 
 
 def panel(tables, transform: str, n_sobol: int) -> dict[str, Sampler]:

@@ -57,6 +57,8 @@ from swift_sampler.storage import (
     atomic_write_json,
     atomic_write_parquet,
     exclusive_lock,
+    literal,
+    read_view,
     remove_stale_temporaries,
 )
 from swift_sampler.storage.errors import UsageError
@@ -133,7 +135,11 @@ def read_trials(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         return []
-    rows = pq.read_table(path).to_pylist()
+    # Through the catalog's ``trials`` view, which unions every search of the store by column
+    # name: this search's rows, with this file's own columns.
+    columns = pq.read_schema(path).names
+    rows = read_view(path.parents[2], "trials", columns,
+                     where=f"search = {literal(path.parent.name)}", order_by="trial").to_pylist()
     if [r["trial"] for r in rows] != list(range(len(rows))):
         raise StoreError(f"{path} does not hold trials 0..{len(rows) - 1} in order; it was edited "
                          "by hand? Move it away and start a new search")

@@ -18,7 +18,7 @@ from .atomic import (
     exclusive_lock,
     remove_stale_temporaries,
 )
-from .catalog import QueryError, available_views, connect, query
+from .catalog import QueryError, available_views, connect, literal, query, read_view
 from .errors import SwiftSamplerError, UsageError
 from .layout import SPLITS, StoreError, StoreLayout, check_name
 from .manifest import (
@@ -52,7 +52,9 @@ __all__ = [
     "exclusive_lock",
     "num_classes",
     "package_versions",
+    "literal",
     "query",
+    "read_view",
     "read_features_meta",
     "read_json_object",
     "read_manifest",

@@ -1,9 +1,14 @@
 """DuckDB catalog over a store: one in-memory database whose views read the store's files.
 
 Views (each exists once the stage that writes its files has run):
-``samples`` (ingest), ``features`` (build-features, joined with ``samples``), ``cdf`` and
-``cgf`` (tables), ``trials`` (search runs, with a ``search`` column), ``metrics`` (training runs,
-with a ``run`` column).
+``samples`` (ingest), ``feature_parts`` (build-features: the Parquet parts as written, one row
+per crop), ``features`` (``feature_parts`` joined with ``samples``, plus each feature's cdf),
+``cdf`` and ``cgf`` (tables), ``trials`` (search runs, with a ``search`` column), ``metrics``
+(training runs, with a ``run`` column).
+
+The stages read the store the same way (``read_view``: one query, Arrow out), so what a
+search or the sampler stage sees is what a user's SQL shows, and DuckDB can aggregate a store
+larger than memory.
 
 The catalog is read-only: user SQL may only be one query (``SELECT``, ``WITH``, ``DESCRIBE``,
 ``SHOW``, ``SUMMARIZE``, or ``EXPLAIN [ANALYZE]`` of a query), and DuckDB's file access is
@@ -20,7 +25,7 @@ import pyarrow as pa
 from .errors import SwiftSamplerError
 from .layout import StoreLayout
 
-VIEWS = ("samples", "features", "cdf", "cgf", "trials", "metrics")
+VIEWS = ("samples", "feature_parts", "features", "cdf", "cgf", "trials", "metrics")
 _EXPLAIN = re.compile(r"^\s*explain\s+(analyze\s+)?", re.IGNORECASE)
 
 
@@ -38,12 +43,13 @@ def _view_sql(layout: StoreLayout) -> dict[str, str]:
         views["samples"] = f"SELECT * FROM read_parquet({_lit(layout.samples)})"
     if layout.feature_parts():
         parts = _lit(layout.features_dir / "part-*.parquet")
+        views["feature_parts"] = f"SELECT * FROM read_parquet({parts})"
         # cdf_* are the empirical cdf of each feature over all crops (equation 7).
-        views["features"] = f"""
+        views["features"] = """
             SELECT f.*, s.key, s.source, s.true_label, s.noisy,
                    cume_dist() OVER (ORDER BY f.loss) AS cdf_loss,
                    cume_dist() OVER (ORDER BY f.entropy_r) AS cdf_entropy_r
-            FROM read_parquet({parts}) f
+            FROM feature_parts f
             LEFT JOIN samples s ON s.split = 'train' AND s."index" = f."index"
         """
     if layout.cdf_table.is_file():
@@ -83,8 +89,10 @@ def connect(store) -> duckdb.DuckDBPyConnection:
         try:
             con.execute(f"CREATE VIEW {name} AS {sql}")
         except duckdb.Error as e:
-            broken[name] = str(e).splitlines()[0]
-            # Views built on this one cannot be defined either (features uses samples).
+            # A view built on a broken one (features on feature_parts) fails for the same
+            # reason: report that reason, which names the damaged file.
+            uses = [why for dep, why in broken.items() if re.search(rf"\b{dep}\b", sql)]
+            broken[name] = uses[0] if uses else str(e).splitlines()[0]
     _BROKEN[id(con)] = broken
     # From here on DuckDB may read the store and nothing else, and may write nowhere.
     con.execute(f"SET allowed_directories = [{_lit(layout.root)}]")
@@ -126,7 +134,35 @@ def query(store, sql: str, *, con: duckdb.DuckDBPyConnection | None = None) -> p
             con.close()
 
 
+def read_view(store, view: str, columns, *, where: str = "", order_by: str = "") -> pa.Table:
+    """``SELECT columns FROM view [WHERE where] [ORDER BY order_by]`` over the store's
+    catalog, as Arrow.
+
+    Without ``order_by`` rows keep the order of the files (part by part, as written): DuckDB
+    preserves insertion order for a plain scan. ``where`` and ``order_by`` are SQL written by
+    the calling stage, never user input.
+    """
+    if view not in VIEWS:
+        raise ValueError(f"unknown view {view!r} (expected one of {', '.join(VIEWS)})")
+    sql = f"SELECT {', '.join(_ident(c) for c in columns)} FROM {view}"
+    if where:
+        sql += f" WHERE {where}"
+    if order_by:
+        sql += f" ORDER BY {order_by}"
+    return query(store, sql)
+
+
+def literal(value: str) -> str:
+    """``value`` as a SQL string literal (for a stage's own ``where``)."""
+    return _lit(value)
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
 _MISSING_HINT = {
+    "feature_parts": "; run `swift-sampler pipeline build-features` first",
     "features": "; run `swift-sampler pipeline build-features` first",
     "cdf": "; run `swift-sampler pipeline build-features` first",
     "cgf": "; run `swift-sampler pipeline build-features` first",

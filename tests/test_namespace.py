@@ -12,6 +12,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 BARE = ("pipeline", "search", "train", "storage")
 
@@ -68,5 +70,22 @@ def test_bench_outside_a_checkout_says_where_the_benchmark_lives(monkeypatch, tm
     from swift_sampler.cli import main
 
     monkeypatch.setattr(bench, "BENCH_DIR", tmp_path / "no-bench")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if Path(p).name != "bench"])
+    for name in [m for m in sys.modules if m == "benchlib" or m.startswith("benchlib.")]:
+        monkeypatch.delitem(sys.modules, name)
     assert main(["bench", "noisy-cifar", "--tiny", "--out", str(tmp_path / "o")]) == 2
     assert "lives in bench/ of a checkout" in capsys.readouterr().err
+
+
+def test_bench_script_finds_its_own_benchlib_whatever_package_it_runs_against(monkeypatch, tmp_path,
+                                                                               capsys):
+    # ``python bench/noisy_cifar.py`` puts bench/ on sys.path (here: pytest's pythonpath), so a
+    # non-editable installation of the package, whose BENCH_DIR does not exist, still runs it.
+    import swift_sampler.commands.bench as bench
+    from swift_sampler.cli import main
+
+    monkeypatch.setattr(bench, "BENCH_DIR", tmp_path / "no-bench")
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "noisy-cifar", "--help"])
+    assert e.value.code == 0
+    assert "--methods" in capsys.readouterr().out

@@ -14,12 +14,11 @@ import os
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from swift_sampler.storage import StoreError, StoreLayout, read_manifest
+from swift_sampler.storage import StoreError, StoreLayout, literal, read_manifest, read_view
 
 from .checkpoint import CheckpointError, load_model, unwrap
 from .distributed import pick_device
@@ -92,8 +91,8 @@ def noise_diagnostics(store: str | os.PathLike, split: str, index: np.ndarray,
     layout = StoreLayout(store)
     if not layout.samples.is_file():
         return None
-    table = pq.read_table(layout.samples, columns=["split", "index", "label", "true_label", "noisy"],
-                          filters=[("split", "=", split)])
+    table = read_view(layout.root, "samples", ["index", "label", "true_label", "noisy"],
+                      where=f"split = {literal(split)}")
     noisy_col = table.column("noisy").to_numpy(zero_copy_only=False)
     if len(noisy_col) == 0 or not noisy_col.any():
         return None

@@ -22,7 +22,6 @@ import os
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from torch import nn
 
@@ -31,7 +30,7 @@ from swift_sampler.pipeline.features.scoring import cross_entropy, entropy_r
 from swift_sampler.pipeline.ingest.decode import CorruptSampleError
 from swift_sampler.pipeline.sampler.filter import select, select_torch
 from swift_sampler.pipeline.sampler.function import Sampler
-from swift_sampler.storage import StoreError, StoreLayout
+from swift_sampler.storage import StoreError, StoreLayout, read_view
 from swift_sampler.storage.errors import UsageError
 
 from .loader import collate, decode
@@ -55,8 +54,7 @@ class StoredCrops:
         if not parts or not layout.features_meta.is_file():
             raise StoreError(f"store {layout.root} has no feature store; run `swift-sampler "
                              "pipeline build-features` first, or use --features online")
-        table = pq.read_table(parts, columns=list(FEATURE_COLUMNS)) if len(parts) == 1 else \
-            _concat([pq.read_table(p, columns=list(FEATURE_COLUMNS)) for p in parts])
+        table = read_view(layout.root, "feature_parts", FEATURE_COLUMNS)
         cols = {c: table.column(c).to_numpy() for c in FEATURE_COLUMNS}
         order = np.lexsort((cols["crop"], cols["index"]))
         index = cols["index"][order]
@@ -134,12 +132,6 @@ class StoredCrops:
                 top, left, h, w, flip = (int(v) for v in self.crops[i, j])
                 yield {"index": i, "label": s["label"], "crop": Crop(top, left, h, w, bool(flip)),
                        "crop_id": int(j), "tau": float(self.tau[i, j]), "source": s["image"]}
-
-
-def _concat(tables):
-    import pyarrow as pa
-
-    return pa.concat_tables(tables)
 
 
 def tau_filter(batch: dict[str, Any], *, rng: np.random.Generator, size: int) -> dict[str, Any]:

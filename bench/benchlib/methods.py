@@ -31,9 +31,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import pyarrow.dataset as pads
 
-from swift_sampler.storage import StoreLayout
+from swift_sampler.storage import StoreLayout, read_view
 from swift_sampler.storage.errors import UsageError
 
 from .context import SeedRun
@@ -70,8 +69,7 @@ def oracle_mask(run: SeedRun) -> dict[str, Any]:
 def crop0_loss(store) -> np.ndarray:
     """Loss of the plain view (crop 0) of every train image under ``w_share``, float64 ``(N,)``."""
     layout = StoreLayout(store)
-    table = pads.dataset([str(p) for p in layout.feature_parts()], format="parquet").to_table(
-        columns=["index", "loss"], filter=pads.field("crop") == 0)
+    table = read_view(layout.root, "feature_parts", ["index", "loss"], where="crop = 0")
     index = table.column("index").to_numpy()
     loss = np.full(int(index.max()) + 1, np.nan)
     loss[index] = table.column("loss").to_numpy()

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from swift_sampler.storage import (
+    QueryError,
     StoreError,
     StoreLayout,
     atomic_write_json,
@@ -45,6 +46,7 @@ from swift_sampler.storage import (
     package_versions,
     read_features_meta,
     read_manifest,
+    read_view,
     remove_stale_temporaries,
     split_shards,
 )
@@ -372,14 +374,12 @@ def _finish(layout: StoreLayout, manifest: dict, shards: list, prov: dict) -> di
         raise StoreError(f"feature parts missing after the run: {', '.join(missing[:5])}; run again to resume")
     k = prov["crops_per_image"]
     n = sum(count for _, count in shards)
-    tables = []
-    for part in parts:
-        try:
-            tables.append(pq.read_table(part, columns=["index", "crop"]))
-        except (pa.ArrowException, OSError) as e:
-            raise DamagedPartError(f"{part} is not a readable feature part ({e}); delete it "
-                                   "and run build-features again to score its shard again") from None
-    ids = pa.concat_tables(tables)
+    try:  # through the catalog: exactly the rows a user's SQL and the later stages will see
+        ids = read_view(layout.root, "feature_parts", ["index", "crop"])
+    except QueryError as e:
+        raise DamagedPartError(f"{layout.features_dir} holds a part that is not readable ({e}); "
+                               "delete it and run build-features again to score its shard "
+                               "again") from None
     keys = ids["index"].to_numpy().astype(np.int64) * k + ids["crop"].to_numpy()
     if len(keys) != n * k or len(np.unique(keys)) != len(keys):
         raise StoreError(f"feature parts hold {len(keys)} rows ({len(np.unique(keys))} unique "

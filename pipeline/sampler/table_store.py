@@ -13,6 +13,7 @@ from swift_sampler.storage import (
     atomic_write_json,
     atomic_write_parquet,
     read_json_object,
+    read_view,
 )
 from swift_sampler.storage.schemas import CDF, CGF, FEATURE_NAMES, POINTS
 
@@ -21,15 +22,13 @@ from .transform import TRANSFORM_KINDS, FeatureTables, TablesError, grid_angle
 
 
 def read_feature_columns(store, columns=("loss", "entropy_r", "grad_norm")) -> dict[str, np.ndarray]:
-    """Feature columns of every part of the store as NumPy arrays (via pyarrow.dataset)."""
-    import pyarrow.dataset as ds
-
+    """Feature columns of every part of the store as NumPy arrays, part by part in file order
+    (the catalog's ``feature_parts`` view)."""
     layout = StoreLayout(store).require()
-    parts = layout.feature_parts()
-    if not parts:
+    if not layout.feature_parts():
         raise TablesError(f"no feature parts in {layout.features_dir}: run "
                           "`swift-sampler pipeline build-features` first")
-    table = ds.dataset([str(p) for p in parts], format="parquet").to_table(columns=list(columns))
+    table = read_view(layout.root, "feature_parts", columns)
     return {c: table[c].to_numpy() for c in columns}
 
 

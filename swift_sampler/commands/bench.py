@@ -8,6 +8,7 @@ it there; from a plain installation it says where to get it.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import shlex
 import sys
 from pathlib import Path
@@ -18,12 +19,15 @@ BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
 
 
 def benchlib(module: str = ""):
-    """``benchlib`` (or its ``module``) from the checkout this command runs from."""
-    if not (BENCH_DIR / "benchlib" / "__init__.py").is_file():
+    """``benchlib`` (or its ``module``): the one on ``sys.path`` (``python bench/noisy_cifar.py``
+    puts its own folder there, whatever installation of the package it runs against), else the
+    one of the checkout this package was installed from in editable mode."""
+    if importlib.util.find_spec("benchlib") is None and \
+            not (BENCH_DIR / "benchlib" / "__init__.py").is_file():
         raise UserError("the benchmark is not installed with the package: it lives in bench/ of "
                         "a checkout of the swift-sampler repository; run it there with "
                         "`python bench/noisy_cifar.py` (after `pip install -e '.[bench]'`)")
-    if str(BENCH_DIR) not in sys.path:
+    if importlib.util.find_spec("benchlib") is None:
         sys.path.insert(0, str(BENCH_DIR))
     return importlib.import_module("benchlib" + (f".{module}" if module else ""))
 
