@@ -398,6 +398,12 @@ def _rank_of_best(x, truth):
 def render(doc: dict[str, Any]) -> str:
     c = doc["config"]
 
+    def seeds_run(doc):
+        low, high = (g(t["seeds"] for t in doc["truth"]) for g in (min, max))
+        if low == high == doc["truth_seeds"]:
+            return f"{high} seeds per sampler"
+        return f"the seeds run so far ({low}-{high} of {doc['truth_seeds']} per sampler)"
+
     def f(v, d=2, pct=False):
         if v is None:
             return "–"
@@ -408,9 +414,7 @@ def render(doc: dict[str, Any]) -> str:
              f"Store: preset `{c['preset']}` of `{Path(c['data']).name}` ({c['noise']}, {c['limit']} images), {c['model']}, "
              f"{c['epochs']} epochs at batch {c['batch_size']}, lr {c['lr']}; proxies use "
              f"E_f = {c['finetune_epochs']} epochs. Truth: each panel sampler trained from scratch, "
-             f"val top-1 against the noisy val labels, mean over the seeds run so far "
-             f"({min(t['seeds'] for t in doc['truth'])}-{max(t['seeds'] for t in doc['truth'])} "
-             f"of {doc['truth_seeds']} per sampler) "
+             f"val top-1 against the noisy val labels, mean over {seeds_run(doc)} "
              f"(seed-to-seed sd of one run: {f(doc['truth_seed_sd'], 2, True)} points). "
              "Spearman over the sensible part of the panel (inverted shapes left out) and over all of it.",
              "", "## Proxies", "",
