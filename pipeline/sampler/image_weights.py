@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from swift_sampler.storage import StoreError, query
+from swift_sampler.storage import StoreError, read_view
 from swift_sampler.storage.errors import UsageError
 
 from .filter import select
@@ -74,8 +74,8 @@ def image_tau(sampler: Sampler | str | os.PathLike, store: str | os.PathLike) ->
         SamplerFileError: an invalid sampler file.
     """
     sampler = _sampler(sampler)
-    crops = query(store, 'SELECT "index", loss, entropy_r FROM features')
-    keys = query(store, "SELECT \"index\", key FROM samples WHERE split = 'train' ORDER BY \"index\"")
+    crops = read_view(store, "feature_parts", ["index", "loss", "entropy_r"])
+    keys = read_view(store, "samples", ["index", "key"], where="split = 'train'", order_by='"index"')
     n = keys.num_rows
     index = crops.column("index").to_numpy()
     tau = sampler.tau(crops.column("loss").to_numpy(), crops.column("entropy_r").to_numpy(), precise=True)
