@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from swift_sampler.storage import available_views, query
+from swift_sampler.storage.catalog import VIEWS
 
 from ..cli import add_store_option, emit
 
@@ -13,8 +14,8 @@ def register(sub, groups) -> None:
     p = sub.add_parser(
         "sql",
         help="run a read-only SQL query over the store's views",
-        description="Run one read-only SQL query over the store. Views: samples, features, "
-        "cdf, cgf, trials, metrics (each once the stage that writes it has run).",
+        description="Run one read-only SQL query over the store. Views: "
+        f"{', '.join(VIEWS)} (each once the stage that writes it has run).",
     )
     add_store_option(p, positional=True)
     p.add_argument("query", help='SQL, e.g. "SELECT split, count(*) FROM samples GROUP BY split"')
