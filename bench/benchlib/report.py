@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import METHODS, BenchConfig
+from .config import LEGACY_SEARCH, METHODS, BenchConfig
 
 
 def spread(values: list[float | None]) -> dict[str, Any]:
@@ -65,6 +65,23 @@ def aggregate(config: BenchConfig, seeds: dict[int, dict[str, dict[str, Any]]],
     return doc
 
 
+def _search(c: dict) -> str:
+    """The search's recipe in words: trials, inner loop, seeds, score, guard."""
+    c = {**LEGACY_SEARCH, **c}  # results written before these settings existed
+    e = c["finetune_epochs"]
+    start = {
+        "final": f"{e} fine-tune epochs from w_share at {c.get('finetune_lr_fraction', 1.0):g}x the lr",
+        "early": f"{e} epochs resuming w_share's run {e} epochs before its end",
+        "scratch": f"{e} epochs from scratch",
+    }[c["inner_start"]]
+    text = (f"{c['steps']} trials x {start}{_repeats(c.get('finetune_repeats', 1))}, "
+            f"{c['trial_seeds']} seeds, scored by val {c['inner_score']}")
+    if c["guard"]:
+        text += (f"; guard: the top {c['guard_candidates']} by posterior mean and uniform re-run "
+                 f"on {c['guard_repeats']} fresh seeds")
+    return text
+
+
 def markdown(doc: dict[str, Any]) -> str:
     """The results table (and the rank check, and the figures) as Markdown."""
     c, data = doc["config"], doc["data"]
@@ -77,9 +94,7 @@ def markdown(doc: dict[str, Any]) -> str:
         f"{counts.get('val', '?'):,} noisy val / {counts.get('test', '?'):,} clean test images; "
         f"noise `{c['noise'] if not c.get('labels') else 'labels: ' + c['labels'].rsplit('/', 1)[-1]}` (realised on train {_pct(realised.get('train'))}%); every method "
         f"trains {c['epochs']} epochs at batch {c['batch_size']}, lr {c['lr']:g} "
-        f"(`{c['train_preset']}` recipe), equal optimiser steps; search {c['steps']} trials x "
-        f"{c['finetune_epochs']} fine-tune epochs at {c.get('finetune_lr_fraction', 1.0):g}x the lr"
-        f"{_repeats(c.get('finetune_repeats', 1))}, "
+        f"(`{c['train_preset']}` recipe), equal optimiser steps; search {_search(c)}, "
         f"{c['crops_per_image']} crops per image; "
         f"cleanlab {c['cleanlab_folds']}-fold; {c['seeds']} seed(s), mean ± std.", "",
         "| method | clean-test top-1 | val top-1 (noisy) | sampler gap recovered | "
@@ -96,8 +111,8 @@ def markdown(doc: dict[str, Any]) -> str:
     lines += [
         "", "Sampler gap recovered: (method − uniform) / (oracle-mask − uniform); full gap: "
         "(method − uniform) / (clean − uniform), on the means. Training cost: optimiser steps "
-        "of the method in units of one training run (search fine-tunes included); search cost: "
-        "the search's fine-tune epochs / epochs of one run. Wall time: the method's own work; "
+        "of the method in units of one training run (search trials included); search cost: "
+        "the epochs of every search trial (noise and guard re-runs included) / epochs of one run. Wall time: the method's own work; "
         "the uniform run doubles as w_share for small-loss and ss. Val top-1 is scored against the "
         "noisy val labels, the only score any choice was made on.",
     ]
