@@ -199,6 +199,13 @@ def test_tiny_benchmark_end_to_end_and_resume(shared_cifar, tmp_path, capsys):
         # 2 search trials, uniform on 2 more seeds, 1 guard candidate on those 2: 6 x 1 epoch,
         # 3 runs of 2 epochs
         assert e["search_epochs"] == 6 and e["search_cost_runs"] == pytest.approx(3.0)
+        # The full-run check: the user gets the sampler's model only if it beat w_share on val.
+        r, uniform = e["per_seed"][0], doc["methods"]["uniform"]["per_seed"][0]
+        check = r["confirm"]
+        assert check["uniform_val_top1"] == uniform["val_top1"]
+        assert check["kept"] == (check["sampler_val_top1"] > uniform["val_top1"])
+        got = check["sampler_test_top1"] if check["kept"] else uniform["test_top1"]
+        assert r["test_top1"] == got and r["val_top1"] >= uniform["val_top1"]
     v = doc["verify_ranks"]["per_seed"][0]
     assert v["samplers"] == 2 and v["tr"] in (1, 2) and (v["sr"] is None or abs(v["sr"]) <= 1)
     table = (out / "results.md").read_text()

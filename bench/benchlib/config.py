@@ -28,11 +28,11 @@ SEARCHES = {"ss": ("ss", "gp-ucb", "cgf"), "ss-cdf": ("ss-cdf", "gp-ucb", "cdf")
 # Settings only the searches depend on. Changing them re-runs the ss methods alone: the other
 # methods' results stay valid, and each fine-tune recipe gets its own search folder.
 SEARCH_KEYS = ("steps", "finetune_epochs", "finetune_lr_fraction", "finetune_repeats", "trial_seeds",
-               "inner_start", "inner_score", "guard", "guard_candidates", "guard_repeats")
+               "inner_start", "inner_score", "guard", "guard_candidates", "guard_repeats", "confirm")
 # What the search did before a setting existed: a stored result that lacks the key was made
 # this way (no guard, no noise trials, distinct seeds, fine-tune from w_share's end, top-1).
 LEGACY_SEARCH = {"trial_seeds": "distinct", "inner_start": "final", "inner_score": "top1",
-                 "guard": False, "guard_candidates": 2, "guard_repeats": 0}
+                 "guard": False, "guard_candidates": 2, "guard_repeats": 0, "confirm": False}
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,10 @@ class BenchConfig:
     guard: bool = True
     guard_candidates: int = 2
     guard_repeats: int = 2
+    # After the retraining: keep the learned sampler only if its full from-scratch run beats
+    # w_share (the uniform run of the same recipe and seed) on val; else the user gets w_share.
+    # The 3-epoch inner loop favours easy crops on clean data, which a full run does not.
+    confirm: bool = True
     crops_per_image: int = 4
     cleanlab_folds: int = 3
     workers: int = 2

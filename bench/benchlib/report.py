@@ -79,6 +79,8 @@ def _search(c: dict) -> str:
     if c["guard"]:
         text += (f"; guard: the top {c['guard_candidates']} by posterior mean and uniform re-run "
                  f"on {c['guard_repeats']} fresh seeds")
+    if c["confirm"]:
+        text += "; the retrained sampler kept only if its full run beats w_share on val"
     return text
 
 
@@ -119,6 +121,13 @@ def markdown(doc: dict[str, Any]) -> str:
     shared = {k: v["mean"] for k, v in doc.get("shared_seconds", {}).items() if v["mean"] is not None}
     if shared:
         lines.append("Shared stages: " + ", ".join(f"{k} {_duration(v)}" for k, v in shared.items()) + ".")
+    checks = [(m, r) for m, e in doc["methods"].items() for r in e.get("per_seed", [])
+              if r.get("confirm")]
+    if checks:
+        lines += ["", "Full-run check of the ss methods (val only; the row above is what the user "
+                  "gets): " + "; ".join(f"{m}, seed {r['seed']}: {r['confirm']['reason']} (the "
+                                        f"sampler's run: test {_pct(r['confirm']['sampler_test_top1'])})"
+                                        for m, r in checks) + "."]
     if "verify_ranks" in doc:
         v = doc["verify_ranks"]
         lines += ["", "## Inner-loop check (appendix A.1.1)", "",

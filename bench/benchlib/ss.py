@@ -77,7 +77,10 @@ def swift_sampler(run: SeedRun, method: str) -> dict[str, Any]:
     retrain = f"{name}-t{found['best_trial']:03d}"
     model, summary = run.train(retrain, hook=_sampler_hook(run, sampler))
     epochs = run.config.epochs
-    return {**run.scores(model), "seconds": round(found["trial_seconds"] + run.seconds(f"run:{retrain}"), 2),
+    scores, confirm = run.scores(model), None
+    if run.config.confirm:
+        scores, confirm = _confirm(run, scores)
+    return {**scores, "confirm": confirm, "seconds": round(found["trial_seconds"] + run.seconds(f"run:{retrain}"), 2),
             "search_settings": run.config.search_settings(), "run": retrain,
             "train_runs": 1.0 + found["epochs"] / epochs,
             "search_epochs": found["epochs"], "search_cost_runs": found["epochs"] / epochs,
@@ -88,6 +91,21 @@ def swift_sampler(run: SeedRun, method: str) -> dict[str, Any]:
             "sampler": sampler.parameters() | {"transform": sampler.transform},
             "kept_fraction": summary.get("kept_fraction"),
             "flipped_kept_share": summary.get("flipped_kept_share")}
+
+
+def _confirm(run: SeedRun, scores: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Keep the learned sampler's model only if it beats w_share on val (noisy val labels: the
+    only score a user has); else the result is w_share's, and the sampler's run a diagnostic.
+    Costs nothing extra: both runs are trained anyway."""
+    uniform = run.scores(run.w_share()[0])
+    kept = scores["val_top1"] > uniform["val_top1"]
+    confirm = {"kept": kept, "sampler_val_top1": scores["val_top1"],
+               "uniform_val_top1": uniform["val_top1"], "sampler_test_top1": scores["test_top1"],
+               "reason": (f"the learned sampler's full run scored {scores['val_top1']:.2%} on val "
+                          f"against w_share's {uniform['val_top1']:.2%}: "
+                          + ("kept" if kept else "the uniform sampler (w_share) is returned"))}
+    run.log(f"[seed {run.seed}] confirm: {confirm['reason']}")
+    return (scores if kept else uniform), confirm
 
 
 def verify_ranks(run: SeedRun, m: int) -> dict[str, Any]:

@@ -81,6 +81,9 @@ def register(sub, groups) -> None:
                    help="what a search trial scores on val: top-1 or mean label probability")
     p.add_argument("--no-guard", dest="guard", action="store_const", const=False, default=None,
                    help="recommend the best posterior mean without re-checking it against uniform")
+    p.add_argument("--no-confirm", dest="confirm", action="store_const", const=False, default=None,
+                   help="report the retrained sampler even when its full run does not beat "
+                        "w_share on val")
     p.add_argument("--guard-candidates", type=int, default=None, help="candidates the guard re-evaluates (preset)")
     p.add_argument("--guard-repeats", type=int, default=None, help="seeds of the guard and noise trials (preset)")
     p.add_argument("--limit", type=int, default=None, help="images taken from --data (preset)")
@@ -104,7 +107,7 @@ def run(args) -> int:
         finetune_repeats=args.finetune_repeats, trial_seeds=args.trial_seeds, labels=args.labels,
         inner_start=args.inner_start, inner_score=args.inner_score, guard=args.guard,
         guard_candidates=args.guard_candidates, guard_repeats=args.guard_repeats,
-        limit=args.limit, epochs=args.epochs,
+        confirm=args.confirm, limit=args.limit, epochs=args.epochs,
         cleanlab_folds=args.cleanlab_folds, crops_per_image=args.crops_per_image,
         workers=args.workers, progress=False if (args.no_progress or args.json) else None)
     log = (lambda msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
