@@ -307,3 +307,27 @@ def test_benchmark_takes_a_label_file_and_keeps_the_test_split_clean(shared_cifa
     test = ground_truth(stores["noisy"], "test")
     assert not test["noisy"].any()
     assert stores["noise"]["kind"] == "labels"
+
+
+def test_label_file_from_the_command_line_needs_no_noise_flag(shared_cifar, tmp_path, monkeypatch, capsys):
+    # The CLI's --noise has no default of its own: with --labels the store takes the file's
+    # labels, without it the preset's 40% symmetric noise; an explicit --noise is refused.
+    import benchlib
+
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label\n")
+    seen = []
+
+    def fake_run(config, **_):
+        seen.append(config)
+        table = tmp_path / "results.md"
+        table.write_text("")
+        return {"table": str(table)}
+
+    monkeypatch.setattr(benchlib, "run_benchmark", fake_run)
+    base = ["bench", "noisy-cifar", "--data", shared_cifar, "--tiny", "--out", str(tmp_path / "o")]
+    assert main([*base, "--labels", str(labels)]) == 0
+    assert main(base) == 0
+    assert [c.noise for c in seen] == ["none", "symmetric:0.4"] and seen[0].labels
+    assert main([*base, "--labels", str(labels), "--noise", "symmetric:0.2"]) == 2
+    assert "drop --noise symmetric:0.2" in capsys.readouterr().err

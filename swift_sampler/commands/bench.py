@@ -53,8 +53,9 @@ def register(sub, groups) -> None:
     p.add_argument("--data", default="../shared/datasets/cifar10/train",
                    help="image folder with one sub-folder per class (default ../shared/datasets/cifar10/train)")
     p.add_argument("--out", default="results/noisy-cifar", help="results folder (default results/noisy-cifar)")
-    p.add_argument("--noise", default="symmetric:0.4",
-                   help="label noise on train and val: symmetric:R, asymmetric:R or 0 (default symmetric:0.4)")
+    p.add_argument("--noise", default=None,
+                   help="label noise on train and val: symmetric:R, asymmetric:R or 0 (default "
+                        "symmetric:0.4; none with --labels)")
     p.add_argument("--preset", default="cpu-quick", choices=sorted(PRESETS),
                    help="cpu-quick (tiny-cnn, ~1 h on 2 cores), paper (ResNet-18, the paper's recipe, GPU), "
                    "tiny (seconds, for tests)")
