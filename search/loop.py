@@ -128,7 +128,8 @@ Objective = Callable[[Sampler, int], TrialResult]
 
 
 def read_trials(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a ``trials.parquet`` (empty when it does not exist), in trial order.
+    """Rows of ``STORE/searches/NAME/trials.parquet`` (empty when it does not exist), in trial
+    order, read through STORE's catalog (the store and the search name come from the path).
 
     Files written before the ``phase`` column existed read as all "search" trials.
     """
