@@ -22,7 +22,9 @@ with the guard on, the top ``guard.candidates`` points by GP posterior mean are 
 same ``r`` seeds as the uniform sampler ("guard" trials, reusing any evaluation already made on
 such a seed), and ``best_sampler.json`` is the candidate that beats uniform by more than the
 measured noise, or the uniform sampler (``choice.guard_decision``). Before the guard has run it
-is the point of highest posterior mean. Only "search" trials are told to the agent. Every step
+is the point of highest posterior mean. A full-run check of the recommended trial
+(``search.confirm``, ``confirm.json``) that did not beat ``w_share`` makes it the uniform
+sampler too. Only "search" trials are told to the agent. Every step
 is a function of the recorded trials, so a resumed search asks exactly what an uninterrupted
 one would.
 
@@ -70,6 +72,8 @@ from .choice import guard_decision, measured_noise, rank_candidates
 log = logging.getLogger(__name__)
 TRIAL_SEEDS = ("common", "distinct")
 TRIALS_FILE, SETTINGS_FILE, BEST_FILE = "trials.parquet", "search.json", "best_sampler.json"
+# The full-run check of the recommended trial (``search.confirm``), when one was run.
+CONFIRM_FILE = "confirm.json"
 PHASES = ("search", "noise", "guard")
 
 
@@ -226,7 +230,7 @@ def run_search(
                     if t["phase"] == "search":
                         bot.tell(np.asarray(t["point"], dtype=float), t["score"])
                 if trials:
-                    _write_best(folder, trials, make_sampler, name, provenance, settings, steps)
+                    write_best(folder, trials, make_sampler, name, provenance, settings, steps)
             except Exception as e:  # every rank must learn of it, or the others would hang
                 error = e
         start = broadcast(("error", str(error)) if error else ("start", len(trials)))
@@ -254,7 +258,7 @@ def run_search(
                 bot.tell(point, row["score"])
             trials.append(row)
             atomic_write_parquet(folder / TRIALS_FILE, pa.Table.from_pylist(trials, schema=TRIALS))
-            best = _write_best(folder, trials, make_sampler, name, provenance, settings, steps)
+            best = write_best(folder, trials, make_sampler, name, provenance, settings, steps)
             durations.append(seconds)
             if on_trial:
                 remaining = _remaining(trials, settings, steps)
@@ -340,13 +344,27 @@ def _remaining(trials, settings: dict[str, Any], steps: int) -> int:
 
 
 # -- the recommendation --------------------------------------------------------------------
-def recommend(trials: list[dict[str, Any]], settings: dict[str, Any], steps: int) -> dict[str, Any] | None:
+def recommend(trials: list[dict[str, Any]], settings: dict[str, Any], steps: int,
+              confirm: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """What ``best_sampler.json`` holds: ``{"trial", "point", "score", "choice", ...}``.
 
     ``choice``: "guard" (a candidate that beat uniform on common seeds), "uniform" (the guard
-    found none), "posterior-mean" (the guard is off or has not run yet) or "raw" (fewer than
-    three finished trials: no GP yet).
+    found none, or the full-run check ``confirm`` of this very trial did not beat ``w_share``),
+    "posterior-mean" (the guard is off or has not run yet) or "raw" (fewer than three finished
+    trials: no GP yet). A ``confirm`` of another trial (the search has moved on) is ignored.
     """
+    rec = _recommend(trials, settings, steps)
+    if rec is None or confirm is None or rec["choice"] == "uniform" or confirm.get("trial") != rec["trial"]:
+        return rec
+    rec = {**rec, "confirm": confirm}
+    if confirm.get("kept"):
+        return rec
+    first = _evaluation(trials, settings["baseline"], _seed_of(settings, 0))
+    return {**rec, "trial": int(first["trial"]), "point": list(settings["baseline"]),
+            "score": float(first["score"]), "choice": "uniform"}
+
+
+def _recommend(trials: list[dict[str, Any]], settings: dict[str, Any], steps: int) -> dict[str, Any] | None:
     raw = best_trial(trials)
     if raw is None:
         return None
@@ -401,7 +419,7 @@ def summarize(store: str | Path, name: str) -> dict[str, Any]:
                          "`swift-sampler search run` first")
     settings = _settings_with_defaults(read_settings(store, name) or {})
     steps = int(settings.get("steps") or sum(t["phase"] == "search" for t in trials))
-    rec = recommend(trials, settings, steps)
+    rec = recommend(trials, settings, steps, read_confirm(folder))
     return {
         "search": name,
         "trials": len(trials),
@@ -415,6 +433,7 @@ def summarize(store: str | Path, name: str) -> dict[str, Any]:
         "posterior_best_trial": rec.get("posterior_best_trial") if rec else None,
         "noise_sd": rec["noise_sd"] if rec else None,
         "guard": rec.get("guard") if rec else None,
+        "confirm": rec.get("confirm") if rec else None,
         "best_sampler": str(folder / BEST_FILE) if rec else None,
         "trials_path": str(folder / TRIALS_FILE),
     }
@@ -448,8 +467,15 @@ def _settings_with_defaults(settings: dict[str, Any]) -> dict[str, Any]:
             "baseline": None, **settings}
 
 
-def _write_best(folder: Path, trials, make_sampler, name: str, provenance, settings, steps) -> dict[str, Any] | None:
-    rec = recommend(trials, settings, steps)
+def read_confirm(folder: Path) -> dict[str, Any] | None:
+    """The recorded full-run check of search folder ``folder`` (None if none was run)."""
+    path = Path(folder) / CONFIRM_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_best(folder: Path, trials, make_sampler, name: str, provenance, settings, steps) -> dict[str, Any] | None:
+    """Rewrite ``best_sampler.json`` from the recorded trials (and full-run check); its trial row."""
+    rec = recommend(trials, settings, steps, read_confirm(folder))
     if rec is not None:
         sampler = make_sampler(np.asarray(rec["point"], dtype=np.float64))
         save_sampler(folder / BEST_FILE, sampler,

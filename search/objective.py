@@ -276,7 +276,7 @@ class FinetuneObjective:
             image_size=r["image_size"], val_split="", device=self.device,
             save_checkpoints=False, keep_checkpoints=0, progress=False, **where)
         epochs: list[dict[str, Any]] = []
-        result = fit(config, sampler=self._hook(sampler, seed), on_epoch_end=epochs.append)
+        result = fit(config, sampler=self.hook(sampler, seed), on_epoch_end=epochs.append)
 
         def mean(key: str) -> float:
             vals = [m[key] for m in epochs if m.get(key) is not None]
@@ -342,19 +342,22 @@ class FinetuneObjective:
             extra={"scores": scores, "true_top1": _nanmean(true_scores),
                    "seconds": time.perf_counter() - t0})
 
-    def _hook(self, sampler: Sampler, seed: int) -> SamplerHook:
+    def hook(self, sampler: Sampler, seed: int, describe: dict[str, Any] | None = None) -> SamplerHook:
+        """The loader's sampler stage for ``sampler`` with this objective's feature source."""
         create_sampler_hook = self.hook_factory
         if create_sampler_hook is None:
             from swift_sampler.train.sampling import create_sampler_hook
         if self.recipe["features"] == "store":
-            return create_sampler_hook(self.store, sampler, features="store", seed=int(seed))
+            return create_sampler_hook(self.store, sampler, features="store", seed=int(seed),
+                                       describe=describe)
         device = _dist(self.device).device
         if self._frozen is None:
             from swift_sampler.train.checkpoint import load_model
 
             self._frozen, _ = load_model(self.checkpoint, device)
         return create_sampler_hook(self.store, sampler, features="online", scorer=self._frozen,
-                                   batch_size=self.recipe["batch_size"], device=device, seed=int(seed))
+                                   batch_size=self.recipe["batch_size"], device=device, seed=int(seed),
+                                   describe=describe)
 
 
 def _nanmean(values: list[float]) -> float:

@@ -16,8 +16,9 @@ from swift_sampler.pipeline.sampler.function import Sampler
 from swift_sampler.pipeline.sampler.table_store import load_tables
 
 from .agents import create_agent
+from .confirm import full_run_check, full_run_recipe
 from .design import DESIGN_VERSION, initial_design
-from .loop import GuardSettings, read_trials, run_search
+from .loop import GuardSettings, read_trials, run_search, summarize
 from .objective import FinetuneObjective, FinetuneSettings
 
 
@@ -35,6 +36,8 @@ def search(
     guard: GuardSettings | None = None,
     workers: int = 2,
     device: str | None = None,
+    confirm: bool = False,
+    progress: bool = False,
     on_trial: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
     is_main: bool = True,
     broadcast: Callable[[Any], Any] = lambda x: x,
@@ -45,13 +48,19 @@ def search(
     sampler, steps in ``t``, a soft ramp), then Sobol' points, then the agent's; each trial runs
     the inner loop (``finetune``) with the proposed sampler and scores it on val. The uniform
     sampler is re-evaluated on ``guard.repeats`` seeds to measure the noise, and the guard
-    compares the best candidates with it (``loop.GuardSettings``). Returns ``loop.summarize``'s
-    dict plus ``epochs``, the inner-loop epochs spent by every trial (the search's cost), and
+    compares the best candidates with it (``loop.GuardSettings``). With ``confirm``, the
+    recommended sampler is then trained as ``w_share`` was and kept only if it beats it on val
+    (``confirm.full_run_check``: one training run more; ``progress`` shows its bars). Returns ``loop.summarize``'s
+    dict plus ``model`` (the checkpoint to use with the recommendation: ``checkpoint`` itself
+    for the uniform sampler, the full-run check's run for a kept sampler, else None),
+    ``epochs``, the inner-loop epochs spent by every trial (the search's cost), and
     ``trial_seconds``, the wall time of those trials (every session of the search together);
     ``{"search": name}`` on ranks other than 0.
     """
     objective = FinetuneObjective(store, checkpoint, finetune or FinetuneSettings(),
                                   workers=workers, device=device)
+    if confirm:  # refuse now what the check would refuse after the whole search
+        full_run_recipe(objective.info["checkpoint"], checkpoint)
     tables = load_tables(store)
     design = tuple(initial_design(tables, transform))
     params = create_agent(agent, seed=seed, initial_points=design).get_params()
@@ -65,14 +74,30 @@ def search(
     def make_sampler(z) -> Sampler:
         return Sampler.from_point(z, tables, transform)
 
+    provenance = {"store_id": info["store_id"],
+                  "features_checkpoint_sha256": info["features_checkpoint_sha256"]}
     summary = run_search(
         store, name, objective, make_sampler, settings=settings, steps=steps, agent=agent,
         seed=seed, initial_points=design, trial_seeds=trial_seeds, guard=guard,
-        provenance={"store_id": info["store_id"],
-                    "features_checkpoint_sha256": info["features_checkpoint_sha256"]},
-        on_trial=on_trial, is_main=is_main, broadcast=broadcast)
+        provenance=provenance, on_trial=on_trial, is_main=is_main, broadcast=broadcast)
+    if confirm:
+        full_run_check(store, name, objective, make_sampler, provenance=provenance,
+                       progress=progress, is_main=is_main, broadcast=broadcast)
+        if is_main:
+            summary = summarize(store, name)
     if not is_main:  # the files are rank 0's
         return summary
     trials = read_trials(Path(summary["trials_path"]))
-    return {**summary, "epochs": int(sum(t["epochs"] for t in trials)),
+    # The full-run check's run is the model a kept sampler comes with, not search cost.
+    return {**summary, "model": _model_to_use(summary, checkpoint),
+            "epochs": int(sum(t["epochs"] for t in trials)),
             "trial_seconds": round(sum(float(t["seconds"] or 0.0) for t in trials), 2)}
+
+
+def _model_to_use(summary: dict[str, Any], checkpoint: str | Path) -> str | None:
+    """The checkpoint that goes with the recommendation: w_share for the uniform sampler, the
+    full-run check's run for a kept one; None before a recommended sampler was trained."""
+    if summary.get("choice") == "uniform":
+        return str(checkpoint)
+    confirm = summary.get("confirm") or {}
+    return confirm.get("checkpoint") if confirm.get("kept") else None

@@ -76,17 +76,20 @@ def build_features(store: PathLike, checkpoint: PathLike, **options: Any) -> dic
 
 
 def learn_sampler(store: PathLike, checkpoint: PathLike, *, name: str = "ss", steps: int = 40,
-                  **options: Any) -> dict[str, Any]:
+                  confirm: bool = True, **options: Any) -> dict[str, Any]:
     """Search the 10 parameters (GP-UCB; resumable) and write ``best_sampler.json``.
 
     Options as ``search.run.search``: ``agent``, ``transform``, ``seed``, ``finetune``
     (``FinetuneSettings``), ``trial_seeds``, ``guard`` (``GuardSettings``), ``workers`` ...
-    The summary's ``best_sampler`` is the recommended sampler file and ``choice`` says how it
-    was chosen (``guard``, ``uniform``, ``posterior-mean``).
+    With ``confirm`` (as ``search run`` without ``--no-confirm``) the recommended sampler is
+    trained from scratch with ``checkpoint``'s recipe and kept only if it beats it on val; the
+    summary's ``confirm`` holds the verdict and that run's checkpoint. ``best_sampler`` is the
+    recommended sampler file and ``choice`` says how it was chosen (``guard``, ``uniform``,
+    ``posterior-mean``).
     """
     from swift_sampler.search.run import search
 
-    return search(store, checkpoint, name=name, steps=steps, **options)
+    return search(store, checkpoint, name=name, steps=steps, confirm=confirm, **options)
 
 
 def load_sampler(path: Sampler | PathLike) -> Sampler:

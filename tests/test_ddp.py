@@ -105,3 +105,6 @@ def test_search_run_under_torchrun_through_the_cli(tmp_path):
     assert len(lines) == 1  # rank 0 alone prints the summary
     assert lines[0]["search_trials"] == 2 and lines[0]["trials"] == 2 + 2 + 2
     assert lines[0]["choice"] in ("guard", "uniform")
+    # Checked by a full run under torchrun (unless the guard chose uniform): a model either way.
+    assert lines[0]["model"] == (lines[0]["confirm"] or {}).get("checkpoint", ckpt) or \
+        lines[0]["model"] == ckpt

@@ -240,7 +240,7 @@ SEARCH_STEPS = 4
 def _search_cmd(store: Path, ckpt: Path, name: str) -> tuple:
     return ("search", "run", "--store", store, "--checkpoint", ckpt, "--name", name,
             "--steps", str(SEARCH_STEPS), "--finetune-epochs", "1", "--agent", "random",
-            "--seed", "2", "--workers", "1", "--no-guard", "--guard-repeats", "0",
+            "--seed", "2", "--workers", "1", "--no-guard", "--guard-repeats", "0", "--no-confirm",
             # make_checkpoint is no training run: no checkpoints of earlier epochs to start from
             "--start", "final", "--json")
 

@@ -109,6 +109,9 @@ def test_search_run_end_to_end_writes_a_valid_sampler(store, tmp_path, capsys):
     assert summary["trials"] == 9 and summary["search_trials"] == 3
     assert out[0].split()[:3] == ["trial", "score", "best"]
     assert summary["choice"] in ("guard", "uniform") and summary["guard"]["seeds"] == [1, 2]
+    # The full-run check ran on the guard's winner, or there was nothing to check.
+    assert (summary["confirm"] is None) == (summary["guard"]["winner"] is None)
+    assert summary["model"] is not None
     sampler, prov = load_sampler(summary["best_sampler"])
     check_provenance(prov, work)
     rows = read_trials(summary["trials_path"])

@@ -22,7 +22,10 @@ def register(sub, groups) -> None:
         "--guard-repeats seeds to measure the score's noise; the recommendation "
         "(best_sampler.json) is the tried sampler of highest GP posterior mean, and, unless "
         "--no-guard, only if it beats the uniform sampler on common seeds by more than that "
-        "noise; otherwise it is the uniform sampler.",
+        "noise; otherwise it is the uniform sampler. Then, unless --no-confirm, the recommended "
+        "sampler is trained from scratch with w_share's recipe (STORE/runs/NAME-confirm-tNNN, "
+        "one training run) and kept only if that run beats w_share on val: a short inner loop "
+        "can prefer a sampler that learns fast and ends worse.",
     )
     p.add_argument("--store", required=True, help="store directory with features and tables")
     p.add_argument("--checkpoint", required=True, help="w_share: the checkpoint the features were built from")
@@ -59,6 +62,9 @@ def register(sub, groups) -> None:
     p.add_argument("--guard-repeats", type=int, default=3,
                    help="seeds on which uniform and the candidates are compared; also measures "
                    "the noise (default: 3)")
+    p.add_argument("--no-confirm", dest="confirm", action="store_false",
+                   help="skip the full-run check (the recommendation is then the guard's, "
+                   "checked at the inner loop's horizon only)")
     p.add_argument("--workers", type=int, default=2, help="loader workers per rank (default: 2)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if present)")
     add_json_flag(p)
@@ -107,7 +113,7 @@ def run_search_command(args) -> int:
             args.store, args.checkpoint, name=args.name, steps=args.steps, agent=args.agent,
             transform=args.transform, seed=args.seed, finetune=settings,
             trial_seeds=args.trial_seeds, guard=guard, workers=args.workers, device=args.device,
-            on_trial=table.row, is_main=dist.is_main,
+            confirm=args.confirm, progress=not args.json, on_trial=table.row, is_main=dist.is_main,
             broadcast=lambda obj: broadcast_object(obj, dist))
     finally:
         shutdown()
@@ -122,11 +128,15 @@ def run_search_command(args) -> int:
 
 def _verdict(summary: dict) -> str:
     guard = summary.get("guard") or {}
+    confirm = summary.get("confirm") or {}
     why = f" ({guard['reason']})" if guard.get("reason") else ""
+    check = ""
+    if confirm:
+        check = f"\nfull-run check: {confirm['reason']}; its model: {confirm['checkpoint']}"
     if summary.get("choice") == "uniform":
-        return f"recommended: the uniform sampler{why}; sampler {summary['best_sampler']}"
+        return f"recommended: the uniform sampler{why}; sampler {summary['best_sampler']}{check}"
     return (f"recommended: trial {summary['best_trial']} ({summary.get('choice')}), val top-1 "
-            f"{_pct(summary['best_score'])}{why}; sampler {summary['best_sampler']}")
+            f"{_pct(summary['best_score'])}{why}; sampler {summary['best_sampler']}{check}")
 
 
 class _LiveTable:

@@ -1,0 +1,164 @@
+"""The full-run check: train the recommended sampler as ``w_share`` was trained, keep it only if
+it beats ``w_share`` on val.
+
+The inner loop and the guard compare samplers after a few epochs. On clean data a short run
+learns fastest from the easy crops, so both may prefer a sampler that drops the hard ones and
+then costs points at the full horizon (cpu-quick CIFAR-10, 0% noise: +2.9 points after 3 epochs,
+-2.3 after 12; ``results/noisy-cifar-0-guard``). The one comparison without that bias is the
+full run itself, which a user trains anyway. So the recommended sampler is trained from
+scratch with ``w_share``'s own recipe and seed (common random numbers: same data order and
+augmentation), both models are scored on val (its labels as they are: the only score a user
+has), and the sampler is kept only if its run scores higher. Otherwise ``best_sampler.json``
+becomes the uniform sampler, and ``w_share`` is the model to use.
+
+The run is ``STORE/runs/SEARCH-confirm-tNNN`` (NNN: the recommended trial). It is resumable
+like any run, and the verdict is ``searches/SEARCH/confirm.json``; ``loop.recommend`` reads it,
+so every later summary and rewrite of ``best_sampler.json`` honours it. A search extended
+until it recommends another trial is checked again. The cost is one training run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from swift_sampler.pipeline.sampler.function import Sampler
+from swift_sampler.storage import StoreError, StoreLayout, atomic_write_json
+from swift_sampler.storage.errors import UsageError
+
+from .loop import CONFIRM_FILE, read_confirm, read_settings, read_trials, recommend, write_best
+
+log = logging.getLogger(__name__)
+
+# What defines w_share's training run, copied from its checkpoint's resolved config; the rest
+# (store, name, device, workers, resume ...) belongs to the run being started.
+RECIPE_FIELDS = ("model", "epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay",
+                 "schedule", "milestones", "gamma", "warmup", "label_smoothing", "seed",
+                 "shuffle_buffer", "image_size", "val_split", "amp", "channels_last")
+
+
+def confirm_run_name(search: str, trial: int) -> str:
+    return f"{search}-confirm-t{int(trial):03d}"
+
+
+def full_run_recipe(checkpoint_meta: dict[str, Any], checkpoint: str | Path) -> dict[str, Any]:
+    """``w_share``'s training recipe from its checkpoint's metadata.
+
+    Raises:
+        UsageError: the checkpoint records no training configuration (not made by ``train``).
+    """
+    config = checkpoint_meta.get("config") or {}
+    missing = [k for k in ("model", "epochs", "lr", "schedule") if k not in config]
+    if missing:
+        raise UsageError(f"{checkpoint} records no training recipe ({', '.join(missing)} missing), "
+                         "so the full-run check cannot train the sampler as w_share was trained; "
+                         "pass --no-confirm, or use a w_share trained by `swift-sampler train`")
+    return {k: config[k] for k in RECIPE_FIELDS if k in config}
+
+
+def full_run_check(store: str | Path, name: str, objective, make_sampler: Callable[[np.ndarray], Sampler],
+                   *, provenance: dict[str, Any] | None = None, progress: bool = False, is_main: bool = True,
+                   broadcast: Callable[[Any], Any] = lambda x: x) -> dict[str, Any] | None:
+    """Check search ``name``'s recommendation by a full run (see the module docstring).
+
+    Args:
+        objective: the search's ``FinetuneObjective`` (its checkpoint is ``w_share``; its val
+            scoring and feature source are reused).
+        make_sampler: the search's point -> ``Sampler`` map.
+        provenance: as for ``loop.run_search`` (goes into a rewritten ``best_sampler.json``).
+
+    Returns:
+        The verdict (``confirm.json``'s content) on rank 0: ``trial``, ``run``, ``checkpoint``,
+        ``sampler_val_top1``, ``uniform_val_top1``, ``kept``, ``reason``, ``epochs``,
+        ``seconds``; None when the search recommends the uniform sampler (nothing to check).
+        Other ranks return None.
+    """
+    from swift_sampler.train.checkpoint import load_model
+    from swift_sampler.train.distributed import init_distributed
+    from swift_sampler.train.presets import resolve_config
+    from swift_sampler.train.trainer import fit
+
+    folder = StoreLayout(store).search(name)
+    task = broadcast(_task(store, name) if is_main else None)
+    if task[0] == "error":
+        raise StoreError(task[1])
+    if task[0] == "done":
+        return task[1] if is_main else None
+    trial, point = int(task[1]), np.asarray(task[2], dtype=np.float64)
+    recipe = full_run_recipe(objective.info["checkpoint"], objective.checkpoint)
+    run = confirm_run_name(name, trial)
+    describe = {"search": name, "trial": trial, "point": [float(x) for x in point]}
+    error = _check_existing_run(StoreLayout(store).run(run), describe, recipe) if is_main else None
+    error = broadcast(error)
+    if error:
+        raise StoreError(error)
+    if is_main:
+        log.info("full-run check: training %s (%d epochs, w_share's recipe) with trial %d's sampler",
+                 run, recipe["epochs"], trial)
+    t0 = time.perf_counter()
+    config = resolve_config(objective.store, name=run, resume=True, workers=objective.workers,
+                            device=objective.device, progress=progress and is_main,
+                            keep_checkpoints=0, **recipe)
+    result = fit(config, sampler=objective.hook(make_sampler(point), recipe.get("seed", 0), describe))
+    sampler_val = objective.score(result.model)["top1"]
+    w_share, _ = load_model(objective.checkpoint, init_distributed(objective.device).device)
+    uniform_val = objective.score(w_share)["top1"]
+    kept = sampler_val > uniform_val
+    verdict = {
+        "trial": trial, "run": run, "checkpoint": result.summary["checkpoint"],
+        "sampler_val_top1": sampler_val, "uniform_val_top1": uniform_val, "kept": bool(kept),
+        "epochs": int(recipe["epochs"]), "seconds": round(time.perf_counter() - t0, 2),
+        "reason": (f"trained {recipe['epochs']} epochs with the recommended sampler, val top-1 "
+                   f"{sampler_val:.2%} against w_share's {uniform_val:.2%}: "
+                   + ("kept" if kept else "the uniform sampler (w_share) is recommended instead")),
+    }
+    if not is_main:
+        return None
+    atomic_write_json(folder / CONFIRM_FILE, verdict)
+    settings = read_settings(store, name)
+    write_best(folder, read_trials(folder / "trials.parquet"), make_sampler, name,
+               provenance, settings, int(settings["steps"]))
+    return verdict
+
+
+def _task(store: str | Path, name: str) -> tuple:
+    """("check", trial, point), or ("done", verdict or None), or ("error", message)."""
+    folder = StoreLayout(store).search(name)
+    settings = read_settings(store, name)
+    trials = read_trials(folder / "trials.parquet")
+    if settings is None or not trials:
+        return ("error", f"search {name!r} has no finished trials in {folder}; nothing to check")
+    if settings.get("baseline") is None:
+        return ("error", f"search {name!r} has no uniform baseline to fall back to; "
+                         "the full-run check needs a search made by `search run`")
+    rec = recommend(trials, settings, int(settings["steps"]))
+    if rec is None or rec["choice"] == "uniform":
+        return ("done", None)
+    done = read_confirm(folder)
+    if done is not None and done.get("trial") == rec["trial"]:
+        return ("done", done)
+    return ("check", int(rec["trial"]), list(rec["point"]))
+
+
+def _check_existing_run(run_dir: Path, describe: dict[str, Any], recipe: dict[str, Any]) -> str | None:
+    """A run folder of that name made with another sampler or recipe is not resumed."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return None
+    config = json.loads(path.read_text())
+    differs = [k for k in ("epochs", "lr", "seed", "model") if config.get(k) != recipe.get(k)]
+    if config.get("sampler") != describe:
+        differs.append("sampler")
+    if differs:
+        return (f"run {run_dir} exists with another {', '.join(differs)} than the full-run check "
+                f"would train; remove that folder to check the search again")
+    return None
+
+
+__all__ = ["RECIPE_FIELDS", "confirm_run_name", "full_run_check", "full_run_recipe"]

@@ -1,0 +1,121 @@
+"""The full-run check: the recorded verdict decides the recommendation; a real check on digits
+trains once, compares with w_share on val, resumes, and refuses a foreign run folder."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import swift_sampler
+from swift_sampler.pipeline.sampler.file import load_sampler
+from swift_sampler.pipeline.sampler.function import uniform_sampler
+from swift_sampler.search import FinetuneSettings, GuardSettings
+from swift_sampler.search.confirm import confirm_run_name, full_run_recipe
+from swift_sampler.search.loop import CONFIRM_FILE, read_settings, read_trials, recommend, summarize
+from swift_sampler.storage import StoreError, StoreLayout
+from swift_sampler.storage.errors import UsageError
+from test_search_loop import FakeObjective, make_store, search
+
+
+def _toy_search(tmp_path, tables):
+    store = make_store(tmp_path / "store")
+    search(store, "s", FakeObjective(), tables, steps=6, trial_seeds="common",
+           guard=GuardSettings(enabled=False, repeats=2))
+    folder = StoreLayout(store).search("s")
+    return store, folder, read_trials(folder / "trials.parquet"), read_settings(store, "s")
+
+
+def test_a_failed_check_of_the_recommended_trial_recommends_uniform(tmp_path, tables):
+    store, folder, trials, settings = _toy_search(tmp_path, tables)
+    plain = recommend(trials, settings, 6)
+    assert plain["choice"] == "posterior-mean" and plain["trial"] != 0
+    kept = recommend(trials, settings, 6, {"trial": plain["trial"], "kept": True})
+    assert kept["trial"] == plain["trial"] and kept["choice"] == "posterior-mean"
+    assert kept["confirm"]["kept"] is True
+    failed = recommend(trials, settings, 6, {"trial": plain["trial"], "kept": False})
+    assert failed["choice"] == "uniform" and failed["trial"] == 0
+    np.testing.assert_allclose(failed["point"], settings["baseline"])
+    # A verdict on another trial (the search moved on since) does not count.
+    assert recommend(trials, settings, 6, {"trial": plain["trial"] + 1, "kept": False}) == plain
+
+    # The verdict on file is honoured by the summary (what `search show` and the API report).
+    (folder / CONFIRM_FILE).write_text(json.dumps({"trial": plain["trial"], "kept": False}))
+    summary = summarize(store, "s")
+    assert summary["choice"] == "uniform" and summary["best_trial"] == 0
+    assert summary["confirm"] == {"trial": plain["trial"], "kept": False}
+
+
+def test_a_checkpoint_without_a_recipe_is_refused_with_a_way_out():
+    with pytest.raises(UsageError, match="--no-confirm"):
+        full_run_recipe({"model_name": "digits-net"}, "ckpt.pt")
+    recipe = full_run_recipe({"config": {"model": "m", "epochs": 3, "lr": 0.1, "schedule": "cosine",
+                                         "store": "x", "name": "w", "workers": 9}}, "ckpt.pt")
+    assert recipe == {"model": "m", "epochs": 3, "lr": 0.1, "schedule": "cosine"}
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    store = tmp_path_factory.mktemp("confirm") / "store"
+    swift_sampler.ingest("digits", store, noise="symmetric:0.4", val_frac=0.2, test_frac=0.2,
+                         shard_size=400, progress=False)
+    ckpt = swift_sampler.train_model(store, "w_share", epochs=2, workers=0, progress=False)["checkpoint"]
+    swift_sampler.build_features(store, ckpt, crops_per_image=2, progress=False, device="cpu")
+    return store, ckpt
+
+
+def _learn(store, ckpt, name="c"):
+    # Without the guard the recommendation is a searched sampler, so the check has work to do.
+    return swift_sampler.learn_sampler(store, ckpt, name=name, steps=3, workers=0,
+                                       finetune=FinetuneSettings(epochs=1),
+                                       guard=GuardSettings(enabled=False, repeats=2))
+
+
+def test_full_run_check_trains_once_compares_on_val_and_resumes(digits):
+    store, ckpt = digits
+    found = _learn(store, ckpt)
+    check = found["confirm"]
+    searched = found["raw_best_trial"] if check is None else check["trial"]
+    assert check is not None and check["run"] == confirm_run_name("c", searched)
+    run = StoreLayout(store).run(check["run"])
+    config = json.loads((run / "config.json").read_text())
+    w_config = json.loads((StoreLayout(store).run("w_share") / "config.json").read_text())
+    for key in ("model", "epochs", "lr", "schedule", "seed", "batch_size"):  # w_share's recipe
+        assert config[key] == w_config[key]
+    assert config["sampler"]["trial"] == check["trial"]
+    # The verdict is the comparison of the two models' val top-1, as `evaluate` measures it.
+    sampler_val = swift_sampler.evaluate(store, check["checkpoint"], "val", workers=0)["top1"]
+    uniform_val = swift_sampler.evaluate(store, ckpt, "val", workers=0)["top1"]
+    assert check["sampler_val_top1"] == pytest.approx(sampler_val)
+    assert check["uniform_val_top1"] == pytest.approx(uniform_val)
+    assert check["kept"] == (sampler_val > uniform_val)
+    sampler, prov = load_sampler(found["best_sampler"])
+    if check["kept"]:
+        assert found["choice"] == "posterior-mean" and found["model"] == check["checkpoint"]
+        assert prov["trial"] == check["trial"]
+    else:
+        assert found["choice"] == "uniform" and found["model"] == str(ckpt)
+        np.testing.assert_allclose(sampler.to_point(), uniform_sampler().to_point())
+
+    # Again: nothing is trained. Without the verdict file: the finished run is resumed, not redone.
+    stamp = (run / "summary.json").stat().st_mtime_ns
+    assert _learn(store, ckpt)["confirm"] == check
+    assert (run / "summary.json").stat().st_mtime_ns == stamp
+    (StoreLayout(store).search("c") / CONFIRM_FILE).unlink()
+    again = _learn(store, ckpt)["confirm"]
+    assert {k: v for k, v in again.items() if k != "seconds"} == \
+        {k: v for k, v in check.items() if k != "seconds"}
+    assert json.loads((run / "summary.json").read_text())["start_epoch"] == config["epochs"]
+
+
+def test_a_run_folder_of_another_sampler_is_not_resumed(digits):
+    store, ckpt = digits
+    found = _learn(store, ckpt, name="d")
+    run = StoreLayout(store).run(found["confirm"]["run"])
+    (StoreLayout(store).search("d") / CONFIRM_FILE).unlink()
+    config = json.loads((run / "config.json").read_text())
+    config["sampler"]["point"][0] += 0.125
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(StoreError, match="exists with another sampler"):
+        _learn(store, ckpt, name="d")
