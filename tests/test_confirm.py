@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from test_search_loop import FakeObjective, make_store, search
 
 import swift_sampler
 from swift_sampler.pipeline.sampler.file import load_sampler
@@ -16,7 +17,6 @@ from swift_sampler.search.confirm import confirm_run_name, full_run_recipe
 from swift_sampler.search.loop import CONFIRM_FILE, read_settings, read_trials, recommend, summarize
 from swift_sampler.storage import StoreError, StoreLayout
 from swift_sampler.storage.errors import UsageError
-from test_search_loop import FakeObjective, make_store, search
 
 
 def _toy_search(tmp_path, tables):
