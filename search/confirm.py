@@ -82,7 +82,7 @@ def full_run_check(store: str | Path, name: str, objective, make_sampler: Callab
     from swift_sampler.train.checkpoint import load_model
     from swift_sampler.train.distributed import init_distributed
     from swift_sampler.train.presets import resolve_config
-    from swift_sampler.train.trainer import fit
+    from swift_sampler.train.trainer import TrainingDiverged, fit
 
     folder = StoreLayout(store).search(name)
     task = broadcast(_task(store, name) if is_main else None)
@@ -105,17 +105,22 @@ def full_run_check(store: str | Path, name: str, objective, make_sampler: Callab
     config = resolve_config(objective.store, name=run, resume=True, workers=objective.workers,
                             device=objective.device, progress=progress and is_main,
                             keep_checkpoints=0, **recipe)
-    result = fit(config, sampler=objective.hook(make_sampler(point), recipe.get("seed", 0), describe))
-    sampler_val = objective.score(result.model)["top1"]
     w_share, _ = load_model(objective.checkpoint, init_distributed(objective.device).device)
     uniform_val = objective.score(w_share)["top1"]
-    kept = sampler_val > uniform_val
+    try:
+        result = fit(config, sampler=objective.hook(make_sampler(point), recipe.get("seed", 0), describe))
+    except TrainingDiverged as e:  # a sampler whose full run diverges is not handed to anyone
+        sampler_val, checkpoint, outcome = None, None, f"diverged ({e})"
+    else:
+        sampler_val, checkpoint = objective.score(result.model)["top1"], result.summary["checkpoint"]
+        outcome = f"val top-1 {sampler_val:.2%}"
+    kept = sampler_val is not None and sampler_val > uniform_val
     verdict = {
-        "trial": trial, "run": run, "checkpoint": result.summary["checkpoint"],
+        "trial": trial, "run": run, "checkpoint": checkpoint,
         "sampler_val_top1": sampler_val, "uniform_val_top1": uniform_val, "kept": bool(kept),
         "epochs": int(recipe["epochs"]), "seconds": round(time.perf_counter() - t0, 2),
-        "reason": (f"trained {recipe['epochs']} epochs with the recommended sampler, val top-1 "
-                   f"{sampler_val:.2%} against w_share's {uniform_val:.2%}: "
+        "reason": (f"trained {recipe['epochs']} epochs with the recommended sampler, {outcome} "
+                   f"against w_share's {uniform_val:.2%}: "
                    + ("kept" if kept else "the uniform sampler (w_share) is recommended instead")),
     }
     if not is_main:

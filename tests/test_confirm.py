@@ -119,3 +119,21 @@ def test_a_run_folder_of_another_sampler_is_not_resumed(digits):
     (run / "config.json").write_text(json.dumps(config))
     with pytest.raises(StoreError, match="exists with another sampler"):
         _learn(store, ckpt, name="d")
+
+
+def test_a_sampler_whose_full_run_diverges_is_not_recommended(digits, monkeypatch):
+    from swift_sampler.train import trainer
+
+    store, ckpt = digits
+    _learn(store, ckpt, name="e")
+    (StoreLayout(store).search("e") / CONFIRM_FILE).unlink()
+
+    def diverge(*args, **kwargs):
+        raise trainer.TrainingDiverged("loss became nan at epoch 1")
+
+    monkeypatch.setattr(trainer, "fit", diverge)
+    found = _learn(store, ckpt, name="e")
+    assert found["confirm"]["kept"] is False and "diverged" in found["confirm"]["reason"]
+    assert found["choice"] == "uniform" and found["model"] == str(ckpt)
+    sampler, _ = load_sampler(found["best_sampler"])
+    np.testing.assert_allclose(sampler.to_point(), uniform_sampler().to_point())

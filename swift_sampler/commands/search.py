@@ -132,7 +132,9 @@ def _verdict(summary: dict) -> str:
     why = f" ({guard['reason']})" if guard.get("reason") else ""
     check = ""
     if confirm:
-        check = f"\nfull-run check: {confirm['reason']}; its model: {confirm['checkpoint']}"
+        check = f"\nfull-run check: {confirm['reason']}"
+    if summary.get("model"):
+        check += f"\nmodel to use: {summary['model']}"
     if summary.get("choice") == "uniform":
         return f"recommended: the uniform sampler{why}; sampler {summary['best_sampler']}{check}"
     return (f"recommended: trial {summary['best_trial']} ({summary.get('choice')}), val top-1 "
