@@ -19,7 +19,7 @@ from benchlib.config import (
     resolve_bench,
 )
 from benchlib.methods import small_loss_weights
-from benchlib.report import gap_share, spread
+from benchlib.report import gap_share, paired_gap_share, spread
 from benchlib.ss import rank_agreement
 from benchlib.weights import ImageWeights, SubsetCrops
 from swift_sampler.cli import main
@@ -106,6 +106,11 @@ def test_rank_agreement_matches_a_slow_reference():
 def test_gap_share_and_spread():
     assert gap_share(0.74, 0.70, 0.78) == pytest.approx(0.5)
     assert gap_share(0.7, 0.7, 0.7) is None and gap_share(None, 0.7, 0.8) is None
+    # Seed 1 lacks the reference: the share is taken on seed 0 alone, where all three ran.
+    runs = {0: {"m": {"test_top1": 0.74}, "u": {"test_top1": 0.70}, "o": {"test_top1": 0.78}},
+            1: {"m": {"test_top1": 0.90}, "u": {"test_top1": 0.60}}}
+    assert paired_gap_share(runs, "m", "u", "o") == pytest.approx(0.5)
+    assert paired_gap_share({1: runs[1]}, "m", "u", "o") is None
     s = spread([0.70, 0.72, None, float("nan")])
     assert s["n"] == 2 and s["mean"] == pytest.approx(0.71) and s["std"] == pytest.approx(np.std([0.7, 0.72], ddof=1))
     assert spread([0.5])["std"] is None
