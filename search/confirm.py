@@ -63,7 +63,8 @@ def full_run_recipe(checkpoint_meta: dict[str, Any], checkpoint: str | Path) -> 
 
 
 def full_run_check(store: str | Path, name: str, objective, make_sampler: Callable[[np.ndarray], Sampler],
-                   *, provenance: dict[str, Any] | None = None, progress: bool = False, is_main: bool = True,
+                   *, provenance: dict[str, Any] | None = None, progress: bool = False,
+                   announce: Callable[[str], None] | None = None, is_main: bool = True,
                    broadcast: Callable[[Any], Any] = lambda x: x) -> dict[str, Any] | None:
     """Check search ``name``'s recommendation by a full run (see the module docstring).
 
@@ -72,6 +73,8 @@ def full_run_check(store: str | Path, name: str, objective, make_sampler: Callab
             scoring and feature source are reused).
         make_sampler: the search's point -> ``Sampler`` map.
         provenance: as for ``loop.run_search`` (goes into a rewritten ``best_sampler.json``).
+        progress: the training run's progress bars; announce: called on rank 0 with a line
+            saying what is being trained, before it starts.
 
     Returns:
         The verdict (``confirm.json``'s content) on rank 0: ``trial``, ``run``, ``checkpoint``,
@@ -99,8 +102,11 @@ def full_run_check(store: str | Path, name: str, objective, make_sampler: Callab
     if error:
         raise StoreError(error)
     if is_main:
-        log.info("full-run check: training %s (%d epochs, w_share's recipe) with trial %d's sampler",
-                 run, recipe["epochs"], trial)
+        line = (f"full-run check: training {run} ({recipe['epochs']} epochs, w_share's recipe and "
+                f"seed) with trial {trial}'s sampler")
+        log.info("%s", line)
+        if announce is not None:
+            announce(line)
     t0 = time.perf_counter()
     config = resolve_config(objective.store, name=run, resume=True, workers=objective.workers,
                             device=objective.device, progress=progress and is_main,

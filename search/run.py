@@ -38,6 +38,7 @@ def search(
     device: str | None = None,
     confirm: bool = False,
     progress: bool = False,
+    announce: Callable[[str], None] | None = None,
     on_trial: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
     is_main: bool = True,
     broadcast: Callable[[Any], Any] = lambda x: x,
@@ -50,7 +51,8 @@ def search(
     sampler is re-evaluated on ``guard.repeats`` seeds to measure the noise, and the guard
     compares the best candidates with it (``loop.GuardSettings``). With ``confirm``, the
     recommended sampler is then trained as ``w_share`` was and kept only if it beats it on val
-    (``confirm.full_run_check``: one training run more; ``progress`` shows its bars). Returns ``loop.summarize``'s
+    (``confirm.full_run_check``: one training run more; ``progress`` shows its bars, ``announce``
+    gets a line before it starts). Returns ``loop.summarize``'s
     dict plus ``model`` (the checkpoint to use with the recommendation: ``checkpoint`` itself
     for the uniform sampler, the full-run check's run for a kept sampler, else None),
     ``epochs``, the inner-loop epochs spent by every trial (the search's cost), and
@@ -82,7 +84,7 @@ def search(
         provenance=provenance, on_trial=on_trial, is_main=is_main, broadcast=broadcast)
     if confirm:
         full_run_check(store, name, objective, make_sampler, provenance=provenance,
-                       progress=progress, is_main=is_main, broadcast=broadcast)
+                       progress=progress, announce=announce, is_main=is_main, broadcast=broadcast)
         if is_main:
             summary = summarize(store, name)
     if not is_main:  # the files are rank 0's

@@ -113,7 +113,8 @@ def run_search_command(args) -> int:
             args.store, args.checkpoint, name=args.name, steps=args.steps, agent=args.agent,
             transform=args.transform, seed=args.seed, finetune=settings,
             trial_seeds=args.trial_seeds, guard=guard, workers=args.workers, device=args.device,
-            confirm=args.confirm, progress=not args.json, on_trial=table.row, is_main=dist.is_main,
+            confirm=args.confirm, progress=not args.json, on_trial=table.row,
+            announce=(lambda line: print(line, flush=True)) if table.enabled else None, is_main=dist.is_main,
             broadcast=lambda obj: broadcast_object(obj, dist))
     finally:
         shutdown()
