@@ -74,7 +74,7 @@ def test_second_search_of_the_same_name_is_refused(base, tmp_path):
     folder = StoreLayout(store).search("s")
     with exclusive_lock(folder / ".lock", "search 's'"):
         code, err = main_in_process("search", "run", "--store", store, "--checkpoint", ckpt, "--name", "s",
-                                    "--start", "final",
+                                    "--start", "final", "--no-confirm",
                                     "--steps", "1", "--finetune-epochs", "1", "--workers", "0")
     _refused(code, err)
     assert not (folder / "trials.parquet").exists()
