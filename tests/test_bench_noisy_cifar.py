@@ -229,6 +229,13 @@ def test_tiny_benchmark_end_to_end_and_resume(shared_cifar, tmp_path, capsys):
     assert _last_json(capsys.readouterr().out)["test_top1"] == summary["test_top1"]
     assert {p: p.read_bytes() for p in (out / "seed-0" / "methods").glob("*.json")} == before
 
+    # Report only, naming a seed never run: nothing is trained or ingested, the same numbers.
+    assert main([*argv, "--seeds", "2", "--report-only"]) == 0
+    assert _last_json(capsys.readouterr().out)["test_top1"] == summary["test_top1"]
+    assert not (out / "seed-1").exists()
+    assert {p: p.read_bytes() for p in (out / "seed-0" / "methods").glob("*.json")} == before
+    assert "| ss | 1 |" in (out / "results.md").read_text()
+
     # Other search settings re-run the ss methods alone: one more trial extends each search
     # (same folder), the other methods' results are kept byte for byte.
     assert main([*argv, "--steps", "3"]) == 0

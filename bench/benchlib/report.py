@@ -103,7 +103,8 @@ def markdown(doc: dict[str, Any]) -> str:
     realised = (data.get("noise") or {}).get("realised", {})
     lines = [
         "# Noisy CIFAR-10: Swift Sampler against peers on one training budget", "",
-        f"Command: `{doc['command']}`", "",
+        f"Command: `{doc['command']}`"
+        + (f" (this report: `{doc['report_command']}`)" if doc.get("report_command") else ""), "",
         f"Preset `{c['preset']}`: {c['model']}, {counts.get('train', '?'):,} noisy train / "
         f"{counts.get('val', '?'):,} noisy val / {counts.get('test', '?'):,} clean test images; "
         f"noise `{c['noise'] if not c.get('labels') else 'labels: ' + c['labels'].rsplit('/', 1)[-1]}` (realised on train {_pct(realised.get('train'))}%); every method "

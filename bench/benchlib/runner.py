@@ -27,16 +27,23 @@ from .stores import prepare_stores, write_json
 
 
 def run_benchmark(config: BenchConfig, *, log: Callable[[str], None] = print,
-                  command: str = "") -> dict[str, Any]:
+                  command: str = "", report_only: bool = False) -> dict[str, Any]:
     """Run every (seed, method) not yet done; write figures, ``results.json``, ``results.md``.
+
+    With ``report_only`` nothing is trained or ingested: the report is made from the methods
+    already finished (of ``config.methods``, on the seeds that have stores), e.g. after a run
+    was stopped, or to show methods run by separate commands in one table.
 
     Returns a summary: paths, per-method mean test top-1, seconds.
     """
     t0 = time.perf_counter()
     out = Path(config.out).resolve()
+    if report_only and not (out / "bench.json").is_file():
+        raise StoreError(f"{out} holds no benchmark (bench.json missing); run it first")
     out.mkdir(parents=True, exist_ok=True)
     _check_settings(out / "bench.json", config, log)
-    write_json(out / "bench.json", config.definition())
+    if not report_only:
+        write_json(out / "bench.json", config.definition())
     seeds: dict[int, dict[str, dict[str, Any]]] = {}
     verify: dict[int, dict[str, Any]] = {}
     shared: dict[str, list[float]] = {"features": []}
@@ -44,6 +51,8 @@ def run_benchmark(config: BenchConfig, *, log: Callable[[str], None] = print,
     runs: dict[int, SeedRun] = {}
     for seed in range(config.seeds):
         folder = out / f"seed-{seed}"
+        if report_only and not (folder / "noisy" / "manifest.json").is_file():
+            continue
         log(f"[seed {seed}] data: {config.data} -> {folder}")
         stores = prepare_stores(config, folder, seed)
         if seed == 0:
@@ -59,13 +68,28 @@ def run_benchmark(config: BenchConfig, *, log: Callable[[str], None] = print,
         run = runs[seed] = SeedRun(config, seed, folder, stores["noisy"], stores["clean"], log=log)
         seeds[seed] = {}
         for method in config.methods:
-            seeds[seed][method] = _method(run, method, folder / "methods" / f"{method}.json", log)
-        if config.verify_ranks:
+            path = folder / "methods" / f"{method}.json"
+            if report_only and not path.is_file():
+                log(f"[seed {seed}] {method:<11} not run (left out of the report)")
+                continue
+            seeds[seed][method] = _method(run, method, path, log, report_only)
+        if config.verify_ranks and report_only:
+            if (folder / "verify-ranks.json").is_file():
+                verify[seed] = json.loads((folder / "verify-ranks.json").read_text())
+        elif config.verify_ranks:
             verify[seed] = _verify(run, config.verify_ranks, folder / "verify-ranks.json", log)
         if "features" in run.times:
             shared["features"].append(run.times["features"])
-    figures = draw_figures(runs[0], out / "figures", config.methods)
-    doc = aggregate(config, seeds, verify, data, shared, figures, command)
+    if not runs:
+        raise StoreError(f"{out} holds no seed with stores yet; run the benchmark first")
+    figures = draw_figures(runs[min(runs)], out / "figures", config.methods)
+    made_by = command
+    if report_only and (out / "results.json").is_file():
+        # The command that trained the methods stays on record; this one only re-made the report.
+        made_by = json.loads((out / "results.json").read_text()).get("command") or command
+    doc = aggregate(config, seeds, verify, data, shared, figures, made_by)
+    if report_only:
+        doc["report_command"] = command
     doc["seconds"] = round(time.perf_counter() - t0, 1)
     write_json(out / "results.json", doc)
     atomic_write_text(out / "results.md", markdown(doc))
@@ -74,11 +98,11 @@ def run_benchmark(config: BenchConfig, *, log: Callable[[str], None] = print,
             "figures": doc.get("figures", []), "seconds": doc["seconds"]}
 
 
-def _method(run: SeedRun, method: str, path: Path, log) -> dict[str, Any]:
+def _method(run: SeedRun, method: str, path: Path, log, report_only: bool = False) -> dict[str, Any]:
     if path.is_file():
         result = json.loads(path.read_text())
         stored = result.get("search_settings")  # absent: made before settings were recorded
-        if method not in SEARCHES or (
+        if report_only or method not in SEARCHES or (
                 stored is not None and BenchConfig.with_defaults(stored) == run.config.search_settings()):
             log(f"[seed {run.seed}] {method:<11} done before: test top-1 {result['test_top1']:.2%}")
             return result

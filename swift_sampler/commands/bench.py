@@ -93,6 +93,9 @@ def register(sub, groups) -> None:
     p.add_argument("--crops-per-image", type=int, default=None, help="K crops scored per image (preset)")
     p.add_argument("--workers", type=int, default=None, help="loader workers (preset)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write results.json/.md from the methods of --methods already "
+                   "finished in --out, on the seeds run so far (e.g. after stopping a run)")
     add_json_flag(p)
     p.set_defaults(func=run)
 
@@ -113,7 +116,7 @@ def run(args) -> int:
         workers=args.workers, progress=False if (args.no_progress or args.json) else None)
     log = (lambda msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     command = _command_line()
-    summary = run_benchmark(config, log=log, command=command)
+    summary = run_benchmark(config, log=log, command=command, report_only=args.report_only)
     text = open(summary["table"]).read()
     emit({"command": "bench noisy-cifar", **summary}, args, text)
     return 0
