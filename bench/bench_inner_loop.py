@@ -98,6 +98,18 @@ def build_panel(searched: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return panel
 
 
+def select_panel(panel: list[dict[str, Any]], names: str | None, error) -> list[dict[str, Any]]:
+    """The panel samplers named in ``names`` (all when None), uniform first whatever is named."""
+    if not names:
+        return panel
+    wanted = {n.strip() for n in names.split(",") if n.strip()}
+    unknown = wanted - {p["name"] for p in panel}
+    if unknown:
+        error(f"unknown panel sampler(s) {', '.join(sorted(unknown))}; the panel has: "
+              + ", ".join(p["name"] for p in panel))
+    return [p for p in panel if p["name"] == "uniform" or p["name"] in wanted]
+
+
 def searched_samplers(path: Path) -> dict[str, dict[str, Any]]:
     """The samplers the benchmark's searches picked (``results/noisy-cifar/results.json``)."""
     if not path.is_file():
@@ -129,7 +141,7 @@ class Study:
         self.units = self.out / "units"
         self.units.mkdir(parents=True, exist_ok=True)
         self.config = resolve_bench(args.data, str(self.out), preset=args.preset, workers=args.workers,
-                                    model=args.model, progress=False)
+                                    model=args.model, noise=args.noise, progress=False)
         self.store = self.out / "seed-0" / "noisy"
 
     def log(self, msg: str) -> None:
@@ -357,7 +369,7 @@ def report(study: Study, panel: list[dict[str, Any]], args) -> dict[str, Any]:
             row["signal_to_noise"] = (row["sensible_spread_sd"] / row["noise_sd"]
                                       if row["noise_sd"] and row["sensible_spread_sd"] else None)
             proxies.append(row)
-    argv = [a for a in sys.argv[1:] if a != "--report-only"]  # the command that ran the units
+    argv = [a for a in args.argv if a != "--report-only"]  # the command that ran the units
     doc = {"benchmark": "inner-loop", "command": " ".join(["python", "bench/bench_inner_loop.py", *argv]),
            "config": study.config.to_json(), "truth_seeds": args.truth_seeds,
            "truth_seed_sd": truth_sd, "panel": panel, "truth": truth_rows, "proxies": proxies,
@@ -456,9 +468,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts", default="truth0," + ",".join(PROXIES) + ",truth",
                     help="what to run, in order (default: %(default)s)")
     ap.add_argument("--model", default=None, help="model (default: the preset's)")
+    ap.add_argument("--noise", default=None,
+                    help="label noise of the store (default: the preset's, symmetric:0.4); e.g. none")
+    ap.add_argument("--panel", default=None, metavar="NAMES",
+                    help="comma-separated panel samplers to keep (default: all 12); uniform is "
+                    "always kept, and the panel is fixed once panel.json is written")
     ap.add_argument("--workers", type=int, default=2, help="loader workers (default: 2)")
     ap.add_argument("--report-only", action="store_true", help="re-render the report from finished units")
     args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.truth_seeds < 1 or args.noise_repeats < 2:
         ap.error("--truth-seeds must be >= 1 and --noise-repeats >= 2")
     study = Study(args)
@@ -466,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     if panel_path.is_file():  # fixed once written: a resumed study trains the same samplers
         panel = json.loads(panel_path.read_text())
     else:
-        panel = build_panel(searched_samplers(Path(args.searched)))
+        panel = select_panel(build_panel(searched_samplers(Path(args.searched))), args.panel, ap.error)
+        panel_path.parent.mkdir(parents=True, exist_ok=True)
         panel_path.write_text(json.dumps(panel, indent=1))
     if not args.report_only:
         study.prepare()
