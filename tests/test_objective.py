@@ -121,7 +121,9 @@ def test_search_run_end_to_end_writes_a_valid_sampler(store, tmp_path, capsys):
 
     assert run_cli("search", "show", "--store", work, "e2e") == 0
     shown = capsys.readouterr().out.strip().splitlines()
-    assert len(shown) == 1 + 9 + 2 and json.loads(shown[-1])["trials"] == 9
+    # header, 9 trials, the legend, the recommendation (and its full-run check), the JSON line
+    assert shown[11].startswith("recommended: ") and json.loads(shown[-1])["trials"] == 9
+    assert len(shown) == 1 + 9 + 1 + (2 if summary["confirm"] else 1) + 1
 
     # Same command again: nothing to do. Other settings: refused, naming them.
     assert run_cli(*args) == 0

@@ -187,6 +187,8 @@ def show_search_command(args) -> int:
                  "among kept samples (diagnostics; not seen by the agent)")
     summary = {"command": "search show", **summarize(layout.root, args.name),
                "settings": read_settings(layout.root, args.name)}
+    if summary["best_sampler"]:
+        lines.append(_verdict(summary))
     emit(summary, args, "\n".join(lines))
     return 0
 
