@@ -5,14 +5,19 @@ The inner loop and the guard compare samplers after a few epochs. On clean data 
 learns fastest from the easy crops, so both may prefer a sampler that drops the hard ones and
 then costs points at the full horizon (cpu-quick CIFAR-10, 0% noise: +2.9 points after 3 epochs,
 -2.3 after 12; ``results/noisy-cifar-0-guard``). The one comparison without that bias is the
-full run itself, which a user trains anyway. So the recommended sampler is trained from
-scratch with ``w_share``'s own recipe and seed (common random numbers: same data order and
-augmentation), both models are scored on val (its labels as they are: the only score a user
-has), and the sampler is kept only if its run scores higher. Otherwise ``best_sampler.json``
-becomes the uniform sampler, and ``w_share`` is the model to use.
+full run itself, which a user trains anyway. So the recommended sampler is trained as
+``w_share`` was (its recipe, its initialisation, its seed and loader workers, copied from its
+checkpoint: the shuffling and the weights start alike, though drawing 2x and keeping half
+changes which crops follow), both models are scored on val (its labels as they are: the only
+score a user has), and the sampler is kept only if its run scores higher. Otherwise
+``best_sampler.json`` becomes the uniform sampler, and ``w_share`` is the model to use. Run on
+another number of ranks than ``w_share`` was, the per-rank batch size makes the steps differ
+(a warning says so).
 
-The run is ``STORE/runs/SEARCH-confirm-tNNN`` (NNN: the recommended trial). It is resumable
-like any run, and the verdict is ``searches/SEARCH/confirm.json``; ``loop.recommend`` reads it,
+The run is ``STORE/runs/SEARCH-confirm-tNNN`` (NNN: the recommended trial), resumable like
+any run; a folder of that name made with another sampler, ``w_share`` or recipe is refused,
+not resumed. The search's lock is held throughout. The verdict is
+``searches/SEARCH/confirm.json``; ``loop.recommend`` reads it,
 so every later summary and rewrite of ``best_sampler.json`` honours it. A search extended
 until it recommends another trial is checked again. The cost is one training run.
 """
@@ -23,13 +28,14 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from swift_sampler.pipeline.sampler.function import Sampler
-from swift_sampler.storage import StoreError, StoreLayout, atomic_write_json
+from swift_sampler.storage import StoreError, StoreLayout, atomic_write_json, exclusive_lock
 from swift_sampler.storage.errors import UsageError
 
 from .loop import CONFIRM_FILE, read_confirm, read_settings, read_trials, recommend, write_best
@@ -40,7 +46,8 @@ log = logging.getLogger(__name__)
 # (store, name, device, workers, resume ...) belongs to the run being started.
 RECIPE_FIELDS = ("model", "epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay",
                  "schedule", "milestones", "gamma", "warmup", "label_smoothing", "seed",
-                 "shuffle_buffer", "image_size", "val_split", "amp", "channels_last")
+                 "shuffle_buffer", "image_size", "val_split", "amp", "channels_last", "init",
+                 "skip_damaged", "workers")
 
 
 def confirm_run_name(search: str, trial: int) -> str:
@@ -88,58 +95,72 @@ def full_run_check(store: str | Path, name: str, objective, make_sampler: Callab
     from swift_sampler.train.trainer import TrainingDiverged, fit
 
     folder = StoreLayout(store).search(name)
-    task = broadcast(_task(store, name) if is_main else None)
-    if task[0] == "error":
-        raise StoreError(task[1])
-    if task[0] == "done":
-        return task[1] if is_main else None
-    trial, point = int(task[1]), np.asarray(task[2], dtype=np.float64)
     recipe = full_run_recipe(objective.info["checkpoint"], objective.checkpoint)
-    run = confirm_run_name(name, trial)
-    describe = {"search": name, "trial": trial, "point": [float(x) for x in point]}
-    error = _check_existing_run(StoreLayout(store).run(run), describe, recipe) if is_main else None
-    error = broadcast(error)
-    if error:
-        raise StoreError(error)
-    if is_main:
-        line = (f"full-run check: training {run} ({recipe['epochs']} epochs, w_share's recipe and "
-                f"seed) with trial {trial}'s sampler")
-        log.info("%s", line)
-        if announce is not None:
-            announce(line)
-    t0 = time.perf_counter()
-    config = resolve_config(objective.store, name=run, resume=True, workers=objective.workers,
-                            device=objective.device, progress=progress and is_main,
-                            keep_checkpoints=0, **recipe)
-    w_share, _ = load_model(objective.checkpoint, init_distributed(objective.device).device)
-    uniform_val = objective.score(w_share)["top1"]
-    try:
-        result = fit(config, sampler=objective.hook(make_sampler(point), recipe.get("seed", 0), describe))
-    except TrainingDiverged as e:  # a sampler whose full run diverges is not handed to anyone
-        sampler_val, checkpoint, outcome = None, None, f"diverged ({e})"
-    else:
-        sampler_val, checkpoint = objective.score(result.model)["top1"], result.summary["checkpoint"]
-        outcome = f"val top-1 {sampler_val:.2%}"
-    kept = sampler_val is not None and sampler_val > uniform_val
-    verdict = {
-        "trial": trial, "run": run, "checkpoint": checkpoint,
-        "sampler_val_top1": sampler_val, "uniform_val_top1": uniform_val, "kept": bool(kept),
-        "epochs": int(recipe["epochs"]), "seconds": round(time.perf_counter() - t0, 2),
-        "reason": (f"trained {recipe['epochs']} epochs with the recommended sampler, {outcome} "
-                   f"against w_share's {uniform_val:.2%}: "
-                   + ("kept" if kept else "the uniform sampler (w_share) is recommended instead")),
-    }
-    if not is_main:
-        return None
-    atomic_write_json(folder / CONFIRM_FILE, verdict)
-    settings = read_settings(store, name)
-    write_best(folder, read_trials(folder / "trials.parquet"), make_sampler, name,
-               provenance, settings, int(settings["steps"]))
-    return verdict
+    # Rank 0 holds the search's lock for the whole check (no second `search run` of this name
+    # meanwhile) and reads the folder; every rank learns the task, or the error, by broadcast.
+    with ExitStack() as held:
+        task = None
+        if is_main:
+            try:
+                held.enter_context(exclusive_lock(folder / ".lock", f"search {name!r}"))
+                task = _task(store, name, recipe, objective.info["features_checkpoint_sha256"])
+            except Exception as e:  # the other ranks must not wait for a broadcast forever
+                task = ("error", str(e))
+        task = broadcast(task)
+        if task[0] == "error":
+            raise StoreError(task[1])
+        if task[0] == "done":
+            return task[1] if is_main else None
+        _, trial, point, describe = task
+        point = np.asarray(point, dtype=np.float64)
+        run = confirm_run_name(name, trial)
+        dist = init_distributed(objective.device)
+        if is_main:
+            line = (f"full-run check: training {run} ({recipe['epochs']} epochs, w_share's recipe "
+                    f"and seed) with trial {trial}'s sampler")
+            log.info("%s", line)
+            if announce is not None:
+                announce(line)
+            ws = objective.info["checkpoint"].get("config", {}).get("world_size")
+            if ws not in (None, dist.world_size):
+                log.warning("w_share was trained on %s ranks and the full-run check runs on %d: "
+                            "the batch size is per rank, so the two runs take different steps",
+                            ws, dist.world_size)
+        t0 = time.perf_counter()
+        config = resolve_config(objective.store, name=run, resume=True, device=objective.device,
+                                progress=progress and is_main, keep_checkpoints=0,
+                                **{"workers": objective.workers, **recipe})
+        w_share, _ = load_model(objective.checkpoint, dist.device)
+        uniform_val = objective.score(w_share)["top1"]
+        try:
+            result = fit(config, sampler=objective.hook(make_sampler(point), recipe.get("seed", 0), describe))
+        except TrainingDiverged as e:  # a sampler whose full run diverges is handed to no one
+            sampler_val, checkpoint, outcome = None, None, f"diverged ({e})"
+        else:
+            sampler_val, checkpoint = objective.score(result.model)["top1"], result.summary["checkpoint"]
+            outcome = f"val top-1 {sampler_val:.2%}"
+        kept = sampler_val is not None and sampler_val > uniform_val
+        verdict = {
+            "trial": trial, "run": run, "checkpoint": checkpoint,
+            "sampler_val_top1": sampler_val, "uniform_val_top1": uniform_val, "kept": bool(kept),
+            "epochs": int(recipe["epochs"]), "seconds": round(time.perf_counter() - t0, 2),
+            "reason": (f"trained {recipe['epochs']} epochs with trial {trial}'s sampler, {outcome} "
+                       f"against w_share's {uniform_val:.2%}: "
+                       + ("kept" if kept else "the uniform sampler (w_share) is recommended instead")),
+        }
+        if not is_main:
+            return None
+        # best_sampler.json first: a kill between the two writes leaves no verdict, and the
+        # next run resumes the finished run and writes both again.
+        settings = read_settings(store, name)
+        write_best(folder, read_trials(folder / "trials.parquet"), make_sampler, name,
+                   provenance, settings, int(settings["steps"]), confirm=verdict)
+        atomic_write_json(folder / CONFIRM_FILE, verdict)
+        return verdict
 
 
-def _task(store: str | Path, name: str) -> tuple:
-    """("check", trial, point), or ("done", verdict or None), or ("error", message)."""
+def _task(store: str | Path, name: str, recipe: dict[str, Any], w_share_sha256: str) -> tuple:
+    """("check", trial, point, describe), or ("done", verdict or None), or ("error", message)."""
     folder = StoreLayout(store).search(name)
     settings = read_settings(store, name)
     trials = read_trials(folder / "trials.parquet")
@@ -149,27 +170,37 @@ def _task(store: str | Path, name: str) -> tuple:
         return ("error", f"search {name!r} has no uniform baseline to fall back to; "
                          "the full-run check needs a search made by `search run`")
     rec = recommend(trials, settings, int(settings["steps"]))
-    if rec is None or rec["choice"] == "uniform":
-        return ("done", None)
+    if rec is None or rec["choice"] == "uniform" or np.allclose(rec["point"], settings["baseline"]):
+        return ("done", None)  # the uniform sampler: w_share is its full run
     done = read_confirm(folder)
     if done is not None and done.get("trial") == rec["trial"]:
         return ("done", done)
-    return ("check", int(rec["trial"]), list(rec["point"]))
+    trial = int(rec["trial"])
+    describe = {"search": name, "trial": trial, "point": [float(x) for x in rec["point"]],
+                "w_share_sha256": w_share_sha256}
+    error = _check_existing_run(StoreLayout(store).run(confirm_run_name(name, trial)), describe, recipe)
+    if error:
+        return ("error", error)
+    return ("check", trial, list(rec["point"]), describe)
 
 
 def _check_existing_run(run_dir: Path, describe: dict[str, Any], recipe: dict[str, Any]) -> str | None:
-    """A run folder of that name made with another sampler or recipe is not resumed."""
+    """A run folder of that name made with another sampler, w_share or recipe is not resumed."""
     path = run_dir / "config.json"
     if not path.is_file():
         return None
     config = json.loads(path.read_text())
-    differs = [k for k in ("epochs", "lr", "seed", "model") if config.get(k) != recipe.get(k)]
+    differs = [k for k in recipe if _plain(config.get(k)) != _plain(recipe[k])]
     if config.get("sampler") != describe:
-        differs.append("sampler")
+        differs.append("sampler or w_share")
     if differs:
         return (f"run {run_dir} exists with another {', '.join(differs)} than the full-run check "
                 f"would train; remove that folder to check the search again")
     return None
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 __all__ = ["RECIPE_FIELDS", "confirm_run_name", "full_run_check", "full_run_recipe"]

@@ -473,9 +473,11 @@ def read_confirm(folder: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def write_best(folder: Path, trials, make_sampler, name: str, provenance, settings, steps) -> dict[str, Any] | None:
-    """Rewrite ``best_sampler.json`` from the recorded trials (and full-run check); its trial row."""
-    rec = recommend(trials, settings, steps, read_confirm(folder))
+def write_best(folder: Path, trials, make_sampler, name: str, provenance, settings, steps,
+               confirm: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Rewrite ``best_sampler.json`` from the recorded trials and the full-run check (``confirm``,
+    default the recorded one); returns the recommended trial's row."""
+    rec = recommend(trials, settings, steps, confirm if confirm is not None else read_confirm(folder))
     if rec is not None:
         sampler = make_sampler(np.asarray(rec["point"], dtype=np.float64))
         save_sampler(folder / BEST_FILE, sampler,

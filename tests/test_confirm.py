@@ -52,7 +52,8 @@ def test_a_checkpoint_without_a_recipe_is_refused_with_a_way_out():
         full_run_recipe({"model_name": "digits-net"}, "ckpt.pt")
     recipe = full_run_recipe({"config": {"model": "m", "epochs": 3, "lr": 0.1, "schedule": "cosine",
                                          "store": "x", "name": "w", "workers": 9}}, "ckpt.pt")
-    assert recipe == {"model": "m", "epochs": 3, "lr": 0.1, "schedule": "cosine"}
+    # The run's own place (store, name) is not copied; w_share's loader workers are (the order).
+    assert recipe == {"model": "m", "epochs": 3, "lr": 0.1, "schedule": "cosine", "workers": 9}
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +77,11 @@ def test_full_run_check_trains_once_compares_on_val_and_resumes(digits):
     store, ckpt = digits
     found = _learn(store, ckpt)
     check = found["confirm"]
-    searched = found["raw_best_trial"] if check is None else check["trial"]
-    assert check is not None and check["run"] == confirm_run_name("c", searched)
+    folder = StoreLayout(store).search("c")
+    unchecked = recommend(read_trials(folder / "trials.parquet"), read_settings(store, "c"), 3)
+    assert unchecked["choice"] == "posterior-mean" and unchecked["trial"] != 0
+    assert check is not None and check["trial"] == unchecked["trial"]
+    assert check["run"] == confirm_run_name("c", unchecked["trial"])
     run = StoreLayout(store).run(check["run"])
     config = json.loads((run / "config.json").read_text())
     w_config = json.loads((StoreLayout(store).run("w_share") / "config.json").read_text())
@@ -115,10 +119,11 @@ def test_a_run_folder_of_another_sampler_is_not_resumed(digits):
     run = StoreLayout(store).run(found["confirm"]["run"])
     (StoreLayout(store).search("d") / CONFIRM_FILE).unlink()
     config = json.loads((run / "config.json").read_text())
-    config["sampler"]["point"][0] += 0.125
-    (run / "config.json").write_text(json.dumps(config))
-    with pytest.raises(StoreError, match="exists with another sampler"):
-        _learn(store, ckpt, name="d")
+    for key, value, what in (("sampler", {**config["sampler"], "w_share_sha256": "0" * 64}, "sampler or w_share"),
+                             ("epochs", config["epochs"] + 1, "epochs")):
+        (run / "config.json").write_text(json.dumps({**config, key: value}))
+        with pytest.raises(StoreError, match=f"exists with another {what} than"):
+            _learn(store, ckpt, name="d")
 
 
 def test_a_sampler_whose_full_run_diverges_is_not_recommended(digits, monkeypatch):

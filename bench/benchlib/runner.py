@@ -41,7 +41,7 @@ def run_benchmark(config: BenchConfig, *, log: Callable[[str], None] = print,
     if report_only and not (out / "bench.json").is_file():
         raise StoreError(f"{out} holds no benchmark (bench.json missing); run it first")
     out.mkdir(parents=True, exist_ok=True)
-    _check_settings(out / "bench.json", config, log)
+    _check_settings(out / "bench.json", config, log, report_only)
     if not report_only:
         write_json(out / "bench.json", config.definition())
     seeds: dict[int, dict[str, dict[str, Any]]] = {}
@@ -51,7 +51,7 @@ def run_benchmark(config: BenchConfig, *, log: Callable[[str], None] = print,
     runs: dict[int, SeedRun] = {}
     for seed in range(config.seeds):
         folder = out / f"seed-{seed}"
-        if report_only and not (folder / "noisy" / "manifest.json").is_file():
+        if report_only and not all((folder / k / "manifest.json").is_file() for k in ("noisy", "clean")):
             continue
         log(f"[seed {seed}] data: {config.data} -> {folder}")
         stores = prepare_stores(config, folder, seed)
@@ -102,8 +102,13 @@ def _method(run: SeedRun, method: str, path: Path, log, report_only: bool = Fals
     if path.is_file():
         result = json.loads(path.read_text())
         stored = result.get("search_settings")  # absent: made before settings were recorded
-        if report_only or method not in SEARCHES or (
-                stored is not None and BenchConfig.with_defaults(stored) == run.config.search_settings()):
+        same = method not in SEARCHES or (
+            stored is not None and BenchConfig.with_defaults(stored) == run.config.search_settings())
+        if report_only and not same:
+            log(f"[seed {run.seed}] {method:<11} reported as stored, made with other search "
+                f"settings ({stored}) than the current ones")
+            return result
+        if same:
             log(f"[seed {run.seed}] {method:<11} done before: test top-1 {result['test_top1']:.2%}")
             return result
         log(f"[seed {run.seed}] {method:<11} search settings changed since the stored result "
@@ -182,7 +187,8 @@ def draw_figures(run: SeedRun, folder: Path, methods: tuple[str, ...]) -> dict[s
             "figures_missing": missing}
 
 
-def _check_settings(path: Path, config: BenchConfig, log: Callable[[str], None]) -> None:
+def _check_settings(path: Path, config: BenchConfig, log: Callable[[str], None],
+                    report_only: bool = False) -> None:
     """Refuse other data or training settings; report other search settings (they re-run the
     ss methods alone, in search folders of their own)."""
     if not path.is_file():
@@ -195,5 +201,9 @@ def _check_settings(path: Path, config: BenchConfig, log: Callable[[str], None])
         raise StoreError(f"{path.parent} holds a benchmark with other settings ({details}); "
                          "rerun with those settings to resume it, or choose another --out")
     if diff:
+        if report_only:
+            log(f"search settings differ from the stored ones ({details}); the stored results are "
+                "reported as they are")
+            return
         log(f"search settings changed ({details}): the ss methods run again; the other methods' "
             "results are kept")

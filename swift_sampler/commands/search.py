@@ -131,6 +131,8 @@ def _verdict(summary: dict) -> str:
     guard = summary.get("guard") or {}
     confirm = summary.get("confirm") or {}
     why = f" ({guard['reason']})" if guard.get("reason") else ""
+    if confirm and not confirm.get("kept"):
+        why = f" (trial {confirm['trial']} did not pass the full-run check)"
     check = ""
     if confirm:
         check = f"\nfull-run check: {confirm['reason']}"
