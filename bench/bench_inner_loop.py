@@ -241,7 +241,8 @@ class Study:
     def _hook(self, item, seed):
         from swift_sampler.train.sampling import create_sampler_hook
 
-        return create_sampler_hook(self.store, make_sampler(item, self.tables), features="store", seed=seed)
+        return create_sampler_hook(self.store, make_sampler(item, self.tables), features="store", seed=seed,
+                                   selection=self.args.selection)
 
     # -- the truth and the proxies --------------------------------------------------------
     def truth(self, item, seed: int) -> dict[str, Any]:
@@ -266,7 +267,8 @@ class Study:
         c = self.config
         objective = FinetuneObjective(self.store, StoreLayout(self.store).run("uniform") / "checkpoint.pt",
                                       FinetuneSettings(epochs=c.finetune_epochs,
-                                                       lr_fraction=c.finetune_lr_fraction),
+                                                       lr_fraction=c.finetune_lr_fraction,
+                                                       selection=self.args.selection),
                                       workers=c.workers)
         model, info = objective.finetune(make_sampler(item, self.tables), seed)
         return {**self.scores(model), **info}
@@ -370,7 +372,8 @@ def report(study: Study, panel: list[dict[str, Any]], args) -> dict[str, Any]:
                                       if row["noise_sd"] and row["sensible_spread_sd"] else None)
             proxies.append(row)
     argv = [a for a in args.argv if a != "--report-only"]  # the command that ran the units
-    doc = {"benchmark": "inner-loop", "command": " ".join(["python", "bench/bench_inner_loop.py", *argv]),
+    doc = {"benchmark": "inner-loop", "selection": args.selection,
+           "command": " ".join(["python", "bench/bench_inner_loop.py", *argv]),
            "config": study.config.to_json(), "truth_seeds": args.truth_seeds,
            "truth_seed_sd": truth_sd, "panel": panel, "truth": truth_rows, "proxies": proxies,
            "sensible": [n for n, s in zip(names, sensible) if s]}
@@ -453,6 +456,25 @@ def render(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def check_selection(out: Path, args: argparse.Namespace, error) -> None:
+    """Units of one study share the keep rule: record it once, refuse another on resume. A
+    study with units and no record predates the setting and used ``es``."""
+    path = out / "selection.json"
+    if path.is_file():
+        stored = json.loads(path.read_text())["selection"]
+    elif (out / "units").is_dir() and any((out / "units").iterdir()):
+        stored = "es"
+    else:
+        stored = args.selection
+    if stored != args.selection:
+        if args.report_only:
+            args.selection = stored
+        else:
+            error(f"{out} was run with --selection {stored}; pass --selection {stored} to resume "
+                  "it, or another --out")
+    path.write_text(json.dumps({"selection": stored}))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -473,6 +495,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--panel", default=None, metavar="NAMES",
                     help="comma-separated panel samplers to keep (default: all 12); uniform is "
                     "always kept, and the panel is fixed once panel.json is written")
+    ap.add_argument("--selection", default="systematic", choices=("systematic", "es"),
+                    help="the sampler stage's keep rule for every unit (default: %(default)s); "
+                    "fixed once the study has started (a study recorded without it used es)")
     ap.add_argument("--workers", type=int, default=2, help="loader workers (default: 2)")
     ap.add_argument("--report-only", action="store_true", help="re-render the report from finished units")
     args = ap.parse_args(argv)
@@ -487,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         panel = select_panel(build_panel(searched_samplers(Path(args.searched))), args.panel, ap.error)
         panel_path.parent.mkdir(parents=True, exist_ok=True)
         panel_path.write_text(json.dumps(panel, indent=1))
+    check_selection(study.out, args, ap.error)
     if not args.report_only:
         study.prepare()
         run_study(study, panel, args)

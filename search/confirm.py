@@ -176,8 +176,10 @@ def _task(store: str | Path, name: str, recipe: dict[str, Any], w_share_sha256: 
     if done is not None and done.get("trial") == rec["trial"]:
         return ("done", done)
     trial = int(rec["trial"])
+    # "selection" as the sampler stage records it (the trials' rule, from the search's settings)
     describe = {"search": name, "trial": trial, "point": [float(x) for x in rec["point"]],
-                "w_share_sha256": w_share_sha256}
+                "w_share_sha256": w_share_sha256,
+                "selection": (settings.get("finetune") or {}).get("selection", "es")}
     error = _check_existing_run(StoreLayout(store).run(confirm_run_name(name, trial)), describe, recipe)
     if error:
         return ("error", error)

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from swift_sampler.pipeline.sampler.file import SamplerFileError, check_not_all_zero
+from swift_sampler.pipeline.sampler.filter import SELECTIONS
 from swift_sampler.pipeline.sampler.function import Sampler
 from swift_sampler.storage import (
     StoreError,
@@ -94,6 +95,9 @@ class FinetuneSettings:
             "scratch": ``epochs`` from a fresh model on w_share's recipe compressed to them.
         score: "top1" (val top-1) or "prob" (mean predicted probability of the val label: the
             same labels, a smoother score).
+        selection: the filter's keep rule (``train.sampling``): "systematic" (default: the two
+            crops of an image drawn together, every image once per epoch under equal tau) or
+            "es" (each crop on its own; the rule of searches recorded without this field).
     """
 
     epochs: int = 5
@@ -109,6 +113,7 @@ class FinetuneSettings:
     # for "final", the paper's), on common random numbers (``search.run.search``'s default).
     start: str = "scratch"
     score: str = "top1"
+    selection: str = "systematic"
 
     def check(self) -> FinetuneSettings:
         if int(self.epochs) < 1:
@@ -129,6 +134,8 @@ class FinetuneSettings:
             raise UsageError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
         if self.features not in FEATURE_MODES:
             raise UsageError(f"features must be one of {', '.join(FEATURE_MODES)}, got {self.features!r}")
+        if self.selection not in SELECTIONS:
+            raise UsageError(f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
         return self
 
 
@@ -223,6 +230,10 @@ class FinetuneObjective:
             self.recipe.update(self._run_recipe(meta, recipe, s))
         if s.score != "top1":
             self.recipe["score"] = s.score
+        # Searches recorded before the rule was a setting used "es" and have no field: their
+        # trials do not mix with another rule's, so resuming one with the default is refused.
+        if s.selection != "es":
+            self.recipe["selection"] = s.selection
         self._frozen = None  # w_share for online features, loaded on first use
 
     def _run_recipe(self, meta: dict[str, Any], recipe: dict[str, Any], s: FinetuneSettings) -> dict[str, Any]:
@@ -349,7 +360,7 @@ class FinetuneObjective:
             from swift_sampler.train.sampling import create_sampler_hook
         if self.recipe["features"] == "store":
             return create_sampler_hook(self.store, sampler, features="store", seed=int(seed),
-                                       describe=describe)
+                                       describe=describe, selection=self.settings.selection)
         device = _dist(self.device).device
         if self._frozen is None:
             from swift_sampler.train.checkpoint import load_model
@@ -357,7 +368,7 @@ class FinetuneObjective:
             self._frozen, _ = load_model(self.checkpoint, device)
         return create_sampler_hook(self.store, sampler, features="online", scorer=self._frozen,
                                    batch_size=self.recipe["batch_size"], device=device, seed=int(seed),
-                                   describe=describe)
+                                   describe=describe, selection=self.settings.selection)
 
 
 def _nanmean(values: list[float]) -> float:

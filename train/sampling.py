@@ -5,11 +5,16 @@ on the according pre-trained model, and use the given sampler and the features t
 Two feature sources:
 - ``store`` (default): ``StoredCrops`` picks two of the K crops stored for each image in the
   feature store, replays them exactly (``cut_crops`` == ``apply_crop``) and attaches their tau,
-  computed once for all N x K rows; ``TauFilter`` keeps B of the 2B by Efraimidis-Spirakis keys
-  (``pipeline.sampler.filter.select``). No extra forward pass; both run inside the loader workers.
+  computed once for all N x K rows; ``tau_filter`` keeps B of the 2B. No extra forward pass;
+  both run inside the loader workers.
 - ``online``: the loader yields 2B fresh random crops (``keep_all``); ``OnlineFilter`` scores
   them with the frozen pretrained model in the training process (on the GPU when present) and
-  keeps B by ``pipeline.sampler.filter.select_torch``.
+  keeps B.
+
+The keep rule (``selection``) is ``systematic`` by default: each crop kept with probability
+proportional to its tau (capped at 1), the two crops of an image drawn together, so that equal
+tau means every image once per epoch (``pipeline.sampler.filter.select_systematic``). ``es``
+(Efraimidis-Spirakis keys, each crop drawn on its own) is the rule of earlier results.
 
 Nothing here reads ground-truth noise fields: features carry ``index, crop, top, left, height,
 width, flip, loss, entropy_r`` only.
@@ -28,7 +33,12 @@ from torch import nn
 from swift_sampler.pipeline.features.crops import Crop
 from swift_sampler.pipeline.features.scoring import cross_entropy, entropy_r
 from swift_sampler.pipeline.ingest.decode import CorruptSampleError
-from swift_sampler.pipeline.sampler.filter import select, select_torch
+from swift_sampler.pipeline.sampler.filter import (
+    select,
+    select_systematic,
+    select_torch,
+    selection_rule,
+)
 from swift_sampler.pipeline.sampler.function import Sampler
 from swift_sampler.storage import StoreError, StoreLayout, read_view
 from swift_sampler.storage.errors import UsageError
@@ -48,7 +58,12 @@ class StoredCrops:
     arrays are inherited by the loader workers.
     """
 
-    def __init__(self, store: str | os.PathLike, sampler: Sampler) -> None:
+    def __init__(self, store: str | os.PathLike, sampler: Sampler, *,
+                 selection: str = "systematic") -> None:
+        self.select = selection_rule(selection)
+        # The loader lets this stage choose before decoding when its batches are filtered by
+        # the same rule: choose_first reproduces exactly that filter.
+        self.chooses_first_with = TAU_FILTERS[selection]
         layout = StoreLayout(store)
         parts = layout.feature_parts()
         if not parts or not layout.features_meta.is_file():
@@ -75,9 +90,9 @@ class StoredCrops:
                      size: int, candidates: int, channels: int, out_size, skipped: list[str]):
         """Stage: undecoded samples -> batches of ``size`` kept crops, chosen before decoding.
 
-        The same draws as ``__call__`` + ``batch_samples`` + ``tau_filter``, in the same order:
-        per image, ``candidates`` stored crops by ``crop_rng``; per ``2B`` candidates, ``B``
-        kept by Efraimidis-Spirakis keys from ``filter_rng`` on their stored tau. So for a
+        The same draws as ``__call__`` + ``batch_samples`` + ``chooses_first_with``, in the same
+        order: per image, ``candidates`` stored crops by ``crop_rng``; per ``2B`` candidates,
+        ``B`` kept by this stage's selection rule from ``filter_rng`` on their stored tau. So for a
         seed the batches are bit-identical to choosing after cutting, as long as every image
         decodes (an image that does not is found only once chosen: its kept crops are dropped
         and the batch is short, where the other order would have skipped it before the draw).
@@ -97,7 +112,7 @@ class StoredCrops:
                 tau = np.array([self.tau[c["index"], j] for c, j in cands], dtype=np.float32)
                 images: dict[int, Any] = {}
                 kept = []
-                for k in select(tau, size, filter_rng):
+                for k in self.select(tau, size, filter_rng):
                     c, j = cands[k]
                     if id(c) not in images:
                         try:
@@ -135,19 +150,27 @@ class StoredCrops:
 
 
 def tau_filter(batch: dict[str, Any], *, rng: np.random.Generator, size: int) -> dict[str, Any]:
-    """Batch filter: keep ``size`` crop-samples without replacement, probability ~ ``tau``
-    (fewer when fewer than ``size`` have tau > 0: the batch is then short)."""
-    keep = torch.from_numpy(select(batch["tau"].numpy(), size, rng))
+    """Batch filter: keep ``size`` crop-samples without replacement, each with probability
+    ``min(1, c * tau)`` by systematic sampling (fewer when fewer than ``size`` have tau > 0:
+    the batch is then short)."""
+    return _keep_rows(batch, select_systematic(batch["tau"].numpy(), size, rng))
+
+
+def tau_filter_es(batch: dict[str, Any], *, rng: np.random.Generator, size: int) -> dict[str, Any]:
+    """``tau_filter`` by Efraimidis-Spirakis keys (the ``es`` selection)."""
+    return _keep_rows(batch, select(batch["tau"].numpy(), size, rng))
+
+
+TAU_FILTERS = {"systematic": tau_filter, "es": tau_filter_es}
+
+
+def _keep_rows(batch: dict[str, Any], keep) -> dict[str, Any]:
+    keep = torch.as_tensor(keep)
     n = len(batch["index"])
-    out = {k: (v.index_select(0, keep) if isinstance(v, torch.Tensor) and len(v) == n else v)
-           for k, v in batch.items()}
+    out = {k: (v.index_select(0, keep.to(v.device)) if isinstance(v, torch.Tensor) and len(v) == n
+               else v) for k, v in batch.items()}
     out["candidates"] = n
     return out
-
-
-# The loader may let a StoredCrops stage choose before decoding when its batches are filtered
-# by tau_filter: choose_first reproduces exactly that rule.
-StoredCrops.chooses_first_with = staticmethod(tau_filter)
 
 
 def keep_all(batch: dict[str, Any], *, rng: np.random.Generator, size: int) -> dict[str, Any]:
@@ -159,12 +182,14 @@ class OnlineFilter:
     """Step filter: score ``2B`` fresh crops with a frozen ``scorer`` and keep ``B`` by tau."""
 
     def __init__(self, scorer: nn.Module, sampler: Sampler, *, keep: int, device: torch.device,
-                 seed: int = 0) -> None:
+                 seed: int = 0, selection: str = "systematic") -> None:
+        selection_rule(selection)  # refuse an unknown name here, not at the first step
         self.scorer = scorer.to(device).eval()
         for p in self.scorer.parameters():
             p.requires_grad_(False)
-        self.sampler, self.keep, self.device = sampler, keep, device
+        self.sampler, self.keep, self.device, self.selection = sampler, keep, device, selection
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.rng = np.random.default_rng(seed)
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -174,33 +199,39 @@ class OnlineFilter:
             logits = self.scorer(x.contiguous(memory_format=torch.channels_last))
         tau = self.sampler.tau_torch(cross_entropy(logits, y), entropy_r(logits, y),
                                      dtype=torch.float32)
-        keep = select_torch(tau, self.keep, generator=self.generator).cpu()
-        n = len(batch["index"])
-        out = {k: (v.index_select(0, keep) if isinstance(v, torch.Tensor) and len(v) == n else v)
-               for k, v in batch.items()}
-        out["candidates"] = n
-        return out
+        if self.selection == "es":
+            keep = select_torch(tau, self.keep, generator=self.generator).cpu()
+        else:  # 2B numbers: the CPU draw costs nothing against the forward pass
+            keep = select_systematic(tau.cpu().numpy(), self.keep, self.rng)
+        return _keep_rows(batch, keep)
 
 
 def create_sampler_hook(store: str | os.PathLike, sampler: Sampler, *, features: str = "store",
                         scorer: nn.Module | None = None, batch_size: int | None = None,
                         device: torch.device | None = None, seed: int = 0,
-                        describe: dict[str, Any] | None = None) -> SamplerHook:
+                        describe: dict[str, Any] | None = None,
+                        selection: str = "systematic") -> SamplerHook:
     """The ``SamplerHook`` for ``train(config, sampler=...)``.
 
     Args:
         features: ``store`` (stored crops and features) or ``online`` (needs ``scorer``,
             ``batch_size`` and ``device``).
+        selection: the keep rule, ``systematic`` (default) or ``es``; recorded in ``describe``.
     """
+    if selection not in TAU_FILTERS:
+        raise UsageError(f"unknown selection {selection!r}; choose one of {', '.join(TAU_FILTERS)}")
+    describe = {**(describe or {}), "selection": selection}
     if features == "store":
-        return SamplerHook(candidates_per_image=2, crop_stage=StoredCrops(store, sampler),
-                           batch_filter=tau_filter, describe=describe)
+        return SamplerHook(candidates_per_image=2,
+                           crop_stage=StoredCrops(store, sampler, selection=selection),
+                           batch_filter=TAU_FILTERS[selection], describe=describe)
     if features == "online":
         if scorer is None or batch_size is None or device is None:
             raise UsageError("--features online needs the pretrained model that scores crops "
                              "(--init CKPT or --scorer CKPT)")
         return SamplerHook(candidates_per_image=2, batch_filter=keep_all,
                            step_filter=OnlineFilter(scorer, sampler, keep=batch_size,
-                                                    device=device, seed=seed),
+                                                    device=device, seed=seed,
+                                                    selection=selection),
                            describe=describe)
     raise UsageError(f"unknown feature source {features!r}; choose store or online")

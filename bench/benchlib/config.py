@@ -18,8 +18,10 @@ from swift_sampler.storage.errors import UsageError
 # Order of the results table. ``ss-cdf`` and ``ss-random`` are the paper's ablations (Fig. 3).
 # ``small-loss`` is told the true noise rate (a reference no user has); ``small-loss-gmm``
 # estimates it, as DivideMix does.
-METHODS = ("uniform", "clean", "oracle-mask", "small-loss", "small-loss-gmm", "co-teaching",
-           "cleanlab", "ss", "ss-cdf", "ss-random")
+# ``uniform-stage`` (the uniform sampler through the sampler stage) measures what the stage
+# itself costs against ``uniform``: every filtering method starts from it.
+METHODS = ("uniform", "uniform-stage", "clean", "oracle-mask", "small-loss", "small-loss-gmm",
+           "co-teaching", "cleanlab", "ss", "ss-cdf", "ss-random")
 DEFAULT_METHODS = ("uniform", "clean", "oracle-mask", "small-loss", "small-loss-gmm", "co-teaching",
                    "cleanlab", "ss")
 # Searches behind the ss methods: (search name, agent, transform).
@@ -33,6 +35,8 @@ SEARCH_KEYS = ("steps", "finetune_epochs", "finetune_lr_fraction", "finetune_rep
 # this way (no guard, no noise trials, distinct seeds, fine-tune from w_share's end, top-1).
 LEGACY_SEARCH = {"trial_seeds": "distinct", "inner_start": "final", "inner_score": "top1",
                  "guard": False, "guard_candidates": 2, "guard_repeats": 0, "confirm": False}
+# Likewise for the training settings: results stored without ``selection`` were made with es.
+LEGACY_TRAINING = {"selection": "es"}
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,9 @@ class BenchConfig:
     # w_share (the uniform run of the same recipe and seed) on val; else the user gets w_share.
     # The 3-epoch inner loop favours easy crops on clean data, which a full run does not.
     confirm: bool = True
+    # The sampler stage's keep rule (train.sampling) for every method that filters: systematic
+    # draws an image's two candidates together, so a flat weight shows every image once an epoch.
+    selection: str = "systematic"
     crops_per_image: int = 4
     cleanlab_folds: int = 3
     workers: int = 2
@@ -116,7 +123,7 @@ class BenchConfig:
         is only ever added with a default that reproduces the behaviour before it)."""
         defaults = {f.name: f.default for f in dataclasses.fields(BenchConfig)
                     if f.default is not dataclasses.MISSING}
-        return {**{k: defaults[k] for k in SEARCH_KEYS}, **LEGACY_SEARCH, **stored}
+        return {**{k: defaults[k] for k in SEARCH_KEYS}, **LEGACY_SEARCH, **LEGACY_TRAINING, **stored}
 
     def search_name(self, method: str) -> str:
         """Search folder of an ss method, named by its fine-tune recipe (``ss-e3-lr0.5``).
@@ -226,6 +233,10 @@ def check(c: BenchConfig) -> None:
         if value not in allowed:
             raise UsageError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
     GuardSettings(enabled=c.guard, candidates=c.guard_candidates, repeats=c.guard_repeats).check()
+    from swift_sampler.pipeline.sampler.filter import SELECTIONS
+
+    if c.selection not in SELECTIONS:
+        raise UsageError(f"--selection must be one of {', '.join(SELECTIONS)}, got {c.selection!r}")
     if not 0 < c.finetune_lr_fraction <= 10:
         raise UsageError(f"--finetune-lr-fraction must be in (0, 10], got {c.finetune_lr_fraction}")
 

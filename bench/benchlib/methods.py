@@ -4,6 +4,9 @@ Every method trains the same model with the same recipe and epochs (``SeedRun.tr
 differs is the data it trains on:
 
 - ``uniform``: the noisy train split, uniform sampling (this run is also ``w_share``);
+- ``uniform-stage``: the uniform sampler (tau 1 for every crop) through the sampler stage
+  (stored crops, 2 candidates per image, half kept): what every learned sampler starts from,
+  so ``uniform-stage`` - ``uniform`` is the stage's own cost (a diagnostic);
 - ``clean``: the clean-label twin (ground truth): the ceiling for any method;
 - ``oracle-mask``: per-image weight 1 where the label is right, 0 where it was flipped (the
   oracle reads ground truth, which is what makes it an oracle), through the 2x
@@ -52,6 +55,19 @@ def uniform(run: SeedRun) -> dict[str, Any]:
     return _result(run, model, summary, components=("run:uniform",), train_runs=1.0)
 
 
+def uniform_stage(run: SeedRun) -> dict[str, Any]:
+    from swift_sampler.pipeline.sampler.function import Sampler
+    from swift_sampler.pipeline.sampler.table_store import load_tables
+    from swift_sampler.train.sampling import create_sampler_hook
+
+    run.ensure_features()
+    flat = Sampler((0.0, 0.25, 0.5, 0.75, 1.0), (1.0,) * 5, 0.0, 0.0, "cgf", load_tables(run.noisy))
+    hook = create_sampler_hook(run.noisy, flat, features="store", seed=run.seed,
+                               describe={"method": "uniform-stage"}, selection=run.config.selection)
+    model, summary = run.train("uniform-stage", hook=hook)
+    return _result(run, model, summary, components=("run:uniform-stage",), train_runs=1.0)
+
+
 def clean(run: SeedRun) -> dict[str, Any]:
     model, summary = run.train("clean", store=run.clean)
     return _result(run, model, summary, components=("run:clean",), train_runs=1.0)
@@ -60,7 +76,8 @@ def clean(run: SeedRun) -> dict[str, Any]:
 def oracle_mask(run: SeedRun) -> dict[str, Any]:
     flipped = ground_truth(run.noisy)["noisy"]  # oracle: reads ground truth by design
     weights = (~flipped).astype(np.float64)
-    hook = weights_hook(weights, describe={"method": "oracle-mask"})
+    hook = weights_hook(weights, describe={"method": "oracle-mask"},
+                        selection=run.config.selection)
     model, summary = run.train("oracle-mask", hook=hook)
     return _result(run, model, summary, components=("run:oracle-mask",), train_runs=1.0,
                    dropped=int(flipped.sum()))
@@ -96,7 +113,8 @@ def small_loss(run: SeedRun) -> dict[str, Any]:
     rate = known_noise_rate(run.noisy)
     weights = small_loss_weights(crop0_loss(run.noisy), rate)
     drop = int((weights == 0).sum())
-    hook = weights_hook(weights, describe={"method": "small-loss", "rate": rate})
+    hook = weights_hook(weights, describe={"method": "small-loss", "rate": rate},
+                        selection=run.config.selection)
     model, summary = run.train("small-loss", hook=hook)
     flipped = ground_truth(run.noisy)["noisy"]  # diagnostics only
     return _result(run, model, summary, components=("run:small-loss",), train_runs=1.0,
@@ -127,7 +145,8 @@ def small_loss_gmm(run: SeedRun) -> dict[str, Any]:
         raise UsageError("the loss mixture put every image in the high-loss component; "
                          "w_share may not have trained")
     estimate = float(1.0 - weights.mean())
-    hook = weights_hook(weights, describe={"method": "small-loss-gmm", "estimated_rate": estimate})
+    hook = weights_hook(weights, describe={"method": "small-loss-gmm", "estimated_rate": estimate},
+                        selection=run.config.selection)
     model, summary = run.train("small-loss-gmm", hook=hook)
     flipped = ground_truth(run.noisy)["noisy"]  # diagnostics only
     return _result(run, model, summary, components=("run:small-loss-gmm",), train_runs=1.0,
@@ -179,7 +198,8 @@ def cleanlab(run: SeedRun) -> dict[str, Any]:
     with run.timed("cleanlab:find_label_issues"):
         issues = find_label_issues(labels, probs, n_jobs=1)
     components.append("cleanlab:find_label_issues")
-    hook = weights_hook((~issues).astype(np.float64), describe={"method": "cleanlab", "folds": k})
+    hook = weights_hook((~issues).astype(np.float64), describe={"method": "cleanlab", "folds": k},
+                        selection=run.config.selection)
     model, summary = run.train("cleanlab", hook=hook)
     components.append("run:cleanlab")
     flipped = ground_truth(run.noisy)["noisy"]  # diagnostics only
@@ -206,7 +226,7 @@ def ss_method(name: str):
 
 
 METHOD_FUNCTIONS = {
-    "uniform": uniform, "clean": clean, "oracle-mask": oracle_mask, "small-loss": small_loss,
+    "uniform": uniform, "uniform-stage": uniform_stage, "clean": clean, "oracle-mask": oracle_mask, "small-loss": small_loss,
     "small-loss-gmm": small_loss_gmm, "co-teaching": co_teaching,
     "cleanlab": cleanlab, "ss": ss_method("ss"), "ss-cdf": ss_method("ss-cdf"),
     "ss-random": ss_method("ss-random"),

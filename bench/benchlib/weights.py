@@ -6,8 +6,8 @@ uniform run (``len(loader) = N // B`` batches per epoch, whatever is kept):
 - ``ImageWeights``: the 2x oversample-and-filter of the sampler stage (arXiv 2410.05578, §4.2) with a
   weight per *image* instead of a tau per crop: two random crops per image are drawn, each
   carries its image's weight as ``tau``, and the sampler stage's own filter
-  (``train.sampling.tau_filter``: Efraimidis-Spirakis keys, ``pipeline.sampler.filter.select``) keeps
-  B of the 2B without replacement with probability proportional to it. A weight of 0 is never
+  (``train.sampling.TAU_FILTERS``, systematic by default) keeps B of the 2B without
+  replacement with probability proportional to it. A weight of 0 is never
   kept. The oracle mask, the small-loss filter and cleanlab's pruning train this way, through
   the same mechanism as a learned sampler, so every method gets the same steps.
 - ``SubsetCrops``: a crop stage that passes only the images of a subset (one random crop each):
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from swift_sampler.train.loader import random_crops
-from swift_sampler.train.sampling import tau_filter
+from swift_sampler.train.sampling import TAU_FILTERS
 from swift_sampler.train.trainer import SamplerHook
 
 
@@ -44,7 +44,7 @@ def _check_weights(weights: np.ndarray, what: str) -> np.ndarray:
 
 class ImageWeights:
     """Crop stage: ``random_crops`` with ``tau = weights[index]`` attached to every crop-sample,
-    so that ``train.sampling.tau_filter`` (the sampler stage's own filter) keeps B of the 2B
+    so that the sampler stage's own filter (``train.sampling.TAU_FILTERS``) keeps B of the 2B
     candidates with probability ~ the weight of their image.
 
     Args:
@@ -60,14 +60,16 @@ class ImageWeights:
             yield crop
 
 
-def weights_hook(weights: np.ndarray, *, describe: dict[str, Any] | None = None) -> SamplerHook:
+def weights_hook(weights: np.ndarray, *, describe: dict[str, Any] | None = None,
+                 selection: str = "systematic") -> SamplerHook:
     """A ``SamplerHook`` that trains with per-image ``weights`` (2 candidates per image, B kept
-    by ``tau_filter``; a batch with fewer than B positive candidates comes out short)."""
+    by the sampler stage's filter for ``selection``; a batch with fewer than B positive
+    candidates comes out short)."""
     stage = ImageWeights(weights)
     w = stage.weights
     info = {"kind": "per-image weights", "images": int(w.size), "positive": int((w > 0).sum()),
-            **(describe or {})}
-    return SamplerHook(candidates_per_image=2, crop_stage=stage, batch_filter=tau_filter,
+            "selection": selection, **(describe or {})}
+    return SamplerHook(candidates_per_image=2, crop_stage=stage, batch_filter=TAU_FILTERS[selection],
                        describe=info)
 
 

@@ -1,10 +1,20 @@
 """The 2x oversample-and-filter stage (arXiv 2410.05578, §4.2): keep half the candidates, by tau.
 
-For a batch of B the loader draws 2B candidate crops, scores them, and keeps B *without
-replacement* with probability proportional to tau, by Efraimidis-Spirakis keys: each candidate
-gets ``key = log(u) / tau`` (``u`` uniform in (0, 1]) and the ``keep`` largest keys win. This is
-sequential sampling without replacement: the first pick is ``i`` with probability
-``tau_i / sum(tau)``, the next one likewise among the rest, and so on.
+For a batch of B the loader draws 2B candidate crops (two per image, side by side), scores
+them, and keeps B *without replacement*. Two rules, both by tau alone:
+
+- ``select_systematic`` (the default): systematic sampling with probability proportional to
+  size. Candidate ``i`` is kept with probability exactly ``pi_i = min(1, c * tau_i)``, ``c``
+  such that the ``pi`` sum to ``keep`` (``inclusion_probabilities``), and one uniform draw
+  places ``keep`` points one apart along the candidates' cumulative ``pi``. Neighbours are
+  drawn together: an image whose two crops have ``pi`` summing to 1 keeps *exactly one*, so
+  with equal tau every image is seen once per epoch, as in uniform training. (Independent
+  draws leave about a quarter of the images out of each epoch and show another quarter twice;
+  that measured to cost 1.1-1.5 test points on CIFAR-10 before any sampler had a say.)
+- ``select`` (``es``): Efraimidis-Spirakis keys, sequential sampling without replacement:
+  each candidate gets ``key = log(u) / tau`` (``u`` uniform in (0, 1]) and the ``keep``
+  largest keys win; the first pick is ``i`` with probability ``tau_i / sum(tau)``, the next
+  one likewise among the rest. Each candidate is drawn independently of its neighbour.
 
 - ``tau = 0``: key ``-inf``, never kept.
 - Fewer than ``keep`` candidates with ``tau > 0``: all of those are kept and the batch is short;
@@ -23,11 +33,7 @@ import numpy as np
 
 def es_keys(tau, rng: np.random.Generator) -> np.ndarray:
     """Efraimidis-Spirakis keys ``log(u)/tau`` (float64; ``-inf`` where tau == 0)."""
-    tau = np.asarray(tau, dtype=np.float64)
-    if tau.ndim != 1:
-        raise ValueError(f"tau must be 1-D, got shape {tau.shape}")
-    if tau.size and (not np.all(np.isfinite(tau)) or tau.min() < 0):
-        raise ValueError("tau must be finite and >= 0")
+    tau = _check_tau(tau)
     u = 1.0 - rng.random(tau.size)  # in (0, 1]: log(u) is finite
     with np.errstate(divide="ignore"):
         keys = np.log(u) / np.where(tau > 0, tau, 1.0)
@@ -71,6 +77,77 @@ def select_torch(tau, keep: int, generator=None):
     if k == 0:
         return torch.empty(0, dtype=torch.int64, device=tau.device)
     return torch.sort(torch.topk(keys, k).indices).values
+
+
+def inclusion_probabilities(tau, keep: int) -> np.ndarray:
+    """``pi_i = min(1, c * tau_i)`` with ``c`` such that ``sum(pi) = min(keep, count(tau > 0))``.
+
+    Candidates whose share would exceed 1 are capped at 1 (certain) and ``c`` is solved again
+    for the rest; at most one pass per capped candidate.
+    """
+    tau = _check_tau(tau)
+    if keep < 0:
+        raise ValueError(f"keep must be >= 0, got {keep}")
+    positive = tau > 0
+    k = min(keep, int(positive.sum()))
+    pi = np.zeros(tau.size)
+    if k == 0:
+        return pi
+    certain = np.zeros(tau.size, dtype=bool)
+    while True:
+        rest = positive & ~certain
+        if not rest.any():
+            break
+        c = (k - certain.sum()) / tau[rest].sum()
+        capped = rest & (c * tau >= 1.0)
+        if not capped.any():
+            break
+        certain |= capped
+    pi[certain] = 1.0
+    if rest.any():
+        pi[rest] = c * tau[rest]
+    return pi
+
+
+def select_systematic(tau, keep: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of ``min(keep, count(tau > 0))`` candidates by systematic PPS sampling.
+
+    Candidate ``i`` is kept with probability ``inclusion_probabilities(tau, keep)[i]``; one
+    uniform ``u`` from ``rng`` picks the candidates whose cumulative-``pi`` interval holds one
+    of ``u, u + 1, ..., u + k - 1``. Same arguments and return as ``select``.
+    """
+    pi = inclusion_probabilities(tau, keep)
+    certain = pi >= 1.0 - 1e-9
+    rest = np.flatnonzero((pi > 0) & ~certain)
+    k = int(round(pi.sum())) - int(certain.sum())
+    chosen = np.flatnonzero(certain)
+    if k > 0:
+        edges = np.cumsum(pi[rest])
+        edges *= k / edges[-1]  # exact total: k points, all inside [0, k)
+        points = rng.random() + np.arange(k)
+        # every rest pi < 1 and the points are 1 apart: no interval holds two of them
+        chosen = np.concatenate([chosen, rest[np.searchsorted(edges, points, side="right")]])
+    return np.sort(chosen).astype(np.int64)
+
+
+SELECTIONS = {"systematic": select_systematic, "es": select}
+
+
+def selection_rule(name: str):
+    """The keep rule called ``name`` (``systematic`` or ``es``)."""
+    try:
+        return SELECTIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown selection {name!r}; choose one of {', '.join(SELECTIONS)}") from None
+
+
+def _check_tau(tau) -> np.ndarray:
+    tau = np.asarray(tau, dtype=np.float64)
+    if tau.ndim != 1:
+        raise ValueError(f"tau must be 1-D, got shape {tau.shape}")
+    if tau.size and (not np.all(np.isfinite(tau)) or tau.min() < 0):
+        raise ValueError("tau must be finite and >= 0")
+    return tau
 
 
 @dataclass
@@ -136,4 +213,5 @@ def _take(column, idx: np.ndarray):
     return [column[i] for i in idx]
 
 
-__all__ = ["FilterStats", "es_keys", "filter_candidates", "select", "select_torch"]
+__all__ = ["SELECTIONS", "FilterStats", "es_keys", "filter_candidates", "inclusion_probabilities",
+           "select", "select_systematic", "select_torch", "selection_rule"]

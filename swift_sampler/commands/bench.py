@@ -61,7 +61,8 @@ def register(sub, groups) -> None:
                    "tiny (seconds, for tests)")
     p.add_argument("--tiny", action="store_true", help="same as --preset tiny")
     p.add_argument("--methods", default=None,
-                   help=f"comma-separated, or all: {','.join(METHODS)} (default: the first six)")
+                   help=f"comma-separated, or all: {','.join(METHODS)} (default: all but "
+                   "uniform-stage and the ss ablations)")
     p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (data, noise, init, search); mean ± std")
     p.add_argument("--verify-ranks", type=int, default=None, metavar="M",
                    help="retrain the last M samplers of the ss search from scratch; report SR and TR")
@@ -87,6 +88,9 @@ def register(sub, groups) -> None:
                         "w_share on val")
     p.add_argument("--guard-candidates", type=int, default=None, help="candidates the guard re-evaluates (preset)")
     p.add_argument("--guard-repeats", type=int, default=None, help="seeds of the guard and noise trials (preset)")
+    p.add_argument("--selection", default=None, choices=("systematic", "es"),
+                   help="the sampler stage's keep rule for every method that filters (default "
+                   "systematic; es: each crop drawn on its own, the rule of earlier results)")
     p.add_argument("--limit", type=int, default=None, help="images taken from --data (preset)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs of every method (preset)")
     p.add_argument("--cleanlab-folds", type=int, default=None, help="k of cleanlab's cross-validation (preset)")
@@ -111,7 +115,7 @@ def run(args) -> int:
         finetune_repeats=args.finetune_repeats, trial_seeds=args.trial_seeds, labels=args.labels,
         inner_start=args.inner_start, inner_score=args.inner_score, guard=args.guard,
         guard_candidates=args.guard_candidates, guard_repeats=args.guard_repeats,
-        confirm=args.confirm, limit=args.limit, epochs=args.epochs,
+        confirm=args.confirm, selection=args.selection, limit=args.limit, epochs=args.epochs,
         cleanlab_folds=args.cleanlab_folds, crops_per_image=args.crops_per_image,
         workers=args.workers, progress=False if (args.no_progress or args.json) else None)
     log = (lambda msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))

@@ -55,6 +55,10 @@ def register(sub, groups) -> None:
                    help="what a trial scores on val: top1, or prob (mean probability of the label)")
     p.add_argument("--features", default=None, choices=("store", "online"),
                    help="where the filter finds crop features (store)")
+    p.add_argument("--selection", default=None, choices=("systematic", "es"),
+                   help="how the filter keeps half of the candidates: systematic (default: the two "
+                   "crops of an image drawn together, every image once per epoch when tau is "
+                   "flat) or es (each crop on its own, Efraimidis-Spirakis keys)")
     p.add_argument("--no-guard", dest="guard", action="store_false",
                    help="recommend the best posterior mean without re-checking it against uniform")
     p.add_argument("--guard-candidates", type=int, default=2,
@@ -99,7 +103,8 @@ def run_search_command(args) -> int:
     StoreLayout(args.store).require()
     given = dict(epochs=args.finetune_epochs, lr=args.finetune_lr, lr_fraction=args.lr_fraction,
                  schedule=args.schedule, batch_size=args.batch_size, repeats=args.repeats,
-                 features=args.features, start=args.start, score=args.score)
+                 features=args.features, start=args.start, score=args.score,
+                 selection=args.selection)
     settings = dataclasses.replace(FinetuneSettings(), **{k: v for k, v in given.items() if v is not None})
     try:
         guard = GuardSettings(enabled=args.guard, candidates=args.guard_candidates,

@@ -43,6 +43,10 @@ def register(sub, groups) -> None:
                    help="write checkpoint.pt only after the last epoch")
     p.add_argument("--sampler", default=None,
                    help="train with a sampler file (best_sampler.json): 2x oversample, keep half by tau")
+    p.add_argument("--selection", default="systematic", choices=("systematic", "es"),
+                   help="how the filter keeps half of the candidates: systematic (default: the two "
+                   "crops of an image drawn together, every image once per epoch when tau is flat) "
+                   "or es (each crop on its own); use the rule the sampler was searched with")
     p.add_argument("--features", default="store", choices=("store", "online"),
                    help="store: candidates are stored crops with stored features (default); "
                    "online: fresh crops scored by the pretrained model (--scorer or --init)")
@@ -136,7 +140,7 @@ def _sampler_hook(args, config, device):
                 "provenance": provenance}
     return create_sampler_hook(args.store, sampler, features=args.features, scorer=scorer,
                                batch_size=config.batch_size, device=device, seed=config.seed,
-                               describe=describe)
+                               describe=describe, selection=args.selection)
 
 
 def _format_train(s: dict) -> str:
