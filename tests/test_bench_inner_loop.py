@@ -46,3 +46,28 @@ def test_an_unknown_panel_name_is_refused(tmp_path, capsys):
                                "--searched", str(tmp_path / "none.json"), "--preset", "tiny",
                                "--data", str(tmp_path)])
     assert e.value.code == 2 and "unknown panel sampler(s) step-0.4" in capsys.readouterr().err
+
+
+def test_the_keep_rule_is_fixed_once_a_study_has_units(tmp_path):
+    import argparse
+
+    def args(selection, report_only=False):
+        return argparse.Namespace(selection=selection, report_only=report_only)
+
+    def error(msg):
+        raise RuntimeError(msg)
+
+    out = tmp_path / "study"
+    (out / "units").mkdir(parents=True)
+    (out / "units" / "truth-uniform-s0.json").write_text("{}")  # a study from before the setting
+    with pytest.raises(RuntimeError, match="--selection es"):
+        bench_inner_loop.check_selection(out, args("systematic"), error)
+    a = args("systematic", report_only=True)
+    bench_inner_loop.check_selection(out, a, error)  # a report says what the units used
+    assert a.selection == "es"
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    bench_inner_loop.check_selection(fresh, args("systematic"), error)
+    assert json.loads((fresh / "selection.json").read_text()) == {"selection": "systematic"}
+    with pytest.raises(RuntimeError, match="--selection systematic"):
+        bench_inner_loop.check_selection(fresh, args("es"), error)

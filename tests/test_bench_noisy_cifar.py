@@ -343,3 +343,21 @@ def test_label_file_from_the_command_line_needs_no_noise_flag(shared_cifar, tmp_
     assert [c.noise for c in seen] == ["none", "symmetric:0.4"] and seen[0].labels
     assert main([*base, "--labels", str(labels), "--noise", "symmetric:0.2"]) == 2
     assert "drop --noise symmetric:0.2" in capsys.readouterr().err
+
+
+def test_a_benchmark_stored_without_a_keep_rule_used_es_and_is_not_resumed_with_another(tmp_path):
+    from benchlib.runner import _check_settings
+    from swift_sampler.storage import StoreError
+
+    now = resolve_bench(tmp_path, tmp_path / "o", preset="tiny")
+    assert now.selection == "systematic"
+    stored = {k: v for k, v in now.definition().items() if k != "selection"}
+    assert BenchConfig.definition_with_defaults(stored)["selection"] == "es"
+    assert "selection" not in BenchConfig.with_defaults(now.search_settings())  # not a search key
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(stored))
+    with pytest.raises(StoreError, match="selection"):
+        _check_settings(path, now, print)
+    _check_settings(path, resolve_bench(tmp_path, tmp_path / "o", preset="tiny", selection="es"), print)
+    with pytest.raises(ValueError, match="selection"):
+        resolve_bench(tmp_path, tmp_path / "o", preset="tiny", selection="nearest")

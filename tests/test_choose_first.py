@@ -10,7 +10,7 @@ import torch
 from swift_sampler.pipeline.sampler.function import Sampler
 from swift_sampler.pipeline.sampler.table_store import load_tables
 from swift_sampler.train.loader import ShardDataset
-from swift_sampler.train.sampling import StoredCrops, tau_filter
+from swift_sampler.train.sampling import TAU_FILTERS, StoredCrops
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +28,12 @@ def scored(tmp_path_factory):
     return store
 
 
-def batches(store, sampler, *, choose_first, epochs=2, seed=3):
+def batches(store, sampler, *, choose_first, epochs=2, seed=3, selection="systematic"):
     ds = ShardDataset(store, "train", batch_size=32, train=True, seed=seed, num_workers=0,
-                      candidates_per_image=2, crop_stage=StoredCrops(store, sampler),
-                      batch_filter=tau_filter, choose_first=choose_first, shuffle_buffer=64)
+                      candidates_per_image=2,
+                      crop_stage=StoredCrops(store, sampler, selection=selection),
+                      batch_filter=TAU_FILTERS[selection], choose_first=choose_first,
+                      shuffle_buffer=64)
     out = []
     for epoch in range(epochs):
         ds.set_epoch(epoch)
@@ -39,14 +41,15 @@ def batches(store, sampler, *, choose_first, epochs=2, seed=3):
     return out
 
 
+@pytest.mark.parametrize("selection", ["systematic", "es"])
 @pytest.mark.parametrize("shape", ["step", "ramp"])
-def test_choose_first_gives_the_same_batches_as_filtering_after_the_cut(scored, shape):
+def test_choose_first_gives_the_same_batches_as_filtering_after_the_cut(scored, shape, selection):
     tables = load_tables(scored)
     sampler = (Sampler((0.0, 0.5, 0.5, 1.0, 1.0), (1, 1, 0, 0, 0), 1.0, 0.0, "cgf", tables)
                if shape == "step" else
                Sampler((0.0, 0.25, 0.5, 0.75, 1.0), (1, 0.8, 0.5, 0.3, 0.1), 0.7, -0.4, "cgf", tables))
-    fast = batches(scored, sampler, choose_first=True)
-    slow = batches(scored, sampler, choose_first=False)
+    fast = batches(scored, sampler, choose_first=True, selection=selection)
+    slow = batches(scored, sampler, choose_first=False, selection=selection)
     assert len(fast) == len(slow) > 0
     for a, b in zip(fast, slow):
         assert set(a) == set(b)
@@ -74,3 +77,51 @@ def test_choose_first_never_keeps_a_tau_0_crop_and_keeps_in_proportion(scored):
     positive = (stage.tau > 0).sum(axis=0)  # per crop id: images where that crop has tau > 0
     expected = positive / positive.sum() * counts.sum()
     assert chisquare(counts, expected).pvalue > 0.001
+
+
+@pytest.mark.parametrize("choose_first", [True, False])
+def test_flat_sampler_shows_every_image_once_per_epoch(scored, choose_first):
+    # The uniform sampler through the stage trains like uniform sampling: each batch is B
+    # distinct images and an epoch never shows one twice (es would skip ~1/4 and repeat ~1/4).
+    tables = load_tables(scored)
+    flat = Sampler((0.0, 0.25, 0.5, 0.75, 1.0), (1.0,) * 5, 0.0, 0.0, "cgf", tables)
+    for epoch_batches in (batches(scored, flat, choose_first=choose_first, epochs=1, seed=s)
+                          for s in (0, 1)):
+        seen = torch.cat([b["index"] for b in epoch_batches]).numpy()
+        assert len(seen) == 32 * len(epoch_batches) > 0
+        assert len(np.unique(seen)) == len(seen)
+    es = batches(scored, flat, choose_first=choose_first, epochs=1, selection="es")
+    seen = torch.cat([b["index"] for b in es]).numpy()
+    assert len(np.unique(seen)) < 0.9 * len(seen)
+
+
+@pytest.mark.parametrize("selection", ["systematic", "es"])
+def test_online_filter_keeps_half_by_the_frozen_models_tau(scored, selection):
+    from swift_sampler.pipeline.features.scoring import cross_entropy, entropy_r
+    from swift_sampler.pipeline.sampler.filter import select_systematic
+    from swift_sampler.train.models import create_model
+    from swift_sampler.train.sampling import OnlineFilter, keep_all
+
+    tables = load_tables(scored)
+    step = Sampler((0.0, 0.5, 0.5, 1.0, 1.0), (1, 1, 0, 0, 0), 1.0, 0.0, "cgf", tables)
+    ds = ShardDataset(scored, "train", batch_size=32, train=True, seed=0, num_workers=0,
+                      candidates_per_image=2, batch_filter=keep_all)
+    ds.set_epoch(0)
+    batch = next(iter(ds))
+    assert len(batch["index"]) == 64
+    torch.manual_seed(0)
+    scorer = create_model("digits-net", 10, 1, 8).eval()
+    out = OnlineFilter(scorer, step, keep=32, device=torch.device("cpu"), seed=7,
+                       selection=selection)(batch)
+    with torch.no_grad():
+        logits = scorer(batch["image"])
+    tau = step.tau_torch(cross_entropy(logits, batch["label"]), entropy_r(logits, batch["label"]),
+                         dtype=torch.float32)
+    kept = torch.isin(torch.arange(64), torch.nonzero(tau > 0).flatten())
+    assert out["candidates"] == 64 and len(out["index"]) == min(32, int(kept.sum()))
+    # rows stay aligned and only positive-tau candidates are kept
+    pos = [int(torch.nonzero((batch["image"] == img).flatten(1).all(1)).flatten()[0]) for img in out["image"]]
+    assert torch.equal(batch["label"][pos], out["label"]) and bool((tau[pos] > 0).all())
+    if selection == "systematic":  # the draw is select_systematic on that tau, seeded as given
+        want = select_systematic(tau.numpy(), 32, np.random.default_rng(7))
+        assert torch.equal(out["index"], batch["index"][torch.from_numpy(want)])

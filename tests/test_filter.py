@@ -1,4 +1,5 @@
-"""Oversample-and-filter: Efraimidis-Spirakis inclusion frequencies vs exact probabilities."""
+"""Oversample-and-filter: inclusion frequencies of both keep rules (Efraimidis-Spirakis,
+systematic PPS) vs exact probabilities."""
 
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ from swift_sampler.pipeline.sampler.filter import (
     FilterStats,
     es_keys,
     filter_candidates,
+    inclusion_probabilities,
     select,
+    select_systematic,
     select_torch,
+    selection_rule,
 )
 
 
@@ -86,3 +90,64 @@ def test_torch_select():
     np.testing.assert_allclose(counts.numpy() / 2000, inclusion_exact(tau.numpy(), 2), atol=0.04)
     with pytest.raises(ValueError):
         select(np.array([-1.0]), 1, np.random.default_rng(0))
+
+
+# -- systematic PPS (the default keep rule) ------------------------------------------------------
+def capped_shares(tau, keep):
+    """Slow reference for ``inclusion_probabilities``: bisect ``c`` in sum(min(1, c tau)) = k."""
+    tau = np.asarray(tau, float)
+    k = min(keep, int((tau > 0).sum()))
+    lo, hi = 0.0, 1e12
+    for _ in range(200):
+        c = (lo + hi) / 2
+        lo, hi = (c, hi) if np.minimum(1.0, c * tau).sum() < k else (lo, c)
+    return np.minimum(1.0, hi * tau)
+
+
+@pytest.mark.parametrize("tau,keep", [
+    ([0.05, 0.2, 1.0, 0.5, 0.0, 0.8], 3),
+    ([1.0, 1.0, 1.0, 1.0], 2),
+    ([10.0, 0.1, 0.1, 0.1, 0.1, 5.0], 3),  # two capped at 1, solved again for the rest
+    ([0.0, 2.0, 0.0, 1.0], 3),  # fewer positive than keep: all of them, certainly
+])
+def test_systematic_keeps_with_the_capped_proportional_probabilities(tau, keep):
+    tau = np.asarray(tau)
+    pi = inclusion_probabilities(tau, keep)
+    assert np.allclose(pi, capped_shares(tau, keep), atol=1e-9)
+    rng = np.random.default_rng(0)
+    draws, kept = 20000, np.zeros(len(tau))
+    k = min(keep, int((tau > 0).sum()))
+    for _ in range(draws):
+        idx = select_systematic(tau, keep, rng)
+        assert len(idx) == len(set(idx.tolist())) == k and np.all(np.diff(idx) > 0)
+        kept[idx] += 1
+    assert np.all(kept[tau == 0] == 0)
+    assert np.abs(kept / draws - pi).max() < 0.015  # binomial sd <= 0.0036
+
+
+def test_systematic_draws_the_two_candidates_of_an_image_together():
+    # Two candidates per image, side by side: flat tau keeps exactly one of each pair (an
+    # epoch over every image); es keeps 0, 1 or 2 of a pair.
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        per_image = np.bincount(select_systematic(np.ones(64), 32, rng) // 2, minlength=32)
+        assert np.all(per_image == 1)
+    es = np.concatenate([np.bincount(select(np.ones(64), 32, rng) // 2, minlength=32) for _ in range(200)])
+    assert 0.15 < np.mean(es == 0) < 0.35 and np.mean(es == 2) > 0.15
+    # An image the sampler prefers (both crops share > 1/2) keeps both, one at 0 keeps none.
+    tau = np.array([1.0, 1.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5])
+    for _ in range(50):
+        idx = select_systematic(tau, 4, rng)
+        assert {0, 1} <= set(idx.tolist()) and not {2, 3} & set(idx.tolist())
+        assert np.bincount(idx // 2, minlength=4)[2:].tolist() == [1, 1]
+
+
+def test_systematic_same_seed_same_result_and_checks_its_input():
+    tau = np.random.default_rng(5).random(50)
+    a = select_systematic(tau, 20, np.random.default_rng(9))
+    assert np.array_equal(a, select_systematic(tau, 20, np.random.default_rng(9)))
+    assert select_systematic(np.zeros(4), 2, np.random.default_rng(0)).size == 0
+    with pytest.raises(ValueError, match=">= 0"):
+        select_systematic(np.array([1.0, -1.0]), 1, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="unknown selection"):
+        selection_rule("reservoir")

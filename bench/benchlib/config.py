@@ -123,7 +123,12 @@ class BenchConfig:
         is only ever added with a default that reproduces the behaviour before it)."""
         defaults = {f.name: f.default for f in dataclasses.fields(BenchConfig)
                     if f.default is not dataclasses.MISSING}
-        return {**{k: defaults[k] for k in SEARCH_KEYS}, **LEGACY_SEARCH, **LEGACY_TRAINING, **stored}
+        return {**{k: defaults[k] for k in SEARCH_KEYS}, **LEGACY_SEARCH, **stored}
+
+    @staticmethod
+    def definition_with_defaults(stored: dict[str, Any]) -> dict[str, Any]:
+        """A stored ``definition()`` with the search and training fields it predates filled in."""
+        return {**LEGACY_TRAINING, **BenchConfig.with_defaults(stored)}
 
     def search_name(self, method: str) -> str:
         """Search folder of an ss method, named by its fine-tune recipe (``ss-e3-lr0.5``).

@@ -193,7 +193,7 @@ def _check_settings(path: Path, config: BenchConfig, log: Callable[[str], None],
     ss methods alone, in search folders of their own)."""
     if not path.is_file():
         return
-    stored = BenchConfig.with_defaults(json.loads(path.read_text()))
+    stored = BenchConfig.definition_with_defaults(json.loads(path.read_text()))
     now = json.loads(json.dumps(config.definition()))
     diff = sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
     details = "; ".join(f"{k}: stored {stored.get(k)!r}, now {now.get(k)!r}" for k in diff)
