@@ -79,7 +79,7 @@ class FinetuneSettings:
     """How one trial fine-tunes ``w_share`` (all of it goes into ``search.json``).
 
     Attributes:
-        epochs: E_f, fine-tune epochs per trial (>= 1).
+        epochs: E_f, epochs per trial (>= 1; 3, the horizon the inner-loop study measured).
         lr: peak learning rate; None: ``lr_fraction`` x the checkpoint's peak lr.
         lr_fraction: used when ``lr`` is None.
         schedule: one of ``train.schedules.SCHEDULES`` (default cosine to 0).
@@ -100,7 +100,7 @@ class FinetuneSettings:
             "es" (each crop on its own; the rule of searches recorded without this field).
     """
 
-    epochs: int = 5
+    epochs: int = 3
     lr: float | None = None
     lr_fraction: float = 1.0
     schedule: str = "cosine"

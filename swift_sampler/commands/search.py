@@ -31,7 +31,8 @@ def register(sub, groups) -> None:
     p.add_argument("--checkpoint", required=True, help="w_share: the checkpoint the features were built from")
     p.add_argument("--name", required=True, help="search name (folder STORE/searches/NAME)")
     p.add_argument("--steps", type=int, default=40, help="E_o, trials in all (40); may grow on resume")
-    p.add_argument("--finetune-epochs", type=int, default=5, help="E_f, fine-tune epochs per trial (5)")
+    p.add_argument("--finetune-epochs", type=int, default=3,
+                   help="E_f, epochs per trial (3: the inner-loop study measured the default --start scratch at 3)")
     p.add_argument("--agent", default="gp-ucb", help="gp-ucb | random")
     p.add_argument("--transform", default="cgf", choices=("cgf", "cdf"), help="T of the sampler (cgf)")
     p.add_argument("--seed", type=int, default=0, help="seed of the agent and of the fine-tunes")
