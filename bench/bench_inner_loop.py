@@ -458,12 +458,12 @@ def render(doc: dict[str, Any]) -> str:
 
 def check_selection(out: Path, args: argparse.Namespace, error) -> None:
     """Units of one study share the keep rule: record it once, refuse another on resume. A
-    study with units and no record predates the setting and used ``es``."""
+    study with sampler units and no record predates the setting and used ``es``."""
     path = out / "selection.json"
     if path.is_file():
         stored = json.loads(path.read_text())["selection"]
-    elif (out / "units").is_dir() and any((out / "units").iterdir()):
-        stored = "es"
+    elif (out / "units").is_dir() and any(u.name != "w_share.json" for u in (out / "units").iterdir()):
+        stored = "es"  # w_share is trained without the stage: its unit says nothing
     else:
         stored = args.selection
     if stored != args.selection:

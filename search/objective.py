@@ -69,7 +69,7 @@ from swift_sampler.train.trainer import SamplerHook, TrainingDiverged, fit
 from .loop import TrialResult
 
 log = logging.getLogger(__name__)
-FEATURE_MODES = ("store", "online")
+FEATURE_MODES = ("store", "image", "online")
 STARTS = ("final", "early", "scratch")
 SCORES = ("top1", "prob")
 
@@ -86,7 +86,8 @@ class FinetuneSettings:
         warmup: linear warm-up in epochs (cosine only).
         batch_size: per rank; None: the checkpoint's.
         repeats: fine-tunes per trial with different seeds; the score is their mean.
-        features: "store" (features from the feature store) or "online" (scored by w_share).
+        features: "store" (stored crops and their features), "image" (fresh crops, each with
+            its image's mean stored tau) or "online" (fresh crops scored by w_share).
         start: where a trial starts. "final": w_share's last checkpoint, ``epochs`` of the
             ``schedule`` from ``lr_fraction`` x its peak lr (the paper's fine-tune). "early":
             w_share's own run resumed from its checkpoint ``epochs`` before the end (kept by the
@@ -358,8 +359,8 @@ class FinetuneObjective:
         create_sampler_hook = self.hook_factory
         if create_sampler_hook is None:
             from swift_sampler.train.sampling import create_sampler_hook
-        if self.recipe["features"] == "store":
-            return create_sampler_hook(self.store, sampler, features="store", seed=int(seed),
+        if self.recipe["features"] in ("store", "image"):
+            return create_sampler_hook(self.store, sampler, features=self.recipe["features"], seed=int(seed),
                                        describe=describe, selection=self.settings.selection)
         device = _dist(self.device).device
         if self._frozen is None:

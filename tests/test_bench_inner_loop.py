@@ -66,7 +66,8 @@ def test_the_keep_rule_is_fixed_once_a_study_has_units(tmp_path):
     bench_inner_loop.check_selection(out, a, error)  # a report says what the units used
     assert a.selection == "es"
     fresh = tmp_path / "fresh"
-    fresh.mkdir()
+    (fresh / "units").mkdir(parents=True)
+    (fresh / "units" / "w_share.json").write_text("{}")  # trained without the stage: no evidence
     bench_inner_loop.check_selection(fresh, args("systematic"), error)
     assert json.loads((fresh / "selection.json").read_text()) == {"selection": "systematic"}
     with pytest.raises(RuntimeError, match="--selection systematic"):

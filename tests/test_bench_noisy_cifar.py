@@ -361,3 +361,14 @@ def test_a_benchmark_stored_without_a_keep_rule_used_es_and_is_not_resumed_with_
     _check_settings(path, resolve_bench(tmp_path, tmp_path / "o", preset="tiny", selection="es"), print)
     with pytest.raises(ValueError, match="selection"):
         resolve_bench(tmp_path, tmp_path / "o", preset="tiny", selection="nearest")
+
+
+def test_image_features_name_a_search_of_their_own(tmp_path):
+    store = resolve_bench(tmp_path, tmp_path / "o", preset="tiny")
+    image = resolve_bench(tmp_path, tmp_path / "o", preset="tiny", sampler_features="image")
+    assert image.search_name("ss") == store.search_name("ss") + "-image"
+    assert image.search_settings()["sampler_features"] == "image"
+    legacy = {k: v for k, v in store.search_settings().items() if k != "sampler_features"}
+    assert BenchConfig.with_defaults(legacy) == store.search_settings()  # stored before: store
+    with pytest.raises(ValueError, match="sampler-features"):
+        resolve_bench(tmp_path, tmp_path / "o", preset="tiny", sampler_features="online")

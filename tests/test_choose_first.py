@@ -125,3 +125,35 @@ def test_online_filter_keeps_half_by_the_frozen_models_tau(scored, selection):
     if selection == "systematic":  # the draw is select_systematic on that tau, seeded as given
         want = select_systematic(tau.numpy(), 32, np.random.default_rng(7))
         assert torch.equal(out["index"], batch["index"][torch.from_numpy(want)])
+
+
+def test_image_features_train_fresh_crops_with_their_images_mean_tau(scored):
+    from swift_sampler.pipeline.sampler.image_weights import image_tau
+    from swift_sampler.storage.errors import UsageError
+    from swift_sampler.train.sampling import create_sampler_hook
+
+    tables = load_tables(scored)
+    ramp = Sampler((0.0, 0.25, 0.5, 0.75, 1.0), (1, 0.8, 0.5, 0.0, 0.0), 1.0, 0.0, "cgf", tables)
+    weights = image_tau(ramp, scored).weights
+    assert (weights == 0).any() and (weights > 0).any()
+    hook = create_sampler_hook(scored, ramp, features="image", seed=0)
+    assert hook.describe == {"selection": "systematic"}
+    ds = ShardDataset(scored, "train", batch_size=32, train=True, seed=0, num_workers=0,
+                      candidates_per_image=2, crop_stage=hook.crop_stage,
+                      batch_filter=hook.batch_filter, shuffle_buffer=64)
+    got = []
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        got += list(ds)
+    index = torch.cat([b["index"] for b in got]).numpy()
+    assert np.allclose(torch.cat([b["tau"] for b in got]).numpy(), weights[index], atol=1e-6)
+    assert (torch.cat([b["crop_id"] for b in got]) == -1).all()  # fresh crops, not stored ones
+    assert (weights[index] > 0).all()
+    # kept in proportion to the weight: the heaviest third of the images is seen more often
+    seen = np.bincount(index, minlength=len(weights))
+    heavy, light = weights >= np.quantile(weights, 2 / 3), (weights > 0) & (weights < np.quantile(weights, 1 / 3))
+    if light.any():
+        assert seen[heavy].mean() > seen[light].mean()
+    zero = Sampler((0.0, 0.25, 0.5, 0.75, 1.0), (0.0,) * 5, 1.0, 0.0, "cgf", tables)
+    with pytest.raises(UsageError, match="zero for every image"):
+        create_sampler_hook(scored, zero, features="image")

@@ -16,6 +16,7 @@ from swift_sampler.pipeline.sampler.table_store import load_tables
 from swift_sampler.search.loop import GuardSettings, read_trials, run_search
 from swift_sampler.search.objective import FinetuneObjective, FinetuneSettings, check_search_inputs
 from swift_sampler.storage import StoreError, StoreLayout, sha256_file
+from swift_sampler.storage.errors import UsageError
 from swift_sampler.train.checkpoint import CheckpointError, save_checkpoint
 from swift_sampler.train.models import create_model
 
@@ -212,3 +213,23 @@ def test_early_start_without_the_kept_checkpoint_says_what_to_do(store, tmp_path
     shutil.copytree(store, bare, ignore=shutil.ignore_patterns("checkpoint-e*.pt"))
     with pytest.raises(StoreError, match="early-checkpoint inner loop needs w_share's checkpoint"):
         FinetuneObjective(bare, ckpt_of(bare), FinetuneSettings(epochs=1, start="early"), workers=0)
+
+
+def test_image_features_and_the_keep_rule_are_part_of_the_recipe(store):
+    from swift_sampler.train.sampling import ImageTauCrops, StoredCrops, tau_filter, tau_filter_es
+
+    sampler = uniform_sampler(load_tables(store))
+    image = FinetuneObjective(store, ckpt_of(store), FinetuneSettings(epochs=1, features="image"),
+                              workers=0, device="cpu")
+    assert image.describe()["features"] == "image" and image.describe()["selection"] == "systematic"
+    hook = image.hook(sampler, 0)
+    assert isinstance(hook.crop_stage, ImageTauCrops) and hook.batch_filter is tau_filter
+    a, b = image(sampler, 3), image(sampler, 3)
+    assert a.score == b.score and 0 < a.score <= 1 and a.kept_fraction == pytest.approx(0.5)
+    es = FinetuneObjective(store, ckpt_of(store), FinetuneSettings(epochs=1, selection="es"), workers=0)
+    # a search recorded before the rule was a setting has no field, and that meant es
+    assert "selection" not in es.describe()
+    hook = es.hook(sampler, 0)
+    assert isinstance(hook.crop_stage, StoredCrops) and hook.batch_filter is tau_filter_es
+    with pytest.raises(UsageError, match="selection"):
+        FinetuneSettings(selection="nearest").check()

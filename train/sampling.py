@@ -10,6 +10,9 @@ Two feature sources:
 - ``online``: the loader yields 2B fresh random crops (``keep_all``); ``OnlineFilter`` scores
   them with the frozen pretrained model in the training process (on the GPU when present) and
   keeps B.
+- ``image``: fresh random crops, as uniform training cuts them, each carrying its *image's* tau:
+  the mean tau of the image's stored crops (``ImageTauCrops``). No extra forward pass and the
+  augmentation of uniform training; the choice is per image, not per crop.
 
 The keep rule (``selection``) is ``systematic`` by default: each crop kept with probability
 proportional to its tau (capped at 1), the two crops of an image drawn together, so that equal
@@ -43,7 +46,7 @@ from swift_sampler.pipeline.sampler.function import Sampler
 from swift_sampler.storage import StoreError, StoreLayout, read_view
 from swift_sampler.storage.errors import UsageError
 
-from .loader import collate, decode
+from .loader import collate, decode, random_crops
 from .trainer import SamplerHook
 
 FEATURE_COLUMNS = ("index", "crop", "top", "left", "height", "width", "flip", "loss", "entropy_r")
@@ -149,6 +152,36 @@ class StoredCrops:
                        "crop_id": int(j), "tau": float(self.tau[i, j]), "source": s["image"]}
 
 
+class ImageTauCrops:
+    """Crop stage: ``random_crops`` with ``tau = weights[index]`` on every crop-sample, so the
+    batch filter keeps an image's fresh crops with probability ~ its weight.
+
+    Args:
+        weights: float ``(N,)``, >= 0, not all 0, indexed by the train split's dense ``index``
+            (``pipeline.sampler.image_weights.image_tau(...).weights`` for a sampler).
+    """
+
+    def __init__(self, weights) -> None:
+        w = np.asarray(weights, dtype=np.float64)
+        if w.ndim != 1 or not w.size:
+            raise ValueError(f"weights must be a non-empty 1-D array (one value per train image), "
+                             f"got shape {w.shape}")
+        if not np.all(np.isfinite(w)) or w.min() < 0:
+            raise ValueError("weights must be finite and >= 0")
+        if not (w > 0).any():
+            raise ValueError("weights are zero for every image: nothing would be trained on")
+        self.weights = w
+
+    def __call__(self, src, **kwargs: Any):
+        for crop in random_crops(src, **kwargs):
+            i = crop["index"]
+            if i >= len(self.weights):
+                raise StoreError(f"sample index {i} has no weight ({len(self.weights)} train "
+                                 "images scored); the features belong to another ingest")
+            crop["tau"] = float(self.weights[i])
+            yield crop
+
+
 def tau_filter(batch: dict[str, Any], *, rng: np.random.Generator, size: int) -> dict[str, Any]:
     """Batch filter: keep ``size`` crop-samples without replacement, each with probability
     ``min(1, c * tau)`` by systematic sampling (fewer when fewer than ``size`` have tau > 0:
@@ -214,8 +247,8 @@ def create_sampler_hook(store: str | os.PathLike, sampler: Sampler, *, features:
     """The ``SamplerHook`` for ``train(config, sampler=...)``.
 
     Args:
-        features: ``store`` (stored crops and features) or ``online`` (needs ``scorer``,
-            ``batch_size`` and ``device``).
+        features: ``store`` (stored crops and features), ``image`` (fresh crops, each image's
+            mean stored tau) or ``online`` (needs ``scorer``, ``batch_size`` and ``device``).
         selection: the keep rule, ``systematic`` (default) or ``es``; recorded in ``describe``.
     """
     if selection not in TAU_FILTERS:
@@ -224,6 +257,15 @@ def create_sampler_hook(store: str | os.PathLike, sampler: Sampler, *, features:
     if features == "store":
         return SamplerHook(candidates_per_image=2,
                            crop_stage=StoredCrops(store, sampler, selection=selection),
+                           batch_filter=TAU_FILTERS[selection], describe=describe)
+    if features == "image":
+        from swift_sampler.pipeline.sampler.image_weights import image_tau
+
+        try:
+            stage = ImageTauCrops(image_tau(sampler, store).weights)
+        except ValueError as e:
+            raise UsageError(f"the sampler cannot train on {store}: {e}") from None
+        return SamplerHook(candidates_per_image=2, crop_stage=stage,
                            batch_filter=TAU_FILTERS[selection], describe=describe)
     if features == "online":
         if scorer is None or batch_size is None or device is None:
@@ -234,4 +276,4 @@ def create_sampler_hook(store: str | os.PathLike, sampler: Sampler, *, features:
                                                     device=device, seed=seed,
                                                     selection=selection),
                            describe=describe)
-    raise UsageError(f"unknown feature source {features!r}; choose store or online")
+    raise UsageError(f"unknown feature source {features!r}; choose store, image or online")

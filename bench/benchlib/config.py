@@ -30,11 +30,13 @@ SEARCHES = {"ss": ("ss", "gp-ucb", "cgf"), "ss-cdf": ("ss-cdf", "gp-ucb", "cdf")
 # Settings only the searches depend on. Changing them re-runs the ss methods alone: the other
 # methods' results stay valid, and each fine-tune recipe gets its own search folder.
 SEARCH_KEYS = ("steps", "finetune_epochs", "finetune_lr_fraction", "finetune_repeats", "trial_seeds",
-               "inner_start", "inner_score", "guard", "guard_candidates", "guard_repeats", "confirm")
+               "inner_start", "inner_score", "guard", "guard_candidates", "guard_repeats", "confirm",
+               "sampler_features")
 # What the search did before a setting existed: a stored result that lacks the key was made
 # this way (no guard, no noise trials, distinct seeds, fine-tune from w_share's end, top-1).
 LEGACY_SEARCH = {"trial_seeds": "distinct", "inner_start": "final", "inner_score": "top1",
-                 "guard": False, "guard_candidates": 2, "guard_repeats": 0, "confirm": False}
+                 "guard": False, "guard_candidates": 2, "guard_repeats": 0, "confirm": False,
+                 "sampler_features": "store"}
 # Likewise for the training settings: results stored without ``selection`` were made with es.
 LEGACY_TRAINING = {"selection": "es"}
 
@@ -92,6 +94,9 @@ class BenchConfig:
     # w_share (the uniform run of the same recipe and seed) on val; else the user gets w_share.
     # The 3-epoch inner loop favours easy crops on clean data, which a full run does not.
     confirm: bool = True
+    # Where the ss methods' sampler stage (search trials and retraining) finds tau: "store"
+    # (stored crops, per-crop tau) or "image" (fresh crops, the image's mean stored tau).
+    sampler_features: str = "store"
     # The sampler stage's keep rule (train.sampling) for every method that filters: systematic
     # draws an image's two candidates together, so a flat weight shows every image once an epoch.
     selection: str = "systematic"
@@ -141,7 +146,8 @@ class BenchConfig:
                          f"-{self.inner_score}" if self.inner_score != "top1" else "",
                          "-crn" if self.trial_seeds == "common" else "",
                          f"-g{self.guard_candidates}x{self.guard_repeats}" if self.guard else
-                         (f"-n{self.guard_repeats}" if self.guard_repeats else "")])
+                         (f"-n{self.guard_repeats}" if self.guard_repeats else ""),
+                         f"-{self.sampler_features}" if self.sampler_features != "store" else ""])
         return (f"{SEARCHES[method][0]}-e{self.finetune_epochs}-lr{self.finetune_lr_fraction:g}"
                 f"{repeats}{inner}")
 
@@ -240,6 +246,8 @@ def check(c: BenchConfig) -> None:
     GuardSettings(enabled=c.guard, candidates=c.guard_candidates, repeats=c.guard_repeats).check()
     from swift_sampler.pipeline.sampler.filter import SELECTIONS
 
+    if c.sampler_features not in ("store", "image"):
+        raise UsageError(f"--sampler-features must be store or image, got {c.sampler_features!r}")
     if c.selection not in SELECTIONS:
         raise UsageError(f"--selection must be one of {', '.join(SELECTIONS)}, got {c.selection!r}")
     if not 0 < c.finetune_lr_fraction <= 10:

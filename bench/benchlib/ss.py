@@ -34,7 +34,7 @@ from .context import SeedRun
 def _sampler_hook(run: SeedRun, sampler: Sampler):
     from swift_sampler.train.sampling import create_sampler_hook
 
-    return create_sampler_hook(run.noisy, sampler, features="store", seed=run.seed,
+    return create_sampler_hook(run.noisy, sampler, features=run.config.sampler_features, seed=run.seed,
                                selection=run.config.selection)
 
 
@@ -62,7 +62,8 @@ def run_search(run: SeedRun, name: str, agent: str, transform: str) -> dict[str,
                   transform=transform, seed=run.seed,
                   finetune=FinetuneSettings(epochs=c.finetune_epochs, lr_fraction=c.finetune_lr_fraction,
                                             repeats=c.finetune_repeats, start=c.inner_start,
-                                            score=c.inner_score, selection=c.selection),
+                                            score=c.inner_score, selection=c.selection,
+                                            features=c.sampler_features),
                   trial_seeds=c.trial_seeds,
                   guard=GuardSettings(enabled=c.guard, candidates=c.guard_candidates,
                                       repeats=c.guard_repeats),

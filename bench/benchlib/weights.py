@@ -3,7 +3,7 @@
 Two ways a peer restricts what the model trains on, both keeping the optimiser steps of a
 uniform run (``len(loader) = N // B`` batches per epoch, whatever is kept):
 
-- ``ImageWeights``: the 2x oversample-and-filter of the sampler stage (arXiv 2410.05578, §4.2) with a
+- ``ImageWeights`` (``train.sampling.ImageTauCrops``): the 2x oversample-and-filter of the sampler stage (arXiv 2410.05578, §4.2) with a
   weight per *image* instead of a tau per crop: two random crops per image are drawn, each
   carries its image's weight as ``tau``, and the sampler stage's own filter
   (``train.sampling.TAU_FILTERS``, systematic by default) keeps B of the 2B without
@@ -26,38 +26,11 @@ from typing import Any
 import numpy as np
 
 from swift_sampler.train.loader import random_crops
-from swift_sampler.train.sampling import TAU_FILTERS
+from swift_sampler.train.sampling import TAU_FILTERS, ImageTauCrops
 from swift_sampler.train.trainer import SamplerHook
 
-
-def _check_weights(weights: np.ndarray, what: str) -> np.ndarray:
-    w = np.asarray(weights, dtype=np.float64)
-    if w.ndim != 1 or not w.size:
-        raise ValueError(f"{what} must be a non-empty 1-D array (one value per train image), "
-                         f"got shape {w.shape}")
-    if not np.all(np.isfinite(w)) or w.min() < 0:
-        raise ValueError(f"{what} must be finite and >= 0")
-    if not (w > 0).any():
-        raise ValueError(f"{what} is zero for every image: nothing would be trained on")
-    return w
-
-
-class ImageWeights:
-    """Crop stage: ``random_crops`` with ``tau = weights[index]`` attached to every crop-sample,
-    so that the sampler stage's own filter (``train.sampling.TAU_FILTERS``) keeps B of the 2B
-    candidates with probability ~ the weight of their image.
-
-    Args:
-        weights: float ``(N,)``, >= 0, indexed by the train split's dense ``index``.
-    """
-
-    def __init__(self, weights: np.ndarray) -> None:
-        self.weights = _check_weights(weights, "weights")
-
-    def __call__(self, src: Iterable[dict[str, Any]], **kwargs: Any) -> Iterator[dict[str, Any]]:
-        for crop in random_crops(src, **kwargs):
-            crop["tau"] = float(self.weights[crop["index"]])
-            yield crop
+# The library's stage for ``--features image``: the peers train through the very same code.
+ImageWeights = ImageTauCrops
 
 
 def weights_hook(weights: np.ndarray, *, describe: dict[str, Any] | None = None,

@@ -88,6 +88,9 @@ def register(sub, groups) -> None:
                         "w_share on val")
     p.add_argument("--guard-candidates", type=int, default=None, help="candidates the guard re-evaluates (preset)")
     p.add_argument("--guard-repeats", type=int, default=None, help="seeds of the guard and noise trials (preset)")
+    p.add_argument("--sampler-features", default=None, choices=("store", "image"),
+                   help="where the ss methods' sampler stage finds tau: store (stored crops, "
+                   "per-crop tau; default) or image (fresh crops, the image's mean stored tau)")
     p.add_argument("--selection", default=None, choices=("systematic", "es"),
                    help="the sampler stage's keep rule for every method that filters (default "
                    "systematic; es: each crop drawn on its own, the rule of earlier results)")
@@ -115,7 +118,7 @@ def run(args) -> int:
         finetune_repeats=args.finetune_repeats, trial_seeds=args.trial_seeds, labels=args.labels,
         inner_start=args.inner_start, inner_score=args.inner_score, guard=args.guard,
         guard_candidates=args.guard_candidates, guard_repeats=args.guard_repeats,
-        confirm=args.confirm, selection=args.selection, limit=args.limit, epochs=args.epochs,
+        confirm=args.confirm, selection=args.selection, sampler_features=args.sampler_features, limit=args.limit, epochs=args.epochs,
         cleanlab_folds=args.cleanlab_folds, crops_per_image=args.crops_per_image,
         workers=args.workers, progress=False if (args.no_progress or args.json) else None)
     log = (lambda msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))

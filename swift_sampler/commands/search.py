@@ -54,8 +54,9 @@ def register(sub, groups) -> None:
                    "fine-tune)")
     p.add_argument("--score", default=None, choices=("top1", "prob"),
                    help="what a trial scores on val: top1, or prob (mean probability of the label)")
-    p.add_argument("--features", default=None, choices=("store", "online"),
-                   help="where the filter finds crop features (store)")
+    p.add_argument("--features", default=None, choices=("store", "image", "online"),
+                   help="where the filter finds crop features: store (stored crops, default), "
+                   "image (fresh crops with their image's mean stored tau) or online")
     p.add_argument("--selection", default=None, choices=("systematic", "es"),
                    help="how the filter keeps half of the candidates: systematic (default: the two "
                    "crops of an image drawn together, every image once per epoch when tau is "

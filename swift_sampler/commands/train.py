@@ -47,8 +47,9 @@ def register(sub, groups) -> None:
                    help="how the filter keeps half of the candidates: systematic (default: the two "
                    "crops of an image drawn together, every image once per epoch when tau is flat) "
                    "or es (each crop on its own); use the rule the sampler was searched with")
-    p.add_argument("--features", default="store", choices=("store", "online"),
+    p.add_argument("--features", default="store", choices=("store", "image", "online"),
                    help="store: candidates are stored crops with stored features (default); "
+                   "image: fresh crops, each with its image's mean stored tau; "
                    "online: fresh crops scored by the pretrained model (--scorer or --init)")
     p.add_argument("--scorer", default=None,
                    help="checkpoint that scores crops in --features online (default: --init)")
@@ -127,7 +128,7 @@ def _sampler_hook(args, config, device):
     sampler, provenance = load_sampler(args.sampler)
     check_provenance(provenance, args.store, allow_foreign=args.allow_foreign_tables)
     scorer = None
-    if args.features == "store":
+    if args.features in ("store", "image"):
         check_not_all_zero(sampler, args.store)
     else:
         path = args.scorer or args.init
