@@ -2,7 +2,7 @@
 (arXiv 2410.05578, §4.2: "we randomly sample twice the number of needed crops, calculate their features
 on the according pre-trained model, and use the given sampler and the features to sample half").
 
-Two feature sources:
+Three feature sources:
 - ``store`` (default): ``StoredCrops`` picks two of the K crops stored for each image in the
   feature store, replays them exactly (``cut_crops`` == ``apply_crop``) and attaches their tau,
   computed once for all N x K rows; ``tau_filter`` keeps B of the 2B. No extra forward pass;
