@@ -28,7 +28,8 @@ def ingest(source: str, store: PathLike, **options: Any) -> dict[str, Any]:
 
 
 def train_model(store: PathLike, name: str | None, *, sampler: Sampler | PathLike | None = None,
-          preset: str | None = None, **overrides: Any) -> dict[str, Any]:
+          preset: str | None = None, features: str = "store", selection: str = "systematic",
+          **overrides: Any) -> dict[str, Any]:
     """Train a model on the store's train split; ``STORE/runs/NAME/`` holds the checkpoint.
 
     (Not called ``train``: ``swift_sampler.train`` is the training package.)
@@ -36,6 +37,8 @@ def train_model(store: PathLike, name: str | None, *, sampler: Sampler | PathLik
     Args:
         sampler: None (uniform sampling: this is how ``w_share`` is trained), a ``Sampler`` or
             a sampler file: the loader then draws 2x the crops and keeps half by tau.
+        features, selection: how the sampler stage draws and keeps (``store`` or ``image``;
+            ``systematic`` or ``es``), as ``swift-sampler train --features/--selection``.
         preset: a training preset (``digits``, ``cpu-quick``, ``paper-cifar``); None picks one
             from the image size and the hardware.
         overrides: any ``TrainConfig`` field (``epochs``, ``lr``, ``seed``, ``workers`` ...).
@@ -56,8 +59,8 @@ def train_model(store: PathLike, name: str | None, *, sampler: Sampler | PathLik
     if sampler is not None:
         from swift_sampler.train.sampling import create_sampler_hook
 
-        hook = create_sampler_hook(store, load_sampler(sampler), features="store",
-                                   seed=int(overrides.get("seed", 0)))
+        hook = create_sampler_hook(store, load_sampler(sampler), features=features,
+                                   seed=int(overrides.get("seed", 0)), selection=selection)
     return fit(resolve_config(str(store), preset=preset, name=name, **overrides), sampler=hook).summary
 
 
