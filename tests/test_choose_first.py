@@ -117,8 +117,7 @@ def test_online_filter_keeps_half_by_the_frozen_models_tau(scored, selection):
         logits = scorer(batch["image"])
     tau = step.tau_torch(cross_entropy(logits, batch["label"]), entropy_r(logits, batch["label"]),
                          dtype=torch.float32)
-    kept = torch.isin(torch.arange(64), torch.nonzero(tau > 0).flatten())
-    assert out["candidates"] == 64 and len(out["index"]) == min(32, int(kept.sum()))
+    assert out["candidates"] == 64 and len(out["index"]) == min(32, int((tau > 0).sum()))
     # rows stay aligned and only positive-tau candidates are kept
     pos = [int(torch.nonzero((batch["image"] == img).flatten(1).all(1)).flatten()[0]) for img in out["image"]]
     assert torch.equal(batch["label"][pos], out["label"]) and bool((tau[pos] > 0).all())
@@ -151,9 +150,11 @@ def test_image_features_train_fresh_crops_with_their_images_mean_tau(scored):
     assert (weights[index] > 0).all()
     # kept in proportion to the weight: the heaviest third of the images is seen more often
     seen = np.bincount(index, minlength=len(weights))
-    heavy, light = weights >= np.quantile(weights, 2 / 3), (weights > 0) & (weights < np.quantile(weights, 1 / 3))
-    if light.any():
-        assert seen[heavy].mean() > seen[light].mean()
+    positive = weights > 0
+    median = np.median(weights[positive])
+    heavy, light = weights > median, positive & (weights <= median)
+    assert heavy.any() and light.any()  # the ramp gives both, so the comparison always runs
+    assert seen[heavy].mean() > seen[light].mean()
     zero = Sampler((0.0, 0.25, 0.5, 0.75, 1.0), (0.0,) * 5, 1.0, 0.0, "cgf", tables)
     with pytest.raises(UsageError, match="zero for every image"):
         create_sampler_hook(scored, zero, features="image")

@@ -226,8 +226,8 @@ def ss_method(name: str):
 
 
 METHOD_FUNCTIONS = {
-    "uniform": uniform, "uniform-stage": uniform_stage, "clean": clean, "oracle-mask": oracle_mask, "small-loss": small_loss,
-    "small-loss-gmm": small_loss_gmm, "co-teaching": co_teaching,
+    "uniform": uniform, "uniform-stage": uniform_stage, "clean": clean, "oracle-mask": oracle_mask,
+    "small-loss": small_loss, "small-loss-gmm": small_loss_gmm, "co-teaching": co_teaching,
     "cleanlab": cleanlab, "ss": ss_method("ss"), "ss-cdf": ss_method("ss-cdf"),
     "ss-random": ss_method("ss-random"),
 }
