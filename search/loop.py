@@ -21,12 +21,18 @@ the GP's noise level below. Then "search" trials until ``steps`` of them are rec
 with the guard on, the top ``guard.candidates`` points by GP posterior mean are evaluated on the
 same ``r`` seeds as the uniform sampler ("guard" trials, reusing any evaluation already made on
 such a seed), and ``best_sampler.json`` is the candidate that beats uniform by more than the
-measured noise, or the uniform sampler (``choice.guard_decision``). Before the guard has run it
-is the point of highest posterior mean. A full-run check of the recommended trial
+measured noise, or the uniform sampler (``choice.guard_decision``). With ``guard.inner_loop``
+set to a start of its own (e.g. "early"), the guard compares the candidates and the uniform
+sampler with that inner loop instead ("guard-early" trials, made for the guard alone): a second
+opinion on the final choice that does not share the search inner loop's horizon bias. Before the
+guard has run the recommendation is the point of highest posterior mean. A full-run check of the recommended trial
 (``search.confirm``, ``confirm.json``) that did not beat ``w_share`` makes it the uniform
 sampler too. Only "search" trials are told to the agent. Every step
 is a function of the recorded trials, so a resumed search asks exactly what an uninterrupted
-one would.
+one would. The guard's ``enabled``, ``candidates`` and ``inner_loop`` may change when a search
+is resumed (they act only after the last search trial, so the recorded trials are what an
+uninterrupted search with the new settings records): a finished search can be guarded again at
+the cost of the guard alone.
 
 A failed trial (non-finite score, e.g. a diverged fine-tune) is recorded with ``status =
 "failed"`` and the worst score among the finished trials before it (0.0 when there is none),
@@ -74,7 +80,13 @@ TRIAL_SEEDS = ("common", "distinct")
 TRIALS_FILE, SETTINGS_FILE, BEST_FILE = "trials.parquet", "search.json", "best_sampler.json"
 # The full-run check of the recommended trial (``search.confirm``), when one was run.
 CONFIRM_FILE = "confirm.json"
+# The phases of trials run by the search's inner loop; a guard with an inner loop of its own
+# records "guard-START" trials (START: its start, e.g. "guard-early").
 PHASES = ("search", "noise", "guard")
+# The inner loops a guard may compare with: the search's own, or one of the objective's starts.
+GUARD_INNER_LOOPS = ("search", "final", "early", "scratch")
+# Guard settings that act only after the last search trial, so a resumed search may change them.
+GUARD_MAY_CHANGE = ("enabled", "candidates", "inner_loop")
 
 
 @dataclass(frozen=True)
@@ -86,11 +98,15 @@ class GuardSettings:
         candidates: how many (by posterior mean) the guard re-evaluates.
         repeats: fresh seeds per compared sampler; the uniform sampler is evaluated on them
             even without the guard, to measure the noise (0: no noise trials, no guard).
+        inner_loop: "search" (the guard re-evaluates with the search's inner loop, reusing the
+            noise trials) or a start of ``search.objective`` ("early", ...): the guard's
+            evaluations, the uniform sampler's included, use that inner loop instead.
     """
 
     enabled: bool = True
     candidates: int = 2
     repeats: int = 3
+    inner_loop: str = "search"
 
     def check(self) -> GuardSettings:
         if int(self.repeats) < 0 or int(self.candidates) < 1:
@@ -99,11 +115,18 @@ class GuardSettings:
         if self.enabled and int(self.repeats) < 2:
             raise UsageError("the guard compares samplers on >= 2 seeds; pass --guard-repeats 2 "
                              "or more, or --no-guard")
+        if self.inner_loop not in GUARD_INNER_LOOPS:
+            raise UsageError(f"guard inner loop must be one of {', '.join(GUARD_INNER_LOOPS)}, "
+                             f"got {self.inner_loop!r}")
         return self
 
     def to_json(self) -> dict[str, Any]:
-        return {"enabled": bool(self.enabled), "candidates": int(self.candidates),
-                "repeats": int(self.repeats)}
+        out = {"enabled": bool(self.enabled), "candidates": int(self.candidates),
+               "repeats": int(self.repeats)}
+        # Written only when set, so search.json of a search made before the field reads the same.
+        if self.inner_loop != "search":
+            out["inner_loop"] = self.inner_loop
+        return out
 
 
 @dataclass(frozen=True)
@@ -166,6 +189,7 @@ def run_search(
     initial_points: tuple[np.ndarray, ...] = (),
     trial_seeds: str = "distinct",
     guard: GuardSettings | None = None,
+    guard_objective: Objective | None = None,
     provenance: dict[str, Any] | None = None,
     on_trial: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
     is_main: bool = True,
@@ -188,6 +212,8 @@ def run_search(
             which the GP's noise term models); "common": every search trial gets ``seed``
             (common random numbers: same data order, augmentation and filter keys).
         guard: ``GuardSettings`` (default: on, 2 candidates, 3 seeds); needs initial points.
+        guard_objective: the inner loop of the guard's trials when ``guard.inner_loop`` is not
+            "search" (required then).
         provenance: merged into ``best_sampler.json``'s provenance (store_id, checkpoint sha).
         on_trial: called on rank 0 after each finished trial as ``on_trial(row, progress)``;
             ``progress`` has ``best`` (row), ``remaining`` and ``eta_s``.
@@ -210,6 +236,9 @@ def run_search(
     baseline = np.asarray(initial_points[0], dtype=np.float64) if initial_points else None
     if baseline is None:  # nothing to measure the noise on or to compare with
         guard = GuardSettings(enabled=False, repeats=0)
+    if guard.enabled and guard.inner_loop != "search" and guard_objective is None:
+        raise UsageError(f"a guard with the {guard.inner_loop!r} inner loop needs its objective "
+                         "(guard_objective)")
     layout = StoreLayout(store).require()
     folder = layout.search(name)
     settings = _jsonable({**settings, "agent": agent, "seed": int(seed), "trial_seeds": trial_seeds,
@@ -246,7 +275,8 @@ def run_search(
             phase, point, trial_seed = task[0], np.asarray(task[1], dtype=np.float64), int(task[2])
             sampler = make_sampler(point)
             t0 = time.perf_counter()
-            result = objective(sampler, trial_seed)
+            result = (objective if phase in ("search", "noise") else guard_objective or objective)(
+                sampler, trial_seed)
             seconds = time.perf_counter() - t0
             if not is_main:
                 continue
@@ -287,9 +317,33 @@ def _same(a, b) -> bool:
     return b is not None and np.allclose(np.asarray(a, float), np.asarray(b, float), atol=1e-12)
 
 
-def _evaluation(trials, point, seed: int) -> dict[str, Any] | None:
-    """The recorded trial of ``point`` on ``seed`` (any phase), if any."""
-    return next((t for t in trials if t["seed"] == seed and _same(t["point"], point)), None)
+def _evaluation(trials, point, seed: int, phases: tuple[str, ...] = PHASES) -> dict[str, Any] | None:
+    """The recorded trial of ``point`` on ``seed`` in one of ``phases`` (default: those of the
+    search's inner loop), if any."""
+    return next((t for t in trials if t["seed"] == seed and _same(t["point"], point)
+                 and t["phase"] in phases), None)
+
+
+def guard_phase(settings: dict[str, Any]) -> str:
+    """The phase of the guard's trials: "guard" with the search's inner loop, "guard-START"
+    with an inner loop of its own."""
+    inner = settings["guard"].get("inner_loop", "search")
+    return "guard" if inner == "search" else f"guard-{inner}"
+
+
+def _guard_points(trials, settings: dict[str, Any]) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
+    """The guard's candidates, and the phases its evaluations are looked up in (with the
+    search's inner loop every phase of it, so the noise trials of the uniform sampler count)."""
+    phase = guard_phase(settings)
+    return _guard_candidates(trials, settings), (PHASES if phase == "guard" else (phase,))
+
+
+def _guard_compared(trials, settings: dict[str, Any]) -> list[list[float]]:
+    """Every point the guard evaluates on its seeds: the uniform sampler first when the guard
+    has its own inner loop (the search's noise trials were made with another)."""
+    cands, phase = _guard_points(trials, settings)
+    points = [c["point"] for c in cands]
+    return points if phase == PHASES else [list(settings["baseline"]), *points]
 
 
 def search_noise(trials, settings: dict[str, Any]) -> float | None:
@@ -324,10 +378,12 @@ def _next_task(trials, bot, settings: dict[str, Any], steps: int):
             bot.set_noise(search_noise(trials, settings))
         return ("search", bot.ask().tolist(), _seed_of(settings, len(trials)))
     if settings["guard"]["enabled"]:
-        for c in _guard_candidates(trials, settings):
+        phase = guard_phase(settings)
+        lookup = PHASES if phase == "guard" else (phase,)
+        for point in _guard_compared(trials, settings):
             for g in guard_seeds(settings):
-                if _evaluation(trials, c["point"], g) is None:
-                    return ("guard", c["point"], g)
+                if _evaluation(trials, point, g, lookup) is None:
+                    return (phase, point, g)
     return None
 
 
@@ -336,10 +392,12 @@ def _remaining(trials, settings: dict[str, Any], steps: int) -> int:
     r = int(settings["guard"]["repeats"]) if settings.get("baseline") is not None else 0
     noise_left = sum(_evaluation(trials, settings["baseline"], g) is None
                      for g in guard_seeds(settings)) if r else 0
-    guard_left = int(settings["guard"]["candidates"]) * r if settings["guard"]["enabled"] else 0
+    own = settings["guard"].get("inner_loop", "search") != "search"
+    guard_left = (int(settings["guard"]["candidates"]) + own) * r if settings["guard"]["enabled"] else 0
     if n_search >= steps and settings["guard"]["enabled"]:
-        guard_left = sum(_evaluation(trials, c["point"], g) is None
-                         for c in _guard_candidates(trials, settings) for g in guard_seeds(settings))
+        lookup = _guard_points(trials, settings)[1]
+        guard_left = sum(_evaluation(trials, p, g, lookup) is None
+                         for p in _guard_compared(trials, settings) for g in guard_seeds(settings))
     return max(steps - n_search, 0) + noise_left + guard_left
 
 
@@ -381,18 +439,20 @@ def _recommend(trials: list[dict[str, Any]], settings: dict[str, Any], steps: in
     done = sum(t["phase"] == "search" for t in trials) >= steps
     if guard.get("enabled") and base is not None and done:
         seeds = guard_seeds(settings)
-        cands = _guard_candidates(trials, settings)
-        evals = {c["trial"]: [_evaluation(trials, c["point"], g) for g in seeds] for c in cands}
-        uni = [_evaluation(trials, base, g) for g in seeds]
+        cands, lookup = _guard_points(trials, settings)
+        evals = {c["trial"]: [_evaluation(trials, c["point"], g, lookup) for g in seeds] for c in cands}
+        uni = [_evaluation(trials, base, g, lookup) for g in seeds]
         if all(e is not None for e in uni) and all(e is not None for es in evals.values() for e in es):
             def score(e):
                 return e["score"] if e["status"] == "ok" else None
 
             first = _evaluation(trials, base, _seed_of(settings, 0))
+            # Trial 0 joins the noise estimate only when it ran the guard's inner loop.
+            extra = [score(first)] if first and lookup == PHASES else []
             decision = guard_decision(
                 [{"trial": t, "scores": [score(e) for e in es]} for t, es in evals.items()],
-                [score(e) for e in uni], uniform_extra=[score(first)] if first else [])
-            out["guard"] = {**decision, "seeds": seeds,
+                [score(e) for e in uni], uniform_extra=extra)
+            out["guard"] = {**decision, "seeds": seeds, "phase": guard_phase(settings),
                             "uniform_scores": [score(e) for e in uni],
                             "candidates": [{"trial": t, "scores": [score(e) for e in es]}
                                            for t, es in evals.items()]}
@@ -516,13 +576,22 @@ def _check_settings(path: Path, settings: dict[str, Any]) -> None:
         return
     stored = json.loads(path.read_text())
     stored.pop("steps", None)
-    diff = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
+    diff = sorted(k for k in set(stored) | set(settings) if _fixed(k, stored) != _fixed(k, settings))
     if diff:
         details = "; ".join(f"{k}: stored {stored.get(k)!r}, now {settings.get(k)!r}" for k in diff)
         raise StoreError(
             f"search {path.parent.name!r} exists with other settings ({details}); rerun with the "
             "stored settings to resume it, or pick a new --name"
         )
+
+
+def _fixed(key: str, settings: dict[str, Any]):
+    """What of setting ``key`` must match on resume: all of it, but the guard's (and its inner
+    loop's recipe, ``guard_finetune``) changeable part (``GUARD_MAY_CHANGE``)."""
+    value = settings.get(key)
+    if key == "guard" and isinstance(value, dict):
+        return {k: v for k, v in value.items() if k not in GUARD_MAY_CHANGE}
+    return None if key == "guard_finetune" else value
 
 
 class _Null:
@@ -533,6 +602,6 @@ class _Null:
         return False
 
 
-__all__ = ["PHASES", "GuardSettings", "Objective", "TrialResult", "best_so_far", "best_trial",
-           "guard_seeds", "read_settings", "read_trials", "recommend", "run_search", "search_noise",
+__all__ = ["GUARD_INNER_LOOPS", "PHASES", "GuardSettings", "Objective", "TrialResult", "best_so_far", "best_trial",
+           "guard_phase", "guard_seeds", "read_settings", "read_trials", "recommend", "run_search", "search_noise",
            "summarize"]

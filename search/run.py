@@ -9,6 +9,7 @@ resumed by another (same settings, same ``search.json``).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,9 @@ def search(
     sampler, steps in ``t``, a soft ramp), then Sobol' points, then the agent's; each trial runs
     the inner loop (``finetune``) with the proposed sampler and scores it on val. The uniform
     sampler is re-evaluated on ``guard.repeats`` seeds to measure the noise, and the guard
-    compares the best candidates with it (``loop.GuardSettings``). With ``confirm``, the
+    compares the best candidates with it (``loop.GuardSettings``; with ``guard.inner_loop``
+    "early" it compares them by resuming w_share's run for its last ``finetune.epochs`` epochs,
+    the same fine-tune settings otherwise). With ``confirm``, the
     recommended sampler is then trained as ``w_share`` was and kept only if it beats it on val
     (``confirm.full_run_check``: one training run more; ``progress`` shows its bars, ``announce``
     gets a line before it starts). Returns ``loop.summarize``'s
@@ -61,6 +64,14 @@ def search(
     """
     objective = FinetuneObjective(store, checkpoint, finetune or FinetuneSettings(),
                                   workers=workers, device=device)
+    guard = (guard or GuardSettings()).check()
+    guard_objective = None
+    if guard.enabled and guard.inner_loop != "search":
+        # Built now, so a w_share without the checkpoint an "early" guard needs is refused
+        # before the search rather than after it.
+        guard_objective = FinetuneObjective(store, checkpoint,
+                                            replace(finetune or FinetuneSettings(), start=guard.inner_loop),
+                                            workers=workers, device=device)
     if confirm:  # refuse now what the check would refuse after the whole search
         full_run_recipe(objective.info["checkpoint"], checkpoint)
     tables = load_tables(store)
@@ -72,6 +83,8 @@ def search(
         "transform": transform, "finetune": objective.describe(), "initial_design": DESIGN_VERSION,
         "agent_params": {k: v for k, v in params.items() if k not in ("seed", "initial_points")},
     }
+    if guard_objective is not None:
+        settings["guard_finetune"] = guard_objective.describe()
 
     def make_sampler(z) -> Sampler:
         return Sampler.from_point(z, tables, transform)
@@ -81,7 +94,7 @@ def search(
     summary = run_search(
         store, name, objective, make_sampler, settings=settings, steps=steps, agent=agent,
         seed=seed, initial_points=design, trial_seeds=trial_seeds, guard=guard,
-        provenance=provenance, on_trial=on_trial, is_main=is_main, broadcast=broadcast)
+        guard_objective=guard_objective, provenance=provenance, on_trial=on_trial, is_main=is_main, broadcast=broadcast)
     if confirm:
         full_run_check(store, name, objective, make_sampler, provenance=provenance,
                        progress=progress, announce=announce, is_main=is_main, broadcast=broadcast)

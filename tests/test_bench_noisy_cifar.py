@@ -372,3 +372,19 @@ def test_image_features_name_a_search_of_their_own(tmp_path):
     assert BenchConfig.with_defaults(legacy) == store.search_settings()  # stored before: store
     with pytest.raises(ValueError, match="sampler-features"):
         resolve_bench(tmp_path, tmp_path / "o", preset="tiny", sampler_features="online")
+
+
+def test_a_guard_with_its_own_inner_loop_keeps_the_search_and_counts_its_cost(tmp_path):
+    search = resolve_bench(tmp_path, tmp_path / "o", preset="cpu-quick")
+    early = resolve_bench(tmp_path, tmp_path / "o", preset="cpu-quick", guard_inner_loop="early")
+    # Same search folder: the guard acts after the last search trial and is run again.
+    assert early.search_name("ss") == search.search_name("ss")
+    assert early.search_settings() != search.search_settings()
+    legacy = {k: v for k, v in search.search_settings().items() if k != "guard_inner_loop"}
+    assert BenchConfig.with_defaults(legacy)["guard_inner_loop"] == "search"
+    counts = {"train": 1000, "val": 100, "test": 100}
+    extra = planned_work(early, counts)["ss"]["train"] - planned_work(search, counts)["ss"]["train"]
+    # the uniform sampler on the guard's seeds, by the guard's inner loop
+    assert extra == search.guard_repeats * search.finetune_epochs * counts["train"]
+    with pytest.raises(ValueError, match="inner loop"):
+        resolve_bench(tmp_path, tmp_path / "o", preset="tiny", guard_inner_loop="later")

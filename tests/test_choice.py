@@ -20,7 +20,8 @@ from swift_sampler.search.choice import (
 )
 from swift_sampler.search.design import canonical_samplers, initial_design
 from swift_sampler.search.loop import GuardSettings, TrialResult, read_trials, run_search, summarize
-from swift_sampler.storage import StoreLayout
+from swift_sampler.storage import StoreError, StoreLayout
+from swift_sampler.storage.errors import UsageError
 
 
 class Toy:
@@ -174,3 +175,107 @@ def test_resumed_guarded_search_matches_an_uninterrupted_one(tmp_path, tables, c
     assert summarize(store, "straight")["guard"] == summarize(store, "resumed")["guard"]
     assert (layout.search("straight") / "best_sampler.json").read_text().replace("straight", "x") == \
         (layout.search("resumed") / "best_sampler.json").read_text().replace("resumed", "x")
+
+
+# -- a guard with an inner loop of its own ------------------------------------------------------
+def _biased_pair(tables):
+    """A search inner loop that prefers step-0.3 by far, and a guard inner loop under which
+    step-0.5 is the best and step-0.3 no better than uniform (a short horizon's bias toward an
+    aggressive filter, and a longer view that does not share it)."""
+    design = initial_design(tables)
+    step03, step05 = design[1], design[2]
+
+    def near(z, target):
+        return math.exp(-float(np.sum((z - target) ** 2)) / 0.01)
+
+    search = Toy(lambda z: 0.5 + 0.05 * near(z, step03) + 0.03 * near(z, step05), sd=0.002)
+    guard = Toy(lambda z: 0.5 + 0.0 * near(z, step03) + 0.03 * near(z, step05), sd=0.002)
+    return search, guard, step03, step05
+
+
+def run_guarded(store, name, search, guard, tables, *, inner_loop="early", steps=8, candidates=2):
+    design = tuple(initial_design(tables, "cgf"))
+    return run_search(store, name, search, lambda z: Sampler.from_point(z, tables, "cgf"),
+                      settings={"transform": "cgf"}, steps=steps, seed=0, initial_points=design,
+                      trial_seeds="common", guard_objective=guard,
+                      guard=GuardSettings(candidates=candidates, repeats=3, inner_loop=inner_loop))
+
+
+def test_a_guard_with_its_own_inner_loop_compares_by_it_alone(tmp_path, tables):
+    store = make_store(tmp_path / "store")
+    search, guard, step03, step05 = _biased_pair(tables)
+    summary = run_guarded(store, "own", search, guard, tables)
+    trials = read_trials(StoreLayout(store).search("own") / "trials.parquet")
+    phases = [t["phase"] for t in trials]
+    assert phases.count("guard") == 0 and phases.count("guard-early") == 3 * 3  # uniform + 2
+    # Every guard-phase trial ran the guard's objective, every other one the search's.
+    assert len(guard.calls) == 9 and len(search.calls) == len(trials) - 9
+    early = [t for t in trials if t["phase"] == "guard-early"]
+    assert sorted({t["seed"] for t in early}) == [1, 2, 3]
+    uniform = initial_design(tables)[0]
+    assert sum(np.allclose(t["point"], uniform) for t in early) == 3
+    # The search's inner loop alone would pick step-0.3; the guard's picks step-0.5.
+    assert search.signal(step03) > search.signal(step05)
+    assert summary["choice"] == "guard" and summary["guard"]["phase"] == "guard-early"
+    np.testing.assert_allclose(trials[summary["best_trial"]]["point"], step05)
+    u = [t["score"] for t in early if np.allclose(t["point"], uniform)]
+    assert summary["guard"]["uniform_scores"] == u
+
+
+def test_a_finished_search_can_be_guarded_again_with_another_inner_loop(tmp_path, tables):
+    store = make_store(tmp_path / "store")
+    search, guard, step03, step05 = _biased_pair(tables)
+    first = run_guarded(store, "again", search, None, tables, inner_loop="search")
+    path = StoreLayout(store).search("again") / "trials.parquet"
+    before = read_trials(path)
+    np.testing.assert_allclose(before[first["best_trial"]]["point"], step03)
+    calls = len(search.calls)
+    second = run_guarded(store, "again", search, guard, tables, inner_loop="early")
+    after = read_trials(path)
+    keys = ("trial", "point", "seed", "phase", "score", "status")
+    assert [[t[k] for k in keys] for t in after[: len(before)]] == \
+        [[t[k] for k in keys] for t in before]  # nothing recorded is touched
+    assert [t["phase"] for t in after[len(before):]] == ["guard-early"] * 9
+    assert len(search.calls) == calls  # no search trial is run again
+    np.testing.assert_allclose(after[second["best_trial"]]["point"], step05)
+    best = json.loads((path.parent / "best_sampler.json").read_text())
+    assert best["provenance"]["trial"] == second["best_trial"]
+    # Back to the search's inner loop: its own guard trials decide again, not the early ones.
+    third = run_guarded(store, "again", search, None, tables, inner_loop="search")
+    assert third["best_trial"] == first["best_trial"] and len(read_trials(path)) == len(after)
+    # What the noise trials depend on may not change.
+    with pytest.raises(StoreError, match="guard"):
+        run_search(store, "again", search, lambda z: Sampler.from_point(z, tables, "cgf"),
+                   settings={"transform": "cgf"}, steps=8, seed=0,
+                   initial_points=tuple(initial_design(tables, "cgf")), trial_seeds="common",
+                   guard=GuardSettings(candidates=2, repeats=2))
+
+
+@pytest.mark.parametrize("cut", [12, 16])  # the first and a later guard-early trial
+def test_resumed_search_with_its_own_guard_matches_an_uninterrupted_one(tmp_path, tables, cut):
+    store = make_store(tmp_path / "store")
+    search, guard, *_ = _biased_pair(tables)
+    run_guarded(store, "straight", search, guard, tables)
+    n_search = sum(t["phase"] != "guard-early"
+                   for t in read_trials(StoreLayout(store).search("straight") / "trials.parquet"))
+    s2, g2, *_ = _biased_pair(tables)
+    g2.cut_at = cut - n_search
+    with pytest.raises(KeyboardInterrupt):
+        run_guarded(store, "resumed", s2, g2, tables)
+    s3, g3, *_ = _biased_pair(tables)
+    run_guarded(store, "resumed", s3, g3, tables)
+    layout = StoreLayout(store)
+    a = read_trials(layout.search("straight") / "trials.parquet")
+    b = read_trials(layout.search("resumed") / "trials.parquet")
+    keys = ("point", "seed", "phase", "score", "status")
+    assert [[t[k] for k in keys] for t in a] == [[t[k] for k in keys] for t in b]
+    assert len(s3.calls) == 0 and len(g3.calls) == len(b) - cut
+    assert summarize(store, "straight")["guard"] == summarize(store, "resumed")["guard"]
+
+
+def test_a_guard_with_its_own_inner_loop_needs_its_objective(tmp_path, tables):
+    store = make_store(tmp_path / "store")
+    with pytest.raises(UsageError, match="guard_objective"):
+        run_guarded(store, "none", Toy(lambda z: 0.5), None, tables)
+    with pytest.raises(UsageError, match="inner loop"):
+        GuardSettings(inner_loop="later").check()

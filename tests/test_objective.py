@@ -233,3 +233,34 @@ def test_image_features_and_the_keep_rule_are_part_of_the_recipe(store):
     assert isinstance(hook.crop_stage, StoredCrops) and hook.batch_filter is tau_filter_es
     with pytest.raises(UsageError, match="selection"):
         FinetuneSettings(selection="nearest").check()
+
+
+def test_search_run_with_an_early_guard_compares_by_resuming_w_shares_run(store, tmp_path, capsys):
+    work = tmp_path / "store"
+    shutil.copytree(store, work)
+    args = ["search", "run", "--store", work, "--checkpoint", ckpt_of(work), "--name", "early-guard",
+            "--steps", 3, "--guard-repeats", 2, "--guard-candidates", 1, "--finetune-epochs", 1,
+            "--no-confirm", "--workers", 0]
+    assert run_cli(*args, "--guard-inner-loop", "early") == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = read_trials(summary["trials_path"])
+    phases = [r["phase"] for r in rows]
+    assert phases == ["search"] + ["noise"] * 2 + ["search"] * 2 + ["guard-early"] * 4
+    assert summary["guard"]["phase"] == "guard-early" and summary["guard"]["seeds"] == [1, 2]
+    settings = json.loads((StoreLayout(work).search("early-guard") / "search.json").read_text())
+    assert settings["guard"]["inner_loop"] == "early"
+    assert settings["guard_finetune"]["start"] == "early" and settings["finetune"]["start"] == "scratch"
+    # The guard's uniform evaluations resume w_share's run: same seed, same score as the
+    # early objective gives, and not the search inner loop's score of the same seed.
+    early = FinetuneObjective(work, ckpt_of(work), FinetuneSettings(epochs=1, start="early"), workers=0)
+    uniform = uniform_sampler(load_tables(work))
+    first = next(r for r in rows if r["phase"] == "guard-early")
+    np.testing.assert_allclose(first["point"], uniform.to_point())
+    assert first["score"] == early(uniform, first["seed"]).score
+    # A w_share without the checkpoint the early guard needs is refused before any trial runs.
+    bare = tmp_path / "bare"
+    shutil.copytree(store, bare, ignore=shutil.ignore_patterns("checkpoint-e*.pt"))
+    bare_args = [str(a).replace(str(work), str(bare)) for a in args]
+    assert run_cli(*bare_args, "--guard-inner-loop", "early") != 0
+    assert "early-checkpoint inner loop" in capsys.readouterr().err
+    assert not (StoreLayout(bare).search("early-guard") / "trials.parquet").exists()

@@ -31,12 +31,12 @@ SEARCHES = {"ss": ("ss", "gp-ucb", "cgf"), "ss-cdf": ("ss-cdf", "gp-ucb", "cdf")
 # methods' results stay valid, and each fine-tune recipe gets its own search folder.
 SEARCH_KEYS = ("steps", "finetune_epochs", "finetune_lr_fraction", "finetune_repeats", "trial_seeds",
                "inner_start", "inner_score", "guard", "guard_candidates", "guard_repeats", "confirm",
-               "sampler_features")
+               "sampler_features", "guard_inner_loop")
 # What the search did before a setting existed: a stored result that lacks the key was made
 # this way (no guard, no noise trials, distinct seeds, fine-tune from w_share's end, top-1).
 LEGACY_SEARCH = {"trial_seeds": "distinct", "inner_start": "final", "inner_score": "top1",
                  "guard": False, "guard_candidates": 2, "guard_repeats": 0, "confirm": False,
-                 "sampler_features": "store"}
+                 "sampler_features": "store", "guard_inner_loop": "search"}
 # Likewise for the training settings: results stored without ``selection`` were made with es.
 LEGACY_TRAINING = {"selection": "es"}
 
@@ -90,6 +90,9 @@ class BenchConfig:
     guard: bool = True
     guard_candidates: int = 2
     guard_repeats: int = 2
+    # The guard's inner loop (GuardSettings.inner_loop): "search" (the search's) or a start of its
+    # own. The search folder's name leaves it out: a finished search is guarded again.
+    guard_inner_loop: str = "search"
     # After the retraining: keep the learned sampler only if its full from-scratch run beats
     # w_share (the uniform run of the same recipe and seed) on val; else the user gets w_share.
     # The 3-epoch inner loop favours easy crops on clean data, which a full run does not.
@@ -243,7 +246,8 @@ def check(c: BenchConfig) -> None:
                                  ("inner-score", c.inner_score, SCORES)):
         if value not in allowed:
             raise UsageError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
-    GuardSettings(enabled=c.guard, candidates=c.guard_candidates, repeats=c.guard_repeats).check()
+    GuardSettings(enabled=c.guard, candidates=c.guard_candidates, repeats=c.guard_repeats,
+                  inner_loop=c.guard_inner_loop).check()
     from swift_sampler.pipeline.sampler.filter import SELECTIONS
 
     if c.sampler_features not in ("store", "image"):
@@ -271,7 +275,8 @@ def planned_work(c: BenchConfig, counts: dict[str, int]) -> dict[str, dict[str, 
     if "cleanlab" in work:
         work["cleanlab"]["train"] += c.cleanlab_folds * fold_epochs * n
         work["cleanlab"]["forward"] += c.cleanlab_folds * n
-    trials = c.steps + c.guard_repeats + (c.guard_candidates * c.guard_repeats if c.guard else 0)
+    own = c.guard_inner_loop != "search"  # the guard then evaluates the uniform sampler too
+    trials = c.steps + c.guard_repeats + ((c.guard_candidates + own) * c.guard_repeats if c.guard else 0)
     for m in SEARCHES:
         if m in work:
             work[m]["train"] += trials * c.finetune_epochs * c.finetune_repeats * n

@@ -91,6 +91,8 @@ def _search(c: dict) -> str:
     if c["guard"]:
         text += (f"; guard: the top {c['guard_candidates']} by posterior mean and uniform re-run "
                  f"on {c['guard_repeats']} fresh seeds")
+        if c["guard_inner_loop"] != "search":
+            text += f", by the {c['guard_inner_loop']} inner loop"
     if c["confirm"]:
         text += "; the retrained sampler kept only if its full run beats w_share on val"
     return text

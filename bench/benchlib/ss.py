@@ -66,7 +66,7 @@ def run_search(run: SeedRun, name: str, agent: str, transform: str) -> dict[str,
                                             features=c.sampler_features),
                   trial_seeds=c.trial_seeds,
                   guard=GuardSettings(enabled=c.guard, candidates=c.guard_candidates,
-                                      repeats=c.guard_repeats),
+                                      repeats=c.guard_repeats, inner_loop=c.guard_inner_loop),
                   workers=c.workers, on_trial=on_trial)
 
 

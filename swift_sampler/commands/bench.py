@@ -88,6 +88,10 @@ def register(sub, groups) -> None:
                         "w_share on val")
     p.add_argument("--guard-candidates", type=int, default=None, help="candidates the guard re-evaluates (preset)")
     p.add_argument("--guard-repeats", type=int, default=None, help="seeds of the guard and noise trials (preset)")
+    p.add_argument("--guard-inner-loop", default=None, choices=("search", "final", "early", "scratch"),
+                   help="how the guard compares its candidates with uniform: the search's inner "
+                   "loop (default) or a start of its own, e.g. early (w_share's run resumed "
+                   "--finetune-epochs before its end); a finished search is guarded again")
     p.add_argument("--sampler-features", default=None, choices=("store", "image"),
                    help="where the ss methods' sampler stage finds tau: store (stored crops, "
                    "per-crop tau; default) or image (fresh crops, the image's mean stored tau)")
@@ -118,7 +122,7 @@ def run(args) -> int:
         finetune_repeats=args.finetune_repeats, trial_seeds=args.trial_seeds, labels=args.labels,
         inner_start=args.inner_start, inner_score=args.inner_score, guard=args.guard,
         guard_candidates=args.guard_candidates, guard_repeats=args.guard_repeats,
-        confirm=args.confirm, selection=args.selection, sampler_features=args.sampler_features, limit=args.limit, epochs=args.epochs,
+        guard_inner_loop=args.guard_inner_loop, confirm=args.confirm, selection=args.selection, sampler_features=args.sampler_features, limit=args.limit, epochs=args.epochs,
         cleanlab_folds=args.cleanlab_folds, crops_per_image=args.crops_per_image,
         workers=args.workers, progress=False if (args.no_progress or args.json) else None)
     log = (lambda msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))

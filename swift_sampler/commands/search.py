@@ -68,6 +68,11 @@ def register(sub, groups) -> None:
     p.add_argument("--guard-repeats", type=int, default=3,
                    help="seeds on which uniform and the candidates are compared; also measures "
                    "the noise (default: 3)")
+    p.add_argument("--guard-inner-loop", default="search", choices=("search", "final", "early", "scratch"),
+                   help="how the guard compares the candidates with uniform: search (the search's "
+                   "inner loop, default) or a --start of its own, e.g. early (w_share's run resumed "
+                   "--finetune-epochs before its end: no short-horizon bias toward filters that "
+                   "learn fast). May change when a finished search is resumed: the guard runs again")
     p.add_argument("--no-confirm", dest="confirm", action="store_false",
                    help="skip the full-run check (the recommendation is then the guard's, "
                    "checked at the inner loop's horizon only)")
@@ -110,7 +115,7 @@ def run_search_command(args) -> int:
     settings = dataclasses.replace(FinetuneSettings(), **{k: v for k, v in given.items() if v is not None})
     try:
         guard = GuardSettings(enabled=args.guard, candidates=args.guard_candidates,
-                              repeats=args.guard_repeats).check()
+                              repeats=args.guard_repeats, inner_loop=args.guard_inner_loop).check()
     except ValueError as e:
         raise UserError(str(e)) from None
     dist = init_distributed(args.device)
