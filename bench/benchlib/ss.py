@@ -2,7 +2,8 @@
 
 ``swift_sampler(run, "ss")`` runs Algorithm 1 (GP-UCB, T = cgf) from ``w_share`` with the
 store's features, then trains the benchmark's recipe from scratch with the best sampler in the
-2x oversample-and-filter stage. ``ss-cdf`` (T = cdf) and ``ss-random`` (random agent) are the
+2x oversample-and-filter stage (unless the guard chose the uniform sampler: then the result is
+``w_share``'s, as the library returns it, and nothing is retrained). ``ss-cdf`` (T = cdf) and ``ss-random`` (random agent) are the
 paper's ablations (Fig. 3). The search is ``STORE/searches/NAME`` with NAME from
 ``BenchConfig.search_name`` (method and fine-tune recipe, e.g. ``ss-e3-lr0.5``), resumable like
 ``swift-sampler search run`` (same settings, so either can resume the other). The retraining
@@ -76,15 +77,23 @@ def swift_sampler(run: SeedRun, method: str) -> dict[str, Any]:
     name = run.config.search_name(method)
     found = run_search(run, name, agent, transform)
     sampler, _ = load_sampler(found["best_sampler"])
-    retrain = f"{name}-t{found['best_trial']:03d}"
-    model, summary = run.train(retrain, hook=_sampler_hook(run, sampler))
     epochs = run.config.epochs
-    scores, confirm = run.scores(model), None
-    if run.config.confirm:
-        scores, confirm = _confirm(run, scores)
-    return {**scores, "confirm": confirm, "seconds": round(found["trial_seconds"] + run.seconds(f"run:{retrain}"), 2),
+    if found["choice"] == "uniform":
+        # What the library hands a user then: the uniform sampler with w_share, its full run,
+        # so nothing is retrained (``search.run._model_to_use``).
+        retrain, retrained = "uniform", 0.0
+        model, summary = run.w_share()
+        scores, confirm, seconds = run.scores(model), None, found["trial_seconds"]
+    else:
+        retrain, retrained = f"{name}-t{found['best_trial']:03d}", 1.0
+        model, summary = run.train(retrain, hook=_sampler_hook(run, sampler))
+        scores, confirm = run.scores(model), None
+        if run.config.confirm:
+            scores, confirm = _confirm(run, scores)
+        seconds = found["trial_seconds"] + run.seconds(f"run:{retrain}")
+    return {**scores, "confirm": confirm, "seconds": round(seconds, 2),
             "search_settings": run.config.search_settings(), "run": retrain,
-            "train_runs": 1.0 + found["epochs"] / epochs,
+            "train_runs": retrained + found["epochs"] / epochs,
             "search_epochs": found["epochs"], "search_cost_runs": found["epochs"] / epochs,
             "search": {k: found.get(k) for k in ("search", "trials", "search_trials", "failed",
                                                  "best_trial", "best_score", "best_sampler",
