@@ -193,14 +193,15 @@ class Study:
     def _train_w_share(self) -> dict[str, Any]:
         from swift_sampler.storage import StoreLayout
         from swift_sampler.train.checkpoint import load_checkpoint
-        from swift_sampler.train.trainer import fit
+        from swift_sampler.train.trainer import epoch_checkpoint, fit
 
         run = StoreLayout(self.store).run("uniform")
         ckpt = run / "checkpoint.pt"
 
         def keep(metrics):  # every epoch's checkpoint, for the early-checkpoint proxy
             epoch = int(load_checkpoint(ckpt)["epoch"])
-            shutil.copyfile(ckpt, run / f"checkpoint-e{epoch + 1:02d}.pt")
+            # The trainer's name for it, so `search run --start early` can use this w_share too.
+            shutil.copyfile(ckpt, epoch_checkpoint(ckpt, epoch + 1))
 
         result = fit(self._recipe("uniform", 0, resume=True), on_epoch_end=keep)
         return {**self.scores(result.model), "epochs": self.config.epochs}
@@ -275,7 +276,7 @@ class Study:
 
     def _early(self, item, seed):
         from swift_sampler.storage import StoreLayout
-        from swift_sampler.train.trainer import fit
+        from swift_sampler.train.trainer import epoch_checkpoint, fit
 
         c = self.config
         start = max(c.epochs - c.finetune_epochs, 1)
@@ -283,7 +284,10 @@ class Study:
         src, run = layout.run("uniform"), layout.run(f"early-{item['name']}-s{seed}")
         shutil.rmtree(run, ignore_errors=True)  # a killed attempt restarts from the copy
         run.mkdir(parents=True)
-        shutil.copyfile(src / f"checkpoint-e{start:02d}.pt", run / "checkpoint.pt")
+        kept = epoch_checkpoint(src / "checkpoint.pt", start)
+        if not kept.is_file():  # studies begun before the trainer's name was used
+            kept = src / f"checkpoint-e{start:02d}.pt"
+        shutil.copyfile(kept, run / "checkpoint.pt")
         shutil.copyfile(src / "metrics.jsonl", run / "metrics.jsonl")
         result = fit(self._recipe(run.name, seed, resume=True, save_checkpoints=False),
                      sampler=self._hook(item, seed))
