@@ -16,6 +16,7 @@ from swift_sampler.pipeline.sampler.file import save_sampler
 from swift_sampler.pipeline.sampler.function import Sampler, uniform_sampler
 from swift_sampler.pipeline.sampler.table_store import load_tables
 from swift_sampler.storage import StoreError, StoreLayout, read_manifest, split_shards
+from swift_sampler.storage.errors import UsageError
 
 
 def test_package_docstring_walks_the_whole_method():
@@ -116,3 +117,36 @@ def test_webdataset_stage_refuses_unknown_keys_unless_told(scored):
         list(strict(iter([{"__key__": "nope"}] * 4)))
     lenient = swift_sampler.keep_by_tau(sampler, scored, batch=2, unknown="keep")
     assert len(list(lenient(iter([{"__key__": "nope"}] * 4)))) == 2 and lenient.unknown_count == 4
+
+
+def test_webdataset_stage_keeps_each_sample_with_its_inclusion_probability(scored):
+    from swift_sampler.pipeline.sampler.filter import inclusion_probabilities
+
+    sampler = step_sampler(scored, cut=0.7)
+    stage = swift_sampler.keep_by_tau(sampler, scored, batch=16, seed=3)
+    tau = stage.tau
+    keys = sorted(tau)[:64]  # two windows of 32
+    samples = [{"__key__": k} for k in keys]
+    passes = 3000
+    counts = np.zeros(len(keys))
+    for _ in range(passes):
+        kept = [s["__key__"] for s in stage(iter(samples))]
+        assert len(kept) == 32  # every window keeps exactly its batch
+        counts[[keys.index(k) for k in kept]] += 1
+    t = np.array([tau[k] for k in keys])
+    pi = np.concatenate([inclusion_probabilities(t[:32], 16), inclusion_probabilities(t[32:], 16)])
+    # Binomial(3000, pi): sd <= 0.0092 per key; 5 sd.
+    np.testing.assert_allclose(counts / passes, pi, atol=0.046)
+    assert counts[t == 0].sum() == 0
+    # The uniform sampler keeps exactly half of every window, each sample with probability 1/2.
+    flat = swift_sampler.keep_by_tau(uniform_sampler(load_tables(scored)), scored, batch=16, seed=0)
+    seen = np.zeros(len(keys))
+    for _ in range(400):
+        kept = [s["__key__"] for s in flat(iter(samples))]
+        assert len(kept) == 32
+        seen[[keys.index(k) for k in kept]] += 1
+    np.testing.assert_allclose(seen / 400, 0.5, atol=0.125)  # 5 sd of Binomial(400, 1/2)
+    es = swift_sampler.keep_by_tau(sampler, scored, batch=16, seed=3, selection="es")
+    assert len(list(es(iter(samples)))) == 32
+    with pytest.raises(UsageError, match="selection"):
+        swift_sampler.keep_by_tau(sampler, scored, selection="nearest")

@@ -8,8 +8,9 @@ use it without this project's trainer:
   order, with the image keys to line them up with the user's dataset, ready for
   ``torch.utils.data.WeightedRandomSampler``;
 - a WebDataset pipeline: ``keep_by_tau(...)`` is a stage for ``.compose(...)`` that draws
-  twice the samples it emits and keeps half, chosen with probability proportional to tau
-  (Efraimidis-Spirakis, ``pipeline.sampler.filter.select``), looked up by ``__key__``.
+  twice the samples it emits and keeps half, each with probability proportional to tau
+  (capped at 1; systematic sampling over the shuffled window,
+  ``pipeline.sampler.filter.select_systematic``), looked up by ``__key__``.
 
     >>> import webdataset as wds                                   # doctest: +SKIP
     >>> stage = keep_by_tau("STORE/searches/ss/best_sampler.json", "STORE")  # doctest: +SKIP
@@ -32,7 +33,7 @@ import numpy as np
 from swift_sampler.storage import StoreError, read_view
 from swift_sampler.storage.errors import UsageError
 
-from .filter import select
+from .filter import SELECTIONS, select, select_systematic
 from .function import Sampler
 
 log = logging.getLogger(__name__)
@@ -114,17 +115,25 @@ class keep_by_tau:  # noqa: N801 - a stage, named like webdataset's stage functi
             a run stays reproducible.
         unknown: what to do with a sample whose ``__key__`` is not in the store: "error"
             (default) or "keep" (tau 1, counted and logged once per window).
+        selection: "systematic" (default: sample ``i`` of a window is kept with probability
+            exactly ``min(1, c * tau_i)``, ``c`` such that ``batch`` are kept; the window is
+            shuffled first, so stream order makes no pattern) or "es" (Efraimidis-Spirakis keys,
+            whose inclusion probabilities are only roughly proportional to tau).
 
     The stage reads ``__key__`` only, so it can sit before decoding: samples it drops are
     never decoded. A window at the end of the stream keeps half of what it holds.
     """
 
     def __init__(self, sampler: Sampler | str | os.PathLike, store: str | os.PathLike, *,
-                 batch: int = 256, seed: int = 0, unknown: str = "error") -> None:
+                 batch: int = 256, seed: int = 0, unknown: str = "error",
+                 selection: str = "systematic") -> None:
         if batch < 1:
             raise UsageError(f"batch must be >= 1, got {batch}")
         if unknown not in ("error", "keep"):
             raise UsageError(f"unknown must be 'error' or 'keep', got {unknown!r}")
+        if selection not in SELECTIONS:
+            raise UsageError(f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
+        self.selection = selection
         self.tau = sampler_weights(sampler, store).by_key()
         self.batch, self.seed, self.unknown = batch, seed, unknown
         self.unknown_count = 0
@@ -161,7 +170,12 @@ class keep_by_tau:  # noqa: N801 - a stage, named like webdataset's stage functi
         if self.unknown_count > before:
             log.warning("%d sample(s) not in the store kept with tau 1 (%d so far)",
                         self.unknown_count - before, self.unknown_count)
-        for i in np.sort(select(tau, keep, rng)):
+        if self.selection == "systematic":
+            order = rng.permutation(len(window))
+            chosen = order[select_systematic(tau[order], keep, rng)]
+        else:
+            chosen = select(tau, keep, rng)
+        for i in np.sort(chosen):
             yield window[i]
 
 
