@@ -25,9 +25,9 @@ measured noise, or the uniform sampler (``choice.guard_decision``). With ``guard
 set to a start of its own (e.g. "early"), the guard compares the candidates and the uniform
 sampler with that inner loop instead ("guard-early" trials, made for the guard alone): a second
 opinion on the final choice that does not share the search inner loop's horizon bias. Before the
-guard has run the recommendation is the point of highest posterior mean. A full-run check of the recommended trial
-(``search.confirm``, ``confirm.json``) that did not beat ``w_share`` makes it the uniform
-sampler too. Only "search" trials are told to the agent. Every step
+guard has run the recommendation is the point of highest posterior mean. A full-run check of
+the recommended trial (``search.confirm``, ``confirm.json``) that did not beat ``w_share``
+makes it the uniform sampler too. Only "search" trials are told to the agent. Every step
 is a function of the recorded trials, so a resumed search asks exactly what an uninterrupted
 one would. The guard's ``enabled``, ``candidates`` and ``inner_loop`` may change when a search
 is resumed (they act only after the last search trial, so the recorded trials are what an
@@ -331,19 +331,18 @@ def guard_phase(settings: dict[str, Any]) -> str:
     return "guard" if inner == "search" else f"guard-{inner}"
 
 
-def _guard_points(trials, settings: dict[str, Any]) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
-    """The guard's candidates, and the phases its evaluations are looked up in (with the
-    search's inner loop every phase of it, so the noise trials of the uniform sampler count)."""
+def _guard_lookup(settings: dict[str, Any]) -> tuple[str, ...]:
+    """The phases the guard's evaluations are looked up in: with the search's inner loop every
+    phase of it (so the uniform sampler's noise trials count), else the guard's own phase."""
     phase = guard_phase(settings)
-    return _guard_candidates(trials, settings), (PHASES if phase == "guard" else (phase,))
+    return PHASES if phase == "guard" else (phase,)
 
 
 def _guard_compared(trials, settings: dict[str, Any]) -> list[list[float]]:
     """Every point the guard evaluates on its seeds: the uniform sampler first when the guard
     has its own inner loop (the search's noise trials were made with another)."""
-    cands, phase = _guard_points(trials, settings)
-    points = [c["point"] for c in cands]
-    return points if phase == PHASES else [list(settings["baseline"]), *points]
+    points = [c["point"] for c in _guard_candidates(trials, settings)]
+    return points if _guard_lookup(settings) == PHASES else [list(settings["baseline"]), *points]
 
 
 def search_noise(trials, settings: dict[str, Any]) -> float | None:
@@ -378,12 +377,11 @@ def _next_task(trials, bot, settings: dict[str, Any], steps: int):
             bot.set_noise(search_noise(trials, settings))
         return ("search", bot.ask().tolist(), _seed_of(settings, len(trials)))
     if settings["guard"]["enabled"]:
-        phase = guard_phase(settings)
-        lookup = PHASES if phase == "guard" else (phase,)
+        lookup = _guard_lookup(settings)
         for point in _guard_compared(trials, settings):
             for g in guard_seeds(settings):
                 if _evaluation(trials, point, g, lookup) is None:
-                    return (phase, point, g)
+                    return (guard_phase(settings), point, g)
     return None
 
 
@@ -395,7 +393,7 @@ def _remaining(trials, settings: dict[str, Any], steps: int) -> int:
     own = settings["guard"].get("inner_loop", "search") != "search"
     guard_left = (int(settings["guard"]["candidates"]) + own) * r if settings["guard"]["enabled"] else 0
     if n_search >= steps and settings["guard"]["enabled"]:
-        lookup = _guard_points(trials, settings)[1]
+        lookup = _guard_lookup(settings)
         guard_left = sum(_evaluation(trials, p, g, lookup) is None
                          for p in _guard_compared(trials, settings) for g in guard_seeds(settings))
     return max(steps - n_search, 0) + noise_left + guard_left
@@ -439,7 +437,7 @@ def _recommend(trials: list[dict[str, Any]], settings: dict[str, Any], steps: in
     done = sum(t["phase"] == "search" for t in trials) >= steps
     if guard.get("enabled") and base is not None and done:
         seeds = guard_seeds(settings)
-        cands, lookup = _guard_points(trials, settings)
+        cands, lookup = _guard_candidates(trials, settings), _guard_lookup(settings)
         evals = {c["trial"]: [_evaluation(trials, c["point"], g, lookup) for g in seeds] for c in cands}
         uni = [_evaluation(trials, base, g, lookup) for g in seeds]
         if all(e is not None for e in uni) and all(e is not None for es in evals.values() for e in es):

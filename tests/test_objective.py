@@ -251,7 +251,7 @@ def test_search_run_with_an_early_guard_compares_by_resuming_w_shares_run(store,
     assert settings["guard"]["inner_loop"] == "early"
     assert settings["guard_finetune"]["start"] == "early" and settings["finetune"]["start"] == "scratch"
     # The guard's uniform evaluations resume w_share's run: same seed, same score as the
-    # early objective gives, and not the search inner loop's score of the same seed.
+    # early objective gives.
     early = FinetuneObjective(work, ckpt_of(work), FinetuneSettings(epochs=1, start="early"), workers=0)
     uniform = uniform_sampler(load_tables(work))
     first = next(r for r in rows if r["phase"] == "guard-early")

@@ -3,8 +3,8 @@
 ``swift_sampler(run, "ss")`` runs Algorithm 1 (GP-UCB, T = cgf) from ``w_share`` with the
 store's features, then trains the benchmark's recipe from scratch with the best sampler in the
 2x oversample-and-filter stage (unless the guard chose the uniform sampler: then the result is
-``w_share``'s, as the library returns it, and nothing is retrained). ``ss-cdf`` (T = cdf) and ``ss-random`` (random agent) are the
-paper's ablations (Fig. 3). The search is ``STORE/searches/NAME`` with NAME from
+``w_share``'s, as the library returns it, and nothing is retrained). ``ss-cdf`` (T = cdf) and
+``ss-random`` (random agent) are the paper's ablations (Fig. 3). The search is ``STORE/searches/NAME`` with NAME from
 ``BenchConfig.search_name`` (method and fine-tune recipe, e.g. ``ss-e3-lr0.5``), resumable like
 ``swift-sampler search run`` (same settings, so either can resume the other). The retraining
 run is named after the search and its best trial, so a longer search that finds another best

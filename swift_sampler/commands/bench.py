@@ -122,7 +122,8 @@ def run(args) -> int:
         finetune_repeats=args.finetune_repeats, trial_seeds=args.trial_seeds, labels=args.labels,
         inner_start=args.inner_start, inner_score=args.inner_score, guard=args.guard,
         guard_candidates=args.guard_candidates, guard_repeats=args.guard_repeats,
-        guard_inner_loop=args.guard_inner_loop, confirm=args.confirm, selection=args.selection, sampler_features=args.sampler_features, limit=args.limit, epochs=args.epochs,
+        guard_inner_loop=args.guard_inner_loop, confirm=args.confirm, selection=args.selection,
+        sampler_features=args.sampler_features, limit=args.limit, epochs=args.epochs,
         cleanlab_folds=args.cleanlab_folds, crops_per_image=args.crops_per_image,
         workers=args.workers, progress=False if (args.no_progress or args.json) else None)
     log = (lambda msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
