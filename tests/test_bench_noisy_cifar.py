@@ -397,3 +397,18 @@ def test_a_guard_with_its_own_inner_loop_keeps_the_search_and_counts_its_cost(tm
     assert extra == search.guard_repeats * search.finetune_epochs * counts["train"]
     with pytest.raises(ValueError, match="inner loop"):
         resolve_bench(tmp_path, tmp_path / "o", preset="tiny", guard_inner_loop="later")
+
+
+def test_val_and_test_shares_set_the_splits_and_a_store_of_other_shares_is_refused(shared_cifar, tmp_path):
+    from benchlib.stores import prepare_stores
+    from swift_sampler.storage import StoreError
+
+    config = resolve_bench(shared_cifar, tmp_path / "o", preset="tiny", val_frac=0.4, test_frac=0.1)
+    stores = prepare_stores(config, tmp_path / "o" / "seed-0", 0)
+    assert stores["counts"] == {"train": 150, "val": 120, "test": 30}  # 300 images, 30 per class
+    other = resolve_bench(shared_cifar, tmp_path / "o", preset="tiny", val_frac=0.2, test_frac=0.1)
+    with pytest.raises(StoreError, match="another data set"):
+        prepare_stores(other, tmp_path / "o" / "seed-0", 0)
+    for bad in (dict(val_frac=0.0), dict(test_frac=1.0), dict(val_frac=0.6, test_frac=0.4)):
+        with pytest.raises(ValueError, match="frac"):
+            resolve_bench(shared_cifar, tmp_path / "o", preset="tiny", **bad)

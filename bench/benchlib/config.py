@@ -236,6 +236,12 @@ def check(c: BenchConfig) -> None:
         raise UsageError("--verify-ranks retrains samplers of the ss search; add ss to --methods")
     if c.limit is not None and c.limit < 1:
         raise UsageError(f"--limit must be positive, got {c.limit}")
+    for name, frac in (("val-frac", c.val_frac), ("test-frac", c.test_frac)):
+        if not 0 < frac < 1:
+            raise UsageError(f"--{name} must lie in (0, 1), got {frac:g}")
+    if c.val_frac + c.test_frac >= 1:
+        raise UsageError(f"--val-frac + --test-frac = {c.val_frac + c.test_frac:g} leaves no "
+                         f"training images; lower them")
     if not c.lr > 0:
         raise UsageError(f"--lr must be positive, got {c.lr}")
     from swift_sampler.search.loop import TRIAL_SEEDS, GuardSettings

@@ -99,6 +99,11 @@ def register(sub, groups) -> None:
                    help="the sampler stage's keep rule for every method that filters (default "
                    "systematic; es: each crop drawn on its own, the rule of earlier results)")
     p.add_argument("--limit", type=int, default=None, help="images taken from --data (preset)")
+    p.add_argument("--val-frac", type=float, default=None,
+                   help="per-class share of the images for val, the split every choice is made on "
+                   "(preset; cpu-quick: 5/35, i.e. 5,000 of 35,000)")
+    p.add_argument("--test-frac", type=float, default=None,
+                   help="per-class share of the images for the clean test split (preset)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs of every method (preset)")
     p.add_argument("--cleanlab-folds", type=int, default=None, help="k of cleanlab's cross-validation (preset)")
     p.add_argument("--crops-per-image", type=int, default=None, help="K crops scored per image (preset)")
@@ -123,7 +128,8 @@ def run(args) -> int:
         inner_start=args.inner_start, inner_score=args.inner_score, guard=args.guard,
         guard_candidates=args.guard_candidates, guard_repeats=args.guard_repeats,
         guard_inner_loop=args.guard_inner_loop, confirm=args.confirm, selection=args.selection,
-        sampler_features=args.sampler_features, limit=args.limit, epochs=args.epochs,
+        sampler_features=args.sampler_features, limit=args.limit, val_frac=args.val_frac,
+        test_frac=args.test_frac, epochs=args.epochs,
         cleanlab_folds=args.cleanlab_folds, crops_per_image=args.crops_per_image,
         workers=args.workers, progress=False if (args.no_progress or args.json) else None)
     log = (lambda msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
