@@ -85,8 +85,9 @@ def full_run_check(store: str | Path, name: str, objective, make_sampler: Callab
 
     Returns:
         The verdict (``confirm.json``'s content) on rank 0: ``trial``, ``run``, ``checkpoint``,
-        ``sampler_val_top1``, ``uniform_val_top1``, ``kept``, ``reason``, ``epochs``,
-        ``seconds``; None when the search recommends the uniform sampler (nothing to check).
+        ``sampler_val_top1``, ``uniform_val_top1``, ``kept``, ``val_gain_se`` (the standard
+        error of the val gain over the images; None when the run diverged), ``reason``,
+        ``epochs``, ``seconds``; None when the search recommends the uniform sampler (nothing to check).
         Other ranks return None.
     """
     from swift_sampler.train.checkpoint import load_model
@@ -135,17 +136,22 @@ def full_run_check(store: str | Path, name: str, objective, make_sampler: Callab
         try:
             result = fit(config, sampler=objective.hook(make_sampler(point), recipe.get("seed", 0), describe))
         except TrainingDiverged as e:  # a sampler whose full run diverges is handed to no one
-            sampler_val, checkpoint, outcome = None, None, f"diverged ({e})"
+            sampler_val, checkpoint, outcome, gain = None, None, f"diverged ({e})", None
         else:
             sampler_val, checkpoint = objective.score(result.model)["top1"], result.summary["checkpoint"]
+            gain = objective.paired_gain(w_share, result.model)
             outcome = f"val top-1 {sampler_val:.2%}"
         kept = sampler_val is not None and sampler_val > uniform_val
         verdict = {
             "trial": trial, "run": run, "checkpoint": checkpoint,
             "sampler_val_top1": sampler_val, "uniform_val_top1": uniform_val, "kept": bool(kept),
+            # the gain's noise from the val images alone (not a threshold: the rule is gain > 0)
+            "val_gain_se": gain["se"] if gain else None,
             "epochs": int(recipe["epochs"]), "seconds": round(time.perf_counter() - t0, 2),
             "reason": (f"trained {recipe['epochs']} epochs with trial {trial}'s sampler, {outcome} "
-                       f"against w_share's {uniform_val:.2%}: "
+                       f"against w_share's {uniform_val:.2%}"
+                       + (f" (gain {100 * gain['gain']:+.2f} ± {100 * gain['se']:.2f} points over the "
+                          f"{gain['count']} val images)" if gain else "") + ": "
                        + ("kept" if kept else "the uniform sampler (w_share) is recommended instead")),
         }
         if not is_main:

@@ -328,6 +328,34 @@ class FinetuneObjective:
         return {"top1": total[0].item() / n, "prob": total[3].item() / n,
                 "true_top1": total[2].item() / n, "count": int(total[1].item())}
 
+    def paired_gain(self, reference: torch.nn.Module, model: torch.nn.Module,
+                    split: str | None = None) -> dict[str, float]:
+        """Val top-1 of ``model`` minus ``reference``'s on the same images, with its standard
+        error over the images, ``sqrt(var(c_model - c_reference) / n)`` (``c``: per-image 0/1
+        correctness).
+
+        The error is what a choice made on this split carries even when training repeats
+        exactly: the split is one sample of images, and seed repeats on it do not measure that.
+        """
+        split = split or self.val_split
+        dist = _dist(self.device)
+        loader, _ = create_loader(self.store, split, batch_size=max(256, self.recipe["batch_size"]),
+                                  train=False, rank=dist.rank, world_size=dist.world_size,
+                                  num_workers=min(self.workers, 1), image_size=self.recipe["image_size"],
+                                  pin_memory=dist.device.type == "cuda")
+        correct = []
+        for m in (reference, model):  # the eval loader reads this rank's images in one order
+            out = predict_batches(m, loader, dist.device)
+            order = np.argsort(out["index"], kind="stable")
+            correct.append((out["logits"].argmax(1) == out["label"])[order].astype(np.float64)
+                           if len(order) else np.zeros(0))
+        d = correct[1] - correct[0]
+        total = all_reduce_sum(torch.tensor([d.sum(), (d * d).sum(), float(len(d))], dtype=torch.float64), dist)
+        s1, s2, n = (x.item() for x in total)
+        gain = s1 / max(n, 1.0)
+        var = (s2 - n * gain * gain) / (n - 1) if n > 1 else math.nan
+        return {"gain": gain, "se": math.sqrt(max(var, 0.0) / n) if n > 1 else math.nan, "count": int(n)}
+
     # -- the objective --------------------------------------------------------------------
     def __call__(self, sampler: Sampler, seed: int) -> TrialResult:
         reps = self.recipe["repeats"]

@@ -17,6 +17,8 @@ from swift_sampler.search.confirm import confirm_run_name, full_run_recipe
 from swift_sampler.search.loop import CONFIRM_FILE, read_settings, read_trials, recommend, summarize
 from swift_sampler.storage import StoreError, StoreLayout
 from swift_sampler.storage.errors import UsageError
+from swift_sampler.train.checkpoint import load_model
+from swift_sampler.train.evaluate import predict
 
 
 def _toy_search(tmp_path, tables):
@@ -94,6 +96,15 @@ def test_full_run_check_trains_once_compares_on_val_and_resumes(digits):
     assert check["sampler_val_top1"] == pytest.approx(sampler_val)
     assert check["uniform_val_top1"] == pytest.approx(uniform_val)
     assert check["kept"] == (sampler_val > uniform_val)
+    # ... and its standard error over the val images, against the per-image 0/1 difference.
+    correct = []
+    for path in (ckpt, check["checkpoint"]):
+        out = predict(store, load_model(path)[0], "val", workers=0)
+        correct.append((out["logits"].argmax(1) == out["label"]).astype(float))
+    d = correct[1] - correct[0]
+    assert d.mean() == pytest.approx(sampler_val - uniform_val)
+    assert check["val_gain_se"] == pytest.approx(d.std(ddof=1) / np.sqrt(len(d)))
+    assert f"± {100 * check['val_gain_se']:.2f} points over the {len(d)} val images" in check["reason"]
     sampler, prov = load_sampler(found["best_sampler"])
     if check["kept"]:
         assert found["choice"] == "posterior-mean" and found["model"] == check["checkpoint"]
