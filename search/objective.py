@@ -297,6 +297,14 @@ class FinetuneObjective:
         return result.model, {"epochs": len(epochs), "kept_fraction": mean("kept_fraction"),
                               "flipped_kept_share": mean("flipped_kept_share")}
 
+    def _eval_loader(self, split: str, dist):
+        """This rank's share of ``split``, unshuffled and unaugmented, in one fixed order."""
+        loader, _ = create_loader(self.store, split, batch_size=max(256, self.recipe["batch_size"]),
+                                  train=False, rank=dist.rank, world_size=dist.world_size,
+                                  num_workers=min(self.workers, 1), image_size=self.recipe["image_size"],
+                                  pin_memory=dist.device.type == "cuda")
+        return loader
+
     def score(self, model: torch.nn.Module, split: str | None = None) -> dict[str, float]:
         """Top-1 of ``model`` on ``split`` (default the val split), summed over ranks.
 
@@ -306,10 +314,7 @@ class FinetuneObjective:
         """
         split = split or self.val_split
         dist = _dist(self.device)
-        loader, _ = create_loader(self.store, split, batch_size=max(256, self.recipe["batch_size"]),
-                                  train=False, rank=dist.rank, world_size=dist.world_size,
-                                  num_workers=min(self.workers, 1), image_size=self.recipe["image_size"],
-                                  pin_memory=dist.device.type == "cuda")
+        loader = self._eval_loader(split, dist)
         out = predict_batches(model, loader, dist.device)
         pred = out["logits"].argmax(1) if len(out["label"]) else np.zeros(0, np.int64)
         correct = float((pred == out["label"]).sum())
@@ -339,10 +344,7 @@ class FinetuneObjective:
         """
         split = split or self.val_split
         dist = _dist(self.device)
-        loader, _ = create_loader(self.store, split, batch_size=max(256, self.recipe["batch_size"]),
-                                  train=False, rank=dist.rank, world_size=dist.world_size,
-                                  num_workers=min(self.workers, 1), image_size=self.recipe["image_size"],
-                                  pin_memory=dist.device.type == "cuda")
+        loader = self._eval_loader(split, dist)
         correct = []
         for m in (reference, model):  # the eval loader reads this rank's images in one order
             out = predict_batches(m, loader, dist.device)
