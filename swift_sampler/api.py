@@ -28,7 +28,7 @@ def ingest(source: str, store: PathLike, **options: Any) -> dict[str, Any]:
 
 
 def train_model(store: PathLike, name: str | None, *, sampler: Sampler | PathLike | None = None,
-          preset: str | None = None, features: str = "store", selection: str = "systematic",
+          preset: str | None = None, features: str | None = None, selection: str | None = None,
           **overrides: Any) -> dict[str, Any]:
     """Train a model on the store's train split; ``STORE/runs/NAME/`` holds the checkpoint.
 
@@ -38,7 +38,9 @@ def train_model(store: PathLike, name: str | None, *, sampler: Sampler | PathLik
         sampler: None (uniform sampling: this is how ``w_share`` is trained), a ``Sampler`` or
             a sampler file: the loader then draws 2x the crops and keeps half by tau.
         features, selection: how the sampler stage draws and keeps (``store`` or ``image``;
-            ``systematic`` or ``es``), as ``swift-sampler train --features/--selection``.
+            ``systematic`` or ``es``), as ``swift-sampler train --features/--selection``; None:
+            what a sampler file records its search used (``store``, ``systematic`` for a
+            ``Sampler`` object or a file that records nothing).
         preset: a training preset (``digits``, ``cpu-quick``, ``paper-cifar``); None picks one
             from the image size and the hardware.
         overrides: any ``TrainConfig`` field (``epochs``, ``lr``, ``seed``, ``workers`` ...).
@@ -59,8 +61,16 @@ def train_model(store: PathLike, name: str | None, *, sampler: Sampler | PathLik
     if sampler is not None:
         from swift_sampler.train.sampling import create_sampler_hook
 
-        hook = create_sampler_hook(store, load_sampler(sampler), features=features,
-                                   seed=int(overrides.get("seed", 0)), selection=selection)
+        learned = {}
+        if not isinstance(sampler, Sampler):
+            from swift_sampler.pipeline.sampler.file import learned_with
+            from swift_sampler.pipeline.sampler.file import load_sampler as _load
+
+            sampler, provenance = _load(Path(sampler))
+            learned = learned_with(provenance)
+        hook = create_sampler_hook(store, sampler, features=features or learned.get("features", "store"),
+                                   seed=int(overrides.get("seed", 0)),
+                                   selection=selection or learned.get("selection", "systematic"))
     return fit(resolve_config(str(store), preset=preset, name=name, **overrides), sampler=hook).summary
 
 

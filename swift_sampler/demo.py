@@ -36,7 +36,7 @@ def run_demo(config: DemoConfig = DemoConfig(), log=print) -> dict[str, Any]:
     from swift_sampler.figures.search import plot_search
     from swift_sampler.pipeline.features.build import build_features
     from swift_sampler.pipeline.ingest.build import ingest
-    from swift_sampler.pipeline.sampler.file import load_sampler
+    from swift_sampler.pipeline.sampler.file import learned_with, load_sampler
     from swift_sampler.search.objective import FinetuneSettings
     from swift_sampler.search.run import search
     from swift_sampler.storage import sha256_file
@@ -68,8 +68,8 @@ def run_demo(config: DemoConfig = DemoConfig(), log=print) -> dict[str, Any]:
                        on_trial=lambda row, p: log(_trial_line(row, p, config.steps)))
         sampler_path = Path(found["best_sampler"])
     with _stage("retrain with the best sampler", times, log):
-        sampler, _ = load_sampler(sampler_path)
-        hook = create_sampler_hook(noisy, sampler, features="store", seed=config.seed)
+        sampler, provenance = load_sampler(sampler_path)
+        hook = create_sampler_hook(noisy, sampler, seed=config.seed, **learned_with(provenance))
         ss = fit(resolve_config(noisy, preset="digits", name="ss", **common), sampler=hook)
     with _stage("clean-label training", times, log):
         clean_run = fit(resolve_config(clean, preset="digits", name="clean", **common))

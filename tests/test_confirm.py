@@ -106,6 +106,9 @@ def test_full_run_check_trains_once_compares_on_val_and_resumes(digits):
     assert check["val_gain_se"] == pytest.approx(d.std(ddof=1) / np.sqrt(len(d)))
     assert f"± {100 * check['val_gain_se']:.2f} points over the {len(d)} val images" in check["reason"]
     sampler, prov = load_sampler(found["best_sampler"])
+    # The file says which stage the sampler was chosen through: `train --sampler` uses it.
+    stage = FinetuneSettings()
+    assert prov["learned_with"] == {"features": stage.features, "selection": stage.selection}
     if check["kept"]:
         assert found["choice"] == "posterior-mean" and found["model"] == check["checkpoint"]
         assert prov["trial"] == check["trial"]

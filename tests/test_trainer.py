@@ -227,6 +227,36 @@ def test_train_with_sampler_logs_kept_fraction_and_flipped_share(small):
     assert metrics["kept_fraction"] == pytest.approx(0.5)
 
 
+def test_train_uses_the_sampler_stage_its_file_records(small, tmp_path, caplog):
+    """A sampler is chosen through one stage (how candidates are drawn and half kept); `train
+    --sampler` defaults to that stage, and an explicit other one is trained but logged."""
+    import logging
+
+    from swift_sampler.pipeline.sampler.file import learned_with, save_sampler
+    from swift_sampler.pipeline.sampler.function import UNIFORM
+
+    write_features(small)
+    base = ["train", "--store", str(small), "--model", "digits-net", "--epochs", "1",
+            "--batch-size", "8", "--workers", "0", "--allow-foreign-tables", "--json"]
+
+    def stage(run):
+        cfg = json.loads((StoreLayout(small).run(run) / "config.json").read_text())
+        return cfg["sampler"]["features"], cfg["sampler"]["selection"]
+
+    recorded = save_sampler(tmp_path / "image-es.json", UNIFORM,
+                            {"learned_with": {"features": "image", "selection": "es"}})
+    assert main([*base, "--name", "follows", "--sampler", str(recorded)]) == 0
+    assert stage("follows") == ("image", "es")
+    with caplog.at_level(logging.WARNING):
+        assert main([*base, "--name", "asked", "--sampler", str(recorded), "--features", "store"]) == 0
+    assert stage("asked") == ("store", "es")
+    assert "searched with --features image; training with --features store" in caplog.text
+    older = save_sampler(tmp_path / "older.json", UNIFORM, {})  # a file from before the record
+    assert learned_with({}) == {} and learned_with({"learned_with": "image"}) == {}
+    assert main([*base, "--name", "older", "--sampler", str(older)]) == 0
+    assert stage("older") == ("store", "systematic")
+
+
 def test_sampler_needs_a_feature_store(small):
     from swift_sampler.pipeline.sampler.function import UNIFORM
     from swift_sampler.train.sampling import create_sampler_hook

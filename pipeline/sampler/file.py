@@ -9,7 +9,13 @@ Layout (JSON, parsed as data only)::
                 "cdf": {"loss": [Q+1 floats], "entropy_r": [Q+1 floats]},
                 "angles": [radians...], "knots": [[Q+1 floats] per angle]},
      "provenance": {"store_id": .., "features_checkpoint_sha256": .., "search": ..,
-                    "trial": .., "score": ..}}
+                    "trial": .., "score": ..,
+                    "learned_with": {"features": "store" | "image" | "online",
+                                     "selection": "systematic" | "es"}}}
+
+``learned_with`` is how the search's trials drew and kept crops; training with the sampler
+uses the same unless told otherwise (``learned_with``). Files written before it was recorded
+have none.
 
 Floats are written by ``json`` (shortest repr), so a load returns bit-identical numbers.
 """
@@ -165,6 +171,18 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not allowed")
 
 
+def learned_with(provenance: dict | None) -> dict[str, str]:
+    """How the sampler's search drew candidates (``features``) and kept half (``selection``).
+
+    The sampler was chosen for what it does through that stage, so training with it should use
+    the same. ``{}`` for a file that does not record it (written before it was recorded).
+    """
+    rec = (provenance or {}).get("learned_with")
+    if not isinstance(rec, dict):
+        return {}
+    return {k: rec[k] for k in ("features", "selection") if isinstance(rec.get(k), str)}
+
+
 def check_provenance(provenance: dict, store, allow_foreign: bool = False) -> None:
     """Refuse a sampler whose tables came from another store or other features.
 
@@ -213,4 +231,4 @@ def check_not_all_zero(sampler: Sampler, store=None, *, grid: int = 129) -> None
 
 
 __all__ = ["FORMAT", "PROVENANCE_FIELDS", "VERSION", "SamplerFileError", "check_not_all_zero",
-           "check_provenance", "load_sampler", "sampler_from_dict", "sampler_to_dict", "save_sampler"]
+           "check_provenance", "learned_with", "load_sampler", "sampler_from_dict", "sampler_to_dict", "save_sampler"]

@@ -3,9 +3,12 @@ and ``train.evaluate.evaluate``. Under torchrun every rank trains; rank 0 alone 
 
 from __future__ import annotations
 
+import logging
 import os
 
 from ..cli import UserError, add_json_flag, emit
+
+log = logging.getLogger(__name__)
 
 
 def register(sub, groups) -> None:
@@ -43,14 +46,17 @@ def register(sub, groups) -> None:
                    help="write checkpoint.pt only after the last epoch")
     p.add_argument("--sampler", default=None,
                    help="train with a sampler file (best_sampler.json): 2x oversample, keep half by tau")
-    p.add_argument("--selection", default="systematic", choices=("systematic", "es"),
-                   help="how the filter keeps half of the candidates: systematic (default: the two "
-                   "crops of an image drawn together, every image once per epoch when tau is flat) "
-                   "or es (each crop on its own); use the rule the sampler was searched with")
-    p.add_argument("--features", default="store", choices=("store", "image", "online"),
-                   help="store: candidates are stored crops with stored features (default); "
+    p.add_argument("--selection", default=None, choices=("systematic", "es"),
+                   help="how the filter keeps half of the candidates: systematic (the two crops of "
+                   "an image drawn together, every image once per epoch when tau is flat) or es "
+                   "(each crop on its own); default: the rule the sampler was searched with, as "
+                   "its file records (systematic for files that do not)")
+    p.add_argument("--features", default=None, choices=("store", "image", "online"),
+                   help="store: candidates are stored crops with stored features; "
                    "image: fresh crops, each with its image's mean stored tau; "
-                   "online: fresh crops scored by the pretrained model (--scorer or --init)")
+                   "online: fresh crops scored by the pretrained model (--scorer or --init); "
+                   "default: what the sampler was searched with, as its file records (store "
+                   "for files that do not)")
     p.add_argument("--scorer", default=None,
                    help="checkpoint that scores crops in --features online (default: --init)")
     p.add_argument("--allow-foreign-tables", action="store_true",
@@ -120,6 +126,7 @@ def _sampler_hook(args, config, device):
     from swift_sampler.pipeline.sampler.file import (
         check_not_all_zero,
         check_provenance,
+        learned_with,
         load_sampler,
     )
     from swift_sampler.train.checkpoint import load_model
@@ -127,8 +134,9 @@ def _sampler_hook(args, config, device):
 
     sampler, provenance = load_sampler(args.sampler)
     check_provenance(provenance, args.store, allow_foreign=args.allow_foreign_tables)
+    features, selection = _sampler_stage(args, learned_with(provenance))
     scorer = None
-    if args.features in ("store", "image"):
+    if features in ("store", "image"):
         check_not_all_zero(sampler, args.store)
     else:
         path = args.scorer or args.init
@@ -136,12 +144,27 @@ def _sampler_hook(args, config, device):
             raise UserError("--features online needs the pretrained model that scores crops: "
                             "pass --scorer CKPT (or --init CKPT)")
         scorer, _ = load_model(path)
-    describe = {"file": os.path.abspath(args.sampler), "features": args.features,
+    describe = {"file": os.path.abspath(args.sampler), "features": features,
                 "parameters": sampler.parameters(), "transform": sampler.transform,
                 "provenance": provenance}
-    return create_sampler_hook(args.store, sampler, features=args.features, scorer=scorer,
+    return create_sampler_hook(args.store, sampler, features=features, scorer=scorer,
                                batch_size=config.batch_size, device=device, seed=config.seed,
-                               describe=describe, selection=args.selection)
+                               describe=describe, selection=selection)
+
+
+def _sampler_stage(args, learned: dict[str, str]) -> tuple[str, str]:
+    """``--features`` and ``--selection``, defaulting to what the sampler was searched with.
+
+    A sampler is chosen for what it does through one stage; through another it is a different
+    sampler, so an explicit mismatch is trained as asked but logged.
+    """
+    features = args.features or learned.get("features", "store")
+    selection = args.selection or learned.get("selection", "systematic")
+    for flag, value in (("features", features), ("selection", selection)):
+        if learned.get(flag, value) != value:
+            log.warning("the sampler was searched with --%s %s; training with --%s %s as asked",
+                        flag, learned[flag], flag, value)
+    return features, selection
 
 
 def _format_train(s: dict) -> str:
