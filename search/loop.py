@@ -98,15 +98,16 @@ class GuardSettings:
         candidates: how many (by posterior mean) the guard re-evaluates.
         repeats: fresh seeds per compared sampler; the uniform sampler is evaluated on them
             even without the guard, to measure the noise (0: no noise trials, no guard).
-        inner_loop: "search" (the guard re-evaluates with the search's inner loop, reusing the
-            noise trials) or a start of ``search.objective`` ("early", ...): the guard's
-            evaluations, the uniform sampler's included, use that inner loop instead.
+        inner_loop: a start of ``search.objective``, by default "early" (w_share's own run
+            resumed for its last epochs: no short-horizon bias toward filters that merely learn
+            fast), the uniform sampler's evaluations included; or "search" (the search's inner
+            loop, reusing the noise trials).
     """
 
     enabled: bool = True
     candidates: int = 2
     repeats: int = 3
-    inner_loop: str = "search"
+    inner_loop: str = "early"
 
     def check(self) -> GuardSettings:
         if int(self.repeats) < 0 or int(self.candidates) < 1:
@@ -211,7 +212,8 @@ def run_search(
         trial_seeds: "distinct": trial ``n``'s objective gets ``seed + n`` (independent noise,
             which the GP's noise term models); "common": every search trial gets ``seed``
             (common random numbers: same data order, augmentation and filter keys).
-        guard: ``GuardSettings`` (default: on, 2 candidates, 3 seeds); needs initial points.
+        guard: ``GuardSettings`` (default: on, 2 candidates, 3 seeds, by the early inner loop
+            given as ``guard_objective``, or without one by the search's); needs initial points.
         guard_objective: the inner loop of the guard's trials when ``guard.inner_loop`` is not
             "search" (required then).
         provenance: merged into ``best_sampler.json``'s provenance (store_id, checkpoint sha).
@@ -232,7 +234,9 @@ def run_search(
         raise UsageError(f"steps must be >= 1, got {steps}")
     if trial_seeds not in TRIAL_SEEDS:
         raise UsageError(f"trial_seeds must be one of {', '.join(TRIAL_SEEDS)}, got {trial_seeds!r}")
-    guard = (guard or GuardSettings()).check()
+    if guard is None:  # the early loop is an objective of its own, which only the caller builds
+        guard = GuardSettings() if guard_objective is not None else GuardSettings(inner_loop="search")
+    guard = guard.check()
     baseline = np.asarray(initial_points[0], dtype=np.float64) if initial_points else None
     if baseline is None:  # nothing to measure the noise on or to compare with
         guard = GuardSettings(enabled=False, repeats=0)
@@ -576,11 +580,19 @@ def _check_settings(path: Path, settings: dict[str, Any]) -> None:
     stored.pop("steps", None)
     diff = sorted(k for k in set(stored) | set(settings) if _fixed(k, stored) != _fixed(k, settings))
     if diff:
-        details = "; ".join(f"{k}: stored {stored.get(k)!r}, now {settings.get(k)!r}" for k in diff)
+        details = "; ".join(_differences(k, _fixed(k, stored), _fixed(k, settings)) for k in diff)
         raise StoreError(
             f"search {path.parent.name!r} exists with other settings ({details}); rerun with the "
             "stored settings to resume it, or pick a new --name"
         )
+
+
+def _differences(key: str, stored, now) -> str:
+    """``key: stored X, now Y``; for two dicts only the entries that differ (``finetune.features``)."""
+    if isinstance(stored, dict) and isinstance(now, dict):
+        return "; ".join(_differences(f"{key}.{k}", stored.get(k), now.get(k))
+                         for k in sorted(set(stored) | set(now)) if stored.get(k) != now.get(k))
+    return f"{key}: stored {stored!r}, now {now!r}"
 
 
 def _fixed(key: str, settings: dict[str, Any]):

@@ -86,8 +86,9 @@ class FinetuneSettings:
         warmup: linear warm-up in epochs (cosine only).
         batch_size: per rank; None: the checkpoint's.
         repeats: fine-tunes per trial with different seeds; the score is their mean.
-        features: "store" (stored crops and their features), "image" (fresh crops, each with
-            its image's mean stored tau) or "online" (fresh crops scored by w_share).
+        features: "image" (default: fresh crops, as uniform training cuts them, each with its
+            image's mean stored tau), "store" (stored crops replayed with their own features)
+            or "online" (fresh crops scored by w_share).
         start: where a trial starts. "final": w_share's last checkpoint, ``epochs`` of the
             ``schedule`` from ``lr_fraction`` x its peak lr (the paper's fine-tune). "early":
             w_share's own run resumed from its checkpoint ``epochs`` before the end (kept by the
@@ -108,7 +109,9 @@ class FinetuneSettings:
     warmup: float = 0.0
     batch_size: int | None = None
     repeats: int = 1
-    features: str = "store"
+    # Fresh crops: what the benchmark's picks trained best through at 40% noise (README,
+    # "Results"), and the unit of the sampler a user's own loader gets (``image_tau``).
+    features: str = "image"
     # The inner loop the study in results/inner-loop/ picked (Spearman 0.96 with training from
     # scratch over the sensible panel on the truth's seed 0, against 0.92 for "early" and 0.84
     # for "final", the paper's), on common random numbers (``search.run.search``'s default).
@@ -251,11 +254,16 @@ class FinetuneObjective:
 
             done = run_epochs - int(s.epochs)
             path = epoch_checkpoint(self.checkpoint, done)
+            if run_epochs < 1:
+                raise StoreError(
+                    f"the early-checkpoint inner loop resumes w_share's training run, and "
+                    f"{self.checkpoint} records none (no epochs in its config); use a w_share "
+                    "trained by `swift-sampler train` or pick another start")
             if done < 1 or not path.is_file():
                 raise StoreError(
                     f"the early-checkpoint inner loop needs w_share's checkpoint after epoch {done} "
                     f"of {run_epochs} ({path}), which is not there; train w_share with this version "
-                    "(it keeps the checkpoints of its last epochs) or pick another --start")
+                    "(it keeps the checkpoints of its last epochs) or pick another start")
             out.update(continue_from=str(path), run_epochs=run_epochs,
                        continue_from_sha256=sha256_file(path))
         return out

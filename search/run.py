@@ -15,6 +15,7 @@ from typing import Any
 
 from swift_sampler.pipeline.sampler.function import Sampler
 from swift_sampler.pipeline.sampler.table_store import load_tables
+from swift_sampler.storage import StoreError
 
 from .agents import create_agent
 from .confirm import full_run_check, full_run_recipe
@@ -69,9 +70,13 @@ def search(
     if guard.enabled and guard.inner_loop != "search":
         # Built now, so a w_share without the checkpoint an "early" guard needs is refused
         # before the search rather than after it.
-        guard_objective = FinetuneObjective(store, checkpoint,
-                                            replace(finetune or FinetuneSettings(), start=guard.inner_loop),
-                                            workers=workers, device=device)
+        try:
+            guard_objective = FinetuneObjective(store, checkpoint,
+                                                replace(finetune or FinetuneSettings(), start=guard.inner_loop),
+                                                workers=workers, device=device)
+        except StoreError as e:
+            raise StoreError(f"the guard's inner loop: {e} (--guard-inner-loop; search: the "
+                             "search's own)") from None
     if confirm:  # refuse now what the check would refuse after the whole search
         full_run_recipe(objective.info["checkpoint"], checkpoint)
     tables = load_tables(store)

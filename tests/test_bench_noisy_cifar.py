@@ -133,15 +133,22 @@ def test_search_settings_name_the_search_and_scale_its_cost(tmp_path):
     one = resolve_bench(tmp_path, tmp_path / "o", preset="cpu-quick", methods="all")
     two = resolve_bench(tmp_path, tmp_path / "o", preset="cpu-quick", methods="all", finetune_repeats=2)
     prefix = f"ss-e3-lr0.5{'-' + one.inner_start if one.inner_start != 'final' else ''}"
-    assert one.search_name("ss").startswith(prefix) and one.search_name("ss").endswith("-g2x2")
+    assert one.search_name("ss").startswith(prefix) and one.search_name("ss").endswith("-g2x2-image")
     assert two.search_name("ss-cdf").startswith("ss-cdf-e3-lr0.5-r2")
+    stored = resolve_bench(tmp_path, tmp_path / "o", preset="cpu-quick", methods="all",
+                           sampler_features="store", guard_inner_loop="search")
+    assert stored.search_name("ss").endswith("-g2x2")  # the guard's inner loop is not in the name
     counts = {"train": 1000, "val": 100, "test": 100}
     w1, w2 = planned_work(one, counts), planned_work(two, counts)
-    # search, noise and guard trials: 12 + 2 + 2 x 2 = 18 trials of 3 epochs.
-    trials = one.steps + one.guard_repeats + one.guard_candidates * one.guard_repeats
+    # search, noise and the early guard's trials (uniform and 2 candidates on the 2 noise
+    # seeds): 10 + 2 + 3 x 2 = 18 trials of 3 epochs; the search's own guard reuses the noise
+    # trials for uniform: 2 fewer.
+    trials = one.steps + one.guard_repeats + (one.guard_candidates + 1) * one.guard_repeats
     assert trials == 18
     search = trials * one.finetune_epochs * counts["train"]
     assert w2["ss"]["train"] - w1["ss"]["train"] == search and w2["uniform"] == w1["uniform"]
+    saved = one.guard_repeats * one.finetune_epochs * counts["train"]
+    assert w1["ss"]["train"] - planned_work(stored, counts)["ss"]["train"] == saved
     # settings stored before a field existed read as what the search did then: finetune_repeats
     # as its default (1), the guard as absent, so a result made without it is not reused.
     older = {k: v for k, v in one.search_settings().items() if k != "finetune_repeats"}
@@ -204,9 +211,9 @@ def test_tiny_benchmark_end_to_end_and_resume(shared_cifar, tmp_path, capsys):
         assert (e["train_runs"] + skipped) * config.epochs * 180 == pytest.approx(work[m]["train"]), m
     for m in ("ss", "ss-cdf", "ss-random"):
         e = doc["methods"][m]
-        # 2 search trials, uniform on 2 more seeds, 1 guard candidate on those 2: 6 x 1 epoch,
-        # 3 runs of 2 epochs
-        assert e["search_epochs"] == 6 and e["search_cost_runs"] == pytest.approx(3.0)
+        # 2 search trials, uniform on 2 more seeds, the early guard's uniform and 1 candidate
+        # on those 2: 8 x 1 epoch, 4 runs of 2 epochs
+        assert e["search_epochs"] == 8 and e["search_cost_runs"] == pytest.approx(4.0)
         # The full-run check: the user gets the sampler's model only if it beat w_share on val;
         # when the guard chose the uniform sampler there is nothing to check: w_share's result.
         r, uniform = e["per_seed"][0], doc["methods"]["uniform"]["per_seed"][0]
@@ -373,8 +380,8 @@ def test_a_benchmark_stored_without_a_keep_rule_used_es_and_is_not_resumed_with_
 
 
 def test_image_features_name_a_search_of_their_own(tmp_path):
-    store = resolve_bench(tmp_path, tmp_path / "o", preset="tiny")
-    image = resolve_bench(tmp_path, tmp_path / "o", preset="tiny", sampler_features="image")
+    store = resolve_bench(tmp_path, tmp_path / "o", preset="tiny", sampler_features="store")
+    image = resolve_bench(tmp_path, tmp_path / "o", preset="tiny")  # the default
     assert image.search_name("ss") == store.search_name("ss") + "-image"
     assert image.search_settings()["sampler_features"] == "image"
     legacy = {k: v for k, v in store.search_settings().items() if k != "sampler_features"}
@@ -384,8 +391,8 @@ def test_image_features_name_a_search_of_their_own(tmp_path):
 
 
 def test_a_guard_with_its_own_inner_loop_keeps_the_search_and_counts_its_cost(tmp_path):
-    search = resolve_bench(tmp_path, tmp_path / "o", preset="cpu-quick")
-    early = resolve_bench(tmp_path, tmp_path / "o", preset="cpu-quick", guard_inner_loop="early")
+    search = resolve_bench(tmp_path, tmp_path / "o", preset="cpu-quick", guard_inner_loop="search")
+    early = resolve_bench(tmp_path, tmp_path / "o", preset="cpu-quick")  # the default
     # Same search folder: the guard acts after the last search trial and is run again.
     assert early.search_name("ss") == search.search_name("ss")
     assert early.search_settings() != search.search_settings()

@@ -45,7 +45,9 @@ def run(store, name, objective, tables, *, steps=8, seed=0, trial_seeds="common"
     design = tuple(initial_design(tables, "cgf"))
     return run_search(store, name, objective, lambda z: Sampler.from_point(z, tables, "cgf"),
                       settings={"transform": "cgf"}, steps=steps, seed=seed, initial_points=design,
-                      trial_seeds=trial_seeds, guard=guard or GuardSettings())
+                      trial_seeds=trial_seeds,
+                      # one toy objective: the guard re-runs it (the early loop is another objective)
+                      guard=guard or GuardSettings(inner_loop="search"))
 
 
 # -- posterior mean ---------------------------------------------------------------------------
@@ -248,7 +250,7 @@ def test_a_finished_search_can_be_guarded_again_with_another_inner_loop(tmp_path
         run_search(store, "again", search, lambda z: Sampler.from_point(z, tables, "cgf"),
                    settings={"transform": "cgf"}, steps=8, seed=0,
                    initial_points=tuple(initial_design(tables, "cgf")), trial_seeds="common",
-                   guard=GuardSettings(candidates=2, repeats=2))
+                   guard=GuardSettings(candidates=2, repeats=2, inner_loop="search"))
 
 
 @pytest.mark.parametrize("cut", [12, 16])  # the first and a later guard-early trial

@@ -103,7 +103,8 @@ def test_search_run_under_torchrun_through_the_cli(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
     assert len(lines) == 1  # rank 0 alone prints the summary
-    assert lines[0]["search_trials"] == 2 and lines[0]["trials"] == 2 + 2 + 2
+    # 2 search trials, uniform on 2 seeds, the early guard's uniform and candidate on those 2
+    assert lines[0]["search_trials"] == 2 and lines[0]["trials"] == 2 + 2 + 2 * 2
     # The guard's winner is checked by a full run under torchrun; a model to use either way.
     s = lines[0]
     if s["guard"]["winner"] is None:

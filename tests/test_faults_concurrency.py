@@ -74,10 +74,26 @@ def test_second_search_of_the_same_name_is_refused(base, tmp_path):
     folder = StoreLayout(store).search("s")
     with exclusive_lock(folder / ".lock", "search 's'"):
         code, err = main_in_process("search", "run", "--store", store, "--checkpoint", ckpt, "--name", "s",
-                                    "--start", "final", "--no-confirm",
+                                    "--start", "final", "--guard-inner-loop", "search", "--no-confirm",
                                     "--steps", "1", "--finetune-epochs", "1", "--workers", "0")
     _refused(code, err)
     assert not (folder / "trials.parquet").exists()
+
+
+def test_the_default_early_guard_refuses_a_w_share_without_a_training_run(base, tmp_path):
+    """The guard resumes w_share's own run: a checkpoint that records none is refused before
+    any trial, saying how to go on."""
+    from faultlib import run_in_process
+
+    store = copy_store(base, tmp_path / "store")
+    ckpt = make_checkpoint(store, tmp_path / "w.pt")  # weights only, no recipe
+    assert run_in_process("pipeline", "build-features", "--store", store, "--checkpoint", ckpt,
+                          *FEATURE_OPTS) == 0
+    code, err = main_in_process("search", "run", "--store", store, "--checkpoint", ckpt, "--name", "s",
+                                "--start", "final", "--no-confirm",
+                                "--steps", "1", "--finetune-epochs", "1", "--workers", "0")
+    assert code == 2 and "records none" in err and "--guard-inner-loop" in err, err
+    assert not (StoreLayout(store).search("s") / "trials.parquet").exists()
 
 
 @pytest.mark.slow

@@ -106,8 +106,9 @@ def test_search_run_end_to_end_writes_a_valid_sampler(store, tmp_path, capsys):
     assert run_cli(*args) == 0
     out = capsys.readouterr().out.strip().splitlines()
     summary = json.loads(out[-1])
-    # 3 search trials, uniform on 2 more seeds, the 2 best candidates on those 2 seeds.
-    assert summary["trials"] == 9 and summary["search_trials"] == 3
+    # 3 search trials, uniform on 2 more seeds, the early guard's uniform and 2 best candidates
+    # on those 2 seeds.
+    assert summary["trials"] == 11 and summary["search_trials"] == 3
     assert out[0].split()[:3] == ["trial", "score", "best"]
     assert summary["choice"] in ("guard", "uniform") and summary["guard"]["seeds"] == [1, 2]
     # The full-run check ran on the guard's winner, or there was nothing to check.
@@ -122,15 +123,15 @@ def test_search_run_end_to_end_writes_a_valid_sampler(store, tmp_path, capsys):
 
     assert run_cli("search", "show", "--store", work, "e2e") == 0
     shown = capsys.readouterr().out.strip().splitlines()
-    # header, 9 trials, the legend, the recommendation (and its full-run check), the JSON line
-    assert shown[11].startswith("recommended: ") and json.loads(shown[-1])["trials"] == 9
-    assert len(shown) == 1 + 9 + 1 + (2 if summary["confirm"] else 1) + 1
+    # header, 11 trials, the legend, the recommendation (and its full-run check), the JSON line
+    assert shown[13].startswith("recommended: ") and json.loads(shown[-1])["trials"] == 11
+    assert len(shown) == 1 + 11 + 1 + (2 if summary["confirm"] else 1) + 1
 
     # Same command again: nothing to do. Other settings: refused, naming them.
     assert run_cli(*args) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["trials"] == 9
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["trials"] == 11
     assert run_cli(*args[:-4], "--finetune-epochs", 2, "--workers", 0) == 2
-    assert "finetune: stored" in capsys.readouterr().err
+    assert "finetune.epochs: stored 1, now 2" in capsys.readouterr().err
 
 
 def test_search_run_refuses_a_foreign_checkpoint(store, tmp_path, capsys):
@@ -226,7 +227,8 @@ def test_image_features_and_the_keep_rule_are_part_of_the_recipe(store):
     assert isinstance(hook.crop_stage, ImageTauCrops) and hook.batch_filter is tau_filter
     a, b = image(sampler, 3), image(sampler, 3)
     assert a.score == b.score and 0 < a.score <= 1 and a.kept_fraction == pytest.approx(0.5)
-    es = FinetuneObjective(store, ckpt_of(store), FinetuneSettings(epochs=1, selection="es"), workers=0)
+    es = FinetuneObjective(store, ckpt_of(store), FinetuneSettings(epochs=1, selection="es", features="store"),
+                           workers=0)
     # a search recorded before the rule was a setting has no field, and that meant es
     assert "selection" not in es.describe()
     hook = es.hook(sampler, 0)
@@ -241,7 +243,7 @@ def test_search_run_with_an_early_guard_compares_by_resuming_w_shares_run(store,
     args = ["search", "run", "--store", work, "--checkpoint", ckpt_of(work), "--name", "early-guard",
             "--steps", 3, "--guard-repeats", 2, "--guard-candidates", 1, "--finetune-epochs", 1,
             "--no-confirm", "--workers", 0]
-    assert run_cli(*args, "--guard-inner-loop", "early") == 0
+    assert run_cli(*args) == 0  # the early guard is the default
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     rows = read_trials(summary["trials_path"])
     phases = [r["phase"] for r in rows]
@@ -261,6 +263,7 @@ def test_search_run_with_an_early_guard_compares_by_resuming_w_shares_run(store,
     bare = tmp_path / "bare"
     shutil.copytree(store, bare, ignore=shutil.ignore_patterns("checkpoint-e*.pt"))
     bare_args = [str(a).replace(str(work), str(bare)) for a in args]
-    assert run_cli(*bare_args, "--guard-inner-loop", "early") != 0
-    assert "early-checkpoint inner loop" in capsys.readouterr().err
+    assert run_cli(*bare_args) != 0
+    err = capsys.readouterr().err
+    assert "early-checkpoint inner loop" in err and "--guard-inner-loop" in err
     assert not (StoreLayout(bare).search("early-guard") / "trials.parquet").exists()

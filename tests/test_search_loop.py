@@ -115,6 +115,12 @@ def test_other_settings_are_refused_naming_them(tmp_path, tables):
                settings={"transform": "cgf", "epochs": 2})
     with pytest.raises(StoreError, match="agent: stored 'random', now 'gp-ucb'"):
         search(store, "s", FakeObjective(), tables, steps=3, agent="gp-ucb")
+    # A nested setting is named by the entry that differs, not printed whole.
+    search(store, "nested", FakeObjective(), tables, steps=2, agent="random",
+           settings={"finetune": {"features": "store", "lr": 0.1}})
+    with pytest.raises(StoreError, match=r"\(finetune.features: stored 'store', now 'image'\); rerun"):
+        search(store, "nested", FakeObjective(), tables, steps=3, agent="random",
+               settings={"finetune": {"features": "image", "lr": 0.1}})
     assert len(read_trials(StoreLayout(store).search("s") / "trials.parquet")) == 2
 
 

@@ -89,12 +89,12 @@ def register(sub, groups) -> None:
     p.add_argument("--guard-candidates", type=int, default=None, help="candidates the guard re-evaluates (preset)")
     p.add_argument("--guard-repeats", type=int, default=None, help="seeds of the guard and noise trials (preset)")
     p.add_argument("--guard-inner-loop", default=None, choices=("search", "final", "early", "scratch"),
-                   help="how the guard compares its candidates with uniform: the search's inner "
-                   "loop (default) or a start of its own, e.g. early (w_share's run resumed "
-                   "--finetune-epochs before its end); a finished search is guarded again")
+                   help="how the guard compares its candidates with uniform: a start of its own, "
+                   "by default early (w_share's run resumed --finetune-epochs before its end), or "
+                   "search (the search's inner loop); a finished search is guarded again")
     p.add_argument("--sampler-features", default=None, choices=("store", "image"),
-                   help="where the ss methods' sampler stage finds tau: store (stored crops, "
-                   "per-crop tau; default) or image (fresh crops, the image's mean stored tau)")
+                   help="where the ss methods' sampler stage finds tau: image (fresh crops, the "
+                   "image's mean stored tau; default) or store (stored crops, per-crop tau)")
     p.add_argument("--selection", default=None, choices=("systematic", "es"),
                    help="the sampler stage's keep rule for every method that filters (default "
                    "systematic; es: each crop drawn on its own, the rule of earlier results)")

@@ -55,8 +55,9 @@ def register(sub, groups) -> None:
     p.add_argument("--score", default=None, choices=("top1", "prob"),
                    help="what a trial scores on val: top1, or prob (mean probability of the label)")
     p.add_argument("--features", default=None, choices=("store", "image", "online"),
-                   help="where the filter finds crop features: store (stored crops, default), "
-                   "image (fresh crops with their image's mean stored tau) or online")
+                   help="where the filter finds crop features: image (fresh crops with their "
+                   "image's mean stored tau; default), store (stored crops replayed with their own "
+                   "features) or online; recorded in the sampler file, which `train` follows")
     p.add_argument("--selection", default=None, choices=("systematic", "es"),
                    help="how the filter keeps half of the candidates: systematic (default: the two "
                    "crops of an image drawn together, every image once per epoch when tau is "
@@ -68,11 +69,12 @@ def register(sub, groups) -> None:
     p.add_argument("--guard-repeats", type=int, default=3,
                    help="seeds on which uniform and the candidates are compared; also measures "
                    "the noise (default: 3)")
-    p.add_argument("--guard-inner-loop", default="search", choices=("search", "final", "early", "scratch"),
-                   help="how the guard compares the candidates with uniform: search (the search's "
-                   "inner loop, default) or a --start of its own, e.g. early (w_share's run resumed "
-                   "--finetune-epochs before its end: no short-horizon bias toward filters that "
-                   "learn fast). May change when a finished search is resumed: the guard runs again")
+    p.add_argument("--guard-inner-loop", default="early", choices=("search", "final", "early", "scratch"),
+                   help="how the guard compares the candidates with uniform: a --start of its own, "
+                   "by default early (w_share's run resumed --finetune-epochs before its end: no "
+                   "short-horizon bias toward filters that learn fast; needs the checkpoints "
+                   "`train` keeps of its last epochs), or search (the search's inner loop). May "
+                   "change when a finished search is resumed: the guard runs again")
     p.add_argument("--no-confirm", dest="confirm", action="store_false",
                    help="skip the full-run check (the recommendation is then the guard's, "
                    "checked at the inner loop's horizon only)")
