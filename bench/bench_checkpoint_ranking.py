@@ -1,0 +1,80 @@
+"""How well a model's loss ranks the flipped train labels: which checkpoint should score crops.
+
+    .venv/bin/python bench/bench_checkpoint_ranking.py --store STORE CKPT [CKPT ...]
+
+A static sampler can only be as good as the ranking its features give, so this measures the
+ranking itself, per checkpoint (e.g. the epochs ``train`` keeps of ``w_share``'s run): the
+per-image cross-entropy on the plain view of every train image, its ROC AUC for telling flipped
+labels from clean ones, and the flipped share among the images a loss filter keeps at each
+``--keep`` fraction (lowest loss first). The store's own features (the K crops ``w_share``
+scored, mean per image) are measured the same way. Ground truth of the noise is read here for
+this diagnostic only; nothing the search or a sampler uses reads it. JSON, last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from sklearn.metrics import roc_auc_score
+
+from swift_sampler.storage import StoreLayout, literal, read_view
+from swift_sampler.train.checkpoint import load_model
+from swift_sampler.train.evaluate import predict
+
+
+def ranking(loss: np.ndarray, flipped: np.ndarray, keeps: list[float]) -> dict[str, float]:
+    """AUC of ``loss`` for ``flipped`` and the flipped share of the lowest-loss ``keep`` share."""
+    order = np.argsort(loss, kind="stable")
+    out = {"auc": round(float(roc_auc_score(flipped, loss)), 4)}
+    for keep in keeps:
+        kept = order[: int(round(keep * len(loss)))]
+        out[f"flipped_in_kept_{keep:g}"] = round(float(flipped[kept].mean()), 4)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--store", type=Path, required=True)
+    p.add_argument("checkpoints", type=Path, nargs="+")
+    p.add_argument("--keep", default="0.5,0.6", help="kept fractions to report (0.5,0.6)")
+    p.add_argument("--workers", type=int, default=2)
+    args = p.parse_args(argv)
+    keeps = [float(k) for k in args.keep.split(",")]
+    missing = [str(c) for c in args.checkpoints if not c.is_file()]
+    if missing:
+        p.error(f"no checkpoint at {', '.join(missing)}")
+    t = read_view(args.store, "samples", ["index", "label", "true_label"], where=f"split = {literal('train')}")
+    truth = {i: (lab, true) for i, lab, true in zip(*(t.column(c).to_pylist() for c in ("index", "label", "true_label")))}
+    if any(true is None for _, true in truth.values()):
+        p.error(f"{args.store} records no original labels: nothing to measure the ranking against")
+    rows = []
+    for ckpt in args.checkpoints:
+        model, _ = load_model(ckpt)
+        out = predict(args.store, model, "train", workers=args.workers)
+        logits = out["logits"].astype(np.float64)
+        logp = logits - logits.max(1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+        loss = -logp[np.arange(len(logp)), out["label"]]
+        flipped = np.array([truth[int(i)][0] != truth[int(i)][1] for i in out["index"]])
+        rows.append({"checkpoint": str(ckpt), **ranking(loss, flipped, keeps)})
+        print(f"{ckpt}: {rows[-1]}", file=sys.stderr)
+    parts = sorted(glob.glob(str(StoreLayout(args.store).features_dir / "part-*.parquet")))
+    stored = None
+    if parts:
+        f = pq.ParquetDataset(parts).read(columns=["index", "loss"]).group_by("index").aggregate([("loss", "mean")])
+        index = f.column("index").to_numpy()
+        flipped = np.array([truth[int(i)][0] != truth[int(i)][1] for i in index])
+        stored = ranking(f.column("loss_mean").to_numpy(), flipped, keeps)
+        print(f"stored features (image-mean loss): {stored}", file=sys.stderr)
+    print(json.dumps({"store": str(args.store), "checkpoints": rows, "stored_features": stored}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
