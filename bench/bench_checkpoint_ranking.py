@@ -7,7 +7,10 @@ ranking itself, per checkpoint (e.g. the epochs ``train`` keeps of ``w_share``'s
 per-image cross-entropy on the plain view of every train image, its ROC AUC for telling flipped
 labels from clean ones, and the flipped share among the images a loss filter keeps at each
 ``--keep`` fraction (lowest loss first). The store's own features (the K crops ``w_share``
-scored, mean per image) are measured the same way. Ground truth of the noise is read here for
+scored, mean per image) are measured the same way, and so is what a step sampler in the
+loss direction (``c = (1, 0)``) leaves eligible: for each ``--cuts`` value of ``t`` (the
+cumulative gradient norm of eq. 10, crops sorted by loss), the share of the stored crops below
+it and their flipped share. Ground truth of the noise is read here for
 this diagnostic only; nothing the search or a sampler uses reads it. JSON, last line.
 """
 
@@ -38,14 +41,33 @@ def ranking(loss: np.ndarray, flipped: np.ndarray, keeps: list[float]) -> dict[s
     return out
 
 
+def loss_steps(crops, truth: dict, cuts: list[float]) -> list[dict[str, float]]:
+    """For a step ``t < cut`` in the loss direction: the eligible share of the crops and the
+    flipped share among them (``t``: cumulative gradient norm over the crops sorted by loss)."""
+    order = np.argsort(crops.column("loss").to_numpy(), kind="stable")
+    grad = crops.column("grad_norm").to_numpy()[order]
+    flipped = np.array([truth[int(i)][0] != truth[int(i)][1]
+                        for i in crops.column("index").to_numpy()[order]])
+    t = np.cumsum(grad) / grad.sum()
+    out = []
+    for cut in cuts:
+        k = int(np.searchsorted(t, cut))
+        out.append({"cut": cut, "eligible": round(k / len(t), 4),
+                    "flipped_in_eligible": round(float(flipped[:k].mean()) if k else 0.0, 4)})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--store", type=Path, required=True)
     p.add_argument("checkpoints", type=Path, nargs="+")
     p.add_argument("--keep", default="0.5,0.6", help="kept fractions to report (0.5,0.6)")
+    p.add_argument("--cuts", default="0.1,0.2,0.3,0.37,0.4,0.5,0.7",
+                   help="cgf cut points t of a loss step to report (0.1,...,0.7)")
     p.add_argument("--workers", type=int, default=2)
     args = p.parse_args(argv)
     keeps = [float(k) for k in args.keep.split(",")]
+    cuts = [float(c) for c in args.cuts.split(",")]
     missing = [str(c) for c in args.checkpoints if not c.is_file()]
     if missing:
         p.error(f"no checkpoint at {', '.join(missing)}")
@@ -65,14 +87,18 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"checkpoint": str(ckpt), **ranking(loss, flipped, keeps)})
         print(f"{ckpt}: {rows[-1]}", file=sys.stderr)
     parts = sorted(glob.glob(str(StoreLayout(args.store).features_dir / "part-*.parquet")))
-    stored = None
+    stored, steps = None, None
     if parts:
-        f = pq.ParquetDataset(parts).read(columns=["index", "loss"]).group_by("index").aggregate([("loss", "mean")])
+        crops = pq.ParquetDataset(parts).read(columns=["index", "loss", "grad_norm"])
+        f = crops.group_by("index").aggregate([("loss", "mean")])
         index = f.column("index").to_numpy()
         flipped = np.array([truth[int(i)][0] != truth[int(i)][1] for i in index])
         stored = ranking(f.column("loss_mean").to_numpy(), flipped, keeps)
         print(f"stored features (image-mean loss): {stored}", file=sys.stderr)
-    print(json.dumps({"store": str(args.store), "checkpoints": rows, "stored_features": stored}))
+        steps = loss_steps(crops, truth, cuts)
+        print(f"loss steps in cgf over the stored crops: {steps}", file=sys.stderr)
+    print(json.dumps({"store": str(args.store), "checkpoints": rows, "stored_features": stored,
+                      "loss_steps": steps}))
     return 0
 
 
