@@ -17,13 +17,13 @@ this diagnostic only; nothing the search or a sampler uses reads it. JSON, last 
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from swift_sampler.storage import StoreLayout, literal, read_view
@@ -41,13 +41,12 @@ def ranking(loss: np.ndarray, flipped: np.ndarray, keeps: list[float]) -> dict[s
     return out
 
 
-def loss_steps(crops, truth: dict, cuts: list[float]) -> list[dict[str, float]]:
+def loss_steps(crops, flipped_by_index: np.ndarray, cuts: list[float]) -> list[dict[str, float]]:
     """For a step ``t < cut`` in the loss direction: the eligible share of the crops and the
     flipped share among them (``t``: cumulative gradient norm over the crops sorted by loss)."""
     order = np.argsort(crops.column("loss").to_numpy(), kind="stable")
     grad = crops.column("grad_norm").to_numpy()[order]
-    flipped = np.array([truth[int(i)][0] != truth[int(i)][1]
-                        for i in crops.column("index").to_numpy()[order]])
+    flipped = flipped_by_index[crops.column("index").to_numpy()[order]]
     t = np.cumsum(grad) / grad.sum()
     out = []
     for cut in cuts:
@@ -72,30 +71,26 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         p.error(f"no checkpoint at {', '.join(missing)}")
     t = read_view(args.store, "samples", ["index", "label", "true_label"], where=f"split = {literal('train')}")
-    truth = {i: (lab, true) for i, lab, true in zip(*(t.column(c).to_pylist() for c in ("index", "label", "true_label")))}
-    if any(true is None for _, true in truth.values()):
+    if t.column("true_label").null_count:
         p.error(f"{args.store} records no original labels: nothing to measure the ranking against")
+    index = t.column("index").to_numpy()
+    flipped_by_index = np.zeros(int(index.max()) + 1, bool)
+    flipped_by_index[index] = t.column("label").to_numpy() != t.column("true_label").to_numpy()
     rows = []
     for ckpt in args.checkpoints:
         model, _ = load_model(ckpt)
         out = predict(args.store, model, "train", workers=args.workers)
-        logits = out["logits"].astype(np.float64)
-        logp = logits - logits.max(1, keepdims=True)
-        logp -= np.log(np.exp(logp).sum(1, keepdims=True))
-        loss = -logp[np.arange(len(logp)), out["label"]]
-        flipped = np.array([truth[int(i)][0] != truth[int(i)][1] for i in out["index"]])
-        rows.append({"checkpoint": str(ckpt), **ranking(loss, flipped, keeps)})
+        loss = F.cross_entropy(torch.from_numpy(out["logits"]).double(), torch.from_numpy(out["label"]),
+                               reduction="none").numpy()
+        rows.append({"checkpoint": str(ckpt), **ranking(loss, flipped_by_index[out["index"]], keeps)})
         print(f"{ckpt}: {rows[-1]}", file=sys.stderr)
-    parts = sorted(glob.glob(str(StoreLayout(args.store).features_dir / "part-*.parquet")))
     stored, steps = None, None
-    if parts:
-        crops = pq.ParquetDataset(parts).read(columns=["index", "loss", "grad_norm"])
+    if StoreLayout(args.store).features_meta.is_file():
+        crops = read_view(args.store, "feature_parts", ["index", "loss", "grad_norm"])
         f = crops.group_by("index").aggregate([("loss", "mean")])
-        index = f.column("index").to_numpy()
-        flipped = np.array([truth[int(i)][0] != truth[int(i)][1] for i in index])
-        stored = ranking(f.column("loss_mean").to_numpy(), flipped, keeps)
+        stored = ranking(f.column("loss_mean").to_numpy(), flipped_by_index[f.column("index").to_numpy()], keeps)
         print(f"stored features (image-mean loss): {stored}", file=sys.stderr)
-        steps = loss_steps(crops, truth, cuts)
+        steps = loss_steps(crops, flipped_by_index, cuts)
         print(f"loss steps in cgf over the stored crops: {steps}", file=sys.stderr)
     print(json.dumps({"store": str(args.store), "checkpoints": rows, "stored_features": stored,
                       "loss_steps": steps}))

@@ -94,12 +94,11 @@ def search(
     def make_sampler(z) -> Sampler:
         return Sampler.from_point(z, tables, transform)
 
-    recipe = objective.describe()
     provenance = {"store_id": info["store_id"],
                   "features_checkpoint_sha256": info["features_checkpoint_sha256"],
                   # the stage the sampler was chosen through; `train --sampler` uses it by default
-                  "learned_with": {"features": recipe["features"],
-                                   "selection": recipe.get("selection", "es")}}
+                  "learned_with": {"features": objective.settings.features,
+                                   "selection": objective.settings.selection}}
     summary = run_search(
         store, name, objective, make_sampler, settings=settings, steps=steps, agent=agent,
         seed=seed, initial_points=design, trial_seeds=trial_seeds, guard=guard,

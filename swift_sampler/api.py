@@ -59,18 +59,17 @@ def train_model(store: PathLike, name: str | None, *, sampler: Sampler | PathLik
         preset = preset_for_store(read_manifest(StoreLayout(store)), pick_device().type == "cuda")
     hook = None
     if sampler is not None:
+        from swift_sampler.pipeline.sampler.file import sampler_stage
         from swift_sampler.train.sampling import create_sampler_hook
 
-        learned = {}
+        provenance = None
         if not isinstance(sampler, Sampler):
-            from swift_sampler.pipeline.sampler.file import learned_with
             from swift_sampler.pipeline.sampler.file import load_sampler as _load
 
             sampler, provenance = _load(Path(sampler))
-            learned = learned_with(provenance)
-        hook = create_sampler_hook(store, sampler, features=features or learned.get("features", "store"),
-                                   seed=int(overrides.get("seed", 0)),
-                                   selection=selection or learned.get("selection", "systematic"))
+        features, selection = sampler_stage(provenance, features, selection)
+        hook = create_sampler_hook(store, sampler, features=features, selection=selection,
+                                   seed=int(overrides.get("seed", 0)))
     return fit(resolve_config(str(store), preset=preset, name=name, **overrides), sampler=hook).summary
 
 

@@ -41,7 +41,7 @@ def run_demo(config: DemoConfig = DemoConfig(), log=print) -> dict[str, Any]:
     from swift_sampler.pipeline.ingest.build import ingest
     from swift_sampler.search.objective import FinetuneSettings
     from swift_sampler.search.run import search
-    from swift_sampler.storage import sha256_file
+    from swift_sampler.storage import StoreLayout, sha256_file
     from swift_sampler.train.evaluate import evaluate
     from swift_sampler.train.presets import resolve_config
     from swift_sampler.train.trainer import fit
@@ -72,7 +72,7 @@ def run_demo(config: DemoConfig = DemoConfig(), log=print) -> dict[str, Any]:
                        on_trial=lambda row, p: log(_trial_line(row, p, config.steps)))
         sampler_path = Path(found["best_sampler"])
         check = found.get("confirm") or {}
-        ss_run = (json.loads((noisy / "runs" / check["run"] / "summary.json").read_text())
+        ss_run = (json.loads((StoreLayout(noisy).run(check["run"]) / "summary.json").read_text())
                   if check.get("run") else {})
     with _stage("clean-label training", times, log):
         clean_run = fit(resolve_config(clean, preset="digits", name="clean", **common))

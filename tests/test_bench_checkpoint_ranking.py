@@ -27,8 +27,8 @@ def test_a_loss_step_in_cgf_counts_the_crops_below_its_cut():
     # four crops of images 0..3 sorted by loss; gradient norms 1, 1, 2, 4: t = 1/8, 2/8, 4/8, 1
     crops = pa.table({"index": [2, 0, 3, 1], "loss": [0.3, 0.1, 0.4, 0.2],
                       "grad_norm": [2.0, 1.0, 4.0, 1.0]})
-    truth = {0: (0, 0), 1: (1, 1), 2: (2, 5), 3: (3, 3)}  # image 2's label is flipped
-    steps = loss_steps(crops, truth, [0.2, 0.3, 0.9])
+    flipped_by_index = np.array([False, False, True, False])  # image 2's label is flipped
+    steps = loss_steps(crops, flipped_by_index, [0.2, 0.3, 0.9])
     # t < 0.2: image 0 alone; t < 0.3: images 0, 1; t < 0.9: 0, 1, 2 (one flipped of three)
     assert [s["eligible"] for s in steps] == [0.25, 0.5, 0.75]
     assert [s["flipped_in_eligible"] for s in steps] == [0.0, 0.0, pytest.approx(1 / 3, abs=1e-4)]

@@ -14,7 +14,7 @@ Layout (JSON, parsed as data only)::
                                      "selection": "systematic" | "es"}}}
 
 ``learned_with`` is how the search's trials drew and kept crops; training with the sampler
-uses the same unless told otherwise (``learned_with``). Files written before it was recorded
+uses the same unless told otherwise (``sampler_stage``). Files written before it was recorded
 have none.
 
 Floats are written by ``json`` (shortest repr), so a load returns bit-identical numbers.
@@ -23,6 +23,7 @@ Floats are written by ``json`` (shortest repr), so a load returns bit-identical 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ from swift_sampler.storage.schemas import FEATURE_NAMES
 
 from .function import PARAMETERS, TRANSFORMS, Sampler, SamplerError
 from .transform import FeatureTables, TablesError
+
+log = logging.getLogger(__name__)
 
 FORMAT = "swift-sampler/sampler"
 VERSION = 1
@@ -183,6 +186,24 @@ def learned_with(provenance: dict | None) -> dict[str, str]:
     return {k: rec[k] for k in ("features", "selection") if isinstance(rec.get(k), str)}
 
 
+def sampler_stage(provenance: dict | None, features: str | None = None,
+                  selection: str | None = None) -> tuple[str, str]:
+    """The sampler stage to train with: ``features`` and ``selection`` as given, else what the
+    search used (``learned_with``), else ``store`` / ``systematic`` (files that record nothing).
+
+    A sampler is chosen for what it does through one stage; through another it is a different
+    sampler, so an explicit mismatch is honoured but logged.
+    """
+    learned = learned_with(provenance)
+    chosen = {"features": features or learned.get("features", "store"),
+              "selection": selection or learned.get("selection", "systematic")}
+    for flag, value in chosen.items():
+        if learned.get(flag, value) != value:
+            log.warning("the sampler was searched with --%s %s; training with --%s %s as asked",
+                        flag, learned[flag], flag, value)
+    return chosen["features"], chosen["selection"]
+
+
 def check_provenance(provenance: dict, store, allow_foreign: bool = False) -> None:
     """Refuse a sampler whose tables came from another store or other features.
 
@@ -231,4 +252,5 @@ def check_not_all_zero(sampler: Sampler, store=None, *, grid: int = 129) -> None
 
 
 __all__ = ["FORMAT", "PROVENANCE_FIELDS", "VERSION", "SamplerFileError", "check_not_all_zero",
-           "check_provenance", "learned_with", "load_sampler", "sampler_from_dict", "sampler_to_dict", "save_sampler"]
+           "check_provenance", "learned_with", "load_sampler", "sampler_from_dict", "sampler_stage",
+           "sampler_to_dict", "save_sampler"]

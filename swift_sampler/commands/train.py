@@ -3,12 +3,9 @@ and ``train.evaluate.evaluate``. Under torchrun every rank trains; rank 0 alone 
 
 from __future__ import annotations
 
-import logging
 import os
 
 from ..cli import UserError, add_json_flag, emit
-
-log = logging.getLogger(__name__)
 
 
 def register(sub, groups) -> None:
@@ -126,15 +123,15 @@ def _sampler_hook(args, config, device):
     from swift_sampler.pipeline.sampler.file import (
         check_not_all_zero,
         check_provenance,
-        learned_with,
         load_sampler,
+        sampler_stage,
     )
     from swift_sampler.train.checkpoint import load_model
     from swift_sampler.train.sampling import create_sampler_hook
 
     sampler, provenance = load_sampler(args.sampler)
     check_provenance(provenance, args.store, allow_foreign=args.allow_foreign_tables)
-    features, selection = _sampler_stage(args, learned_with(provenance))
+    features, selection = sampler_stage(provenance, args.features, args.selection)
     scorer = None
     if features in ("store", "image"):
         check_not_all_zero(sampler, args.store)
@@ -151,20 +148,6 @@ def _sampler_hook(args, config, device):
                                batch_size=config.batch_size, device=device, seed=config.seed,
                                describe=describe, selection=selection)
 
-
-def _sampler_stage(args, learned: dict[str, str]) -> tuple[str, str]:
-    """``--features`` and ``--selection``, defaulting to what the sampler was searched with.
-
-    A sampler is chosen for what it does through one stage; through another it is a different
-    sampler, so an explicit mismatch is trained as asked but logged.
-    """
-    features = args.features or learned.get("features", "store")
-    selection = args.selection or learned.get("selection", "systematic")
-    for flag, value in (("features", features), ("selection", selection)):
-        if learned.get(flag, value) != value:
-            log.warning("the sampler was searched with --%s %s; training with --%s %s as asked",
-                        flag, learned[flag], flag, value)
-    return features, selection
 
 
 def _format_train(s: dict) -> str:
