@@ -217,6 +217,35 @@ def test_manifest_checksum_mismatch_is_detected_by_training(base, tmp_path):
     _clean_error(code, err, "train-000000.tar")
 
 
+def _understate(store: Path, split: str, by: int) -> tuple[str, int, int]:
+    """Lower the manifest's count of the first shard of ``split`` (checksums stay true);
+    returns (shard, true count, listed count)."""
+    manifest = json.loads((store / "manifest.json").read_text())
+    entry = manifest["splits"][split]["shards"][0]
+    true = entry["count"]
+    entry["count"] -= by
+    manifest["splits"][split]["count"] -= by
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    return entry["file"], true, entry["count"]
+
+
+def test_manifest_that_understates_a_shard_stops_training_and_evaluate(base, tmp_path):
+    store = _fresh(base, tmp_path / "store")
+    ckpt = make_checkpoint(store, tmp_path / "w.pt")
+    for split in ("train", "test"):
+        name, true, listed = _understate(store, split, 5)
+        needles = (name, f"holds {true} samples but the manifest lists {listed}", "re-run ingest")
+        if split == "train":
+            code, _, err = _main("train", "--store", store, "--name", "t", "--preset", "digits",
+                                 "--epochs", "1", "--workers", "0", "--skip-damaged", "--json")
+            _clean_error(code, err, *needles)
+            assert not (StoreLayout(store).run("t") / "summary.json").exists()
+        else:
+            code, _, err = _main("evaluate", "--store", store, "--checkpoint", ckpt, "--workers", "0",
+                                 "--skip-damaged", "--json")
+            _clean_error(code, err, *needles)
+
+
 def test_invalid_manifest_is_a_clear_error_for_every_reader(base, tmp_path):
     store = _fresh(base, tmp_path / "store")
     (store / "manifest.json").write_text('{"format": "swift-sampler-store", "version": 1')

@@ -385,6 +385,11 @@ def test_read_tar_matches_tarfile_and_webdataset_grouping(tmp_path, fmt):
     assert [set(s) - {"__key__", "__url__"} for s in kept] == [{"png", "cls"}, {"png", "cls"}, set(),
                                                                {"png", "cls"}]
     assert [k for k, _ in iter_tar(path)] == ["k-0", "k-1", "k", "K-3"]  # base names
+    # The count check before the first member groups the members the same way.
+    assert list(read_tar(path, count=4)) == members
+    for listed in (3, 5):
+        with pytest.raises(StoreError, match=f"a.tar holds 4 samples but the manifest lists {listed}"):
+            next(read_tar(path, count=listed))
 
 
 def test_damaged_tar_raises_naming_the_shard_after_the_good_members(digits_store, tmp_path):

@@ -269,6 +269,29 @@ def test_damaged_shard_stops_the_loader_unless_skipping_is_asked(tmp_path):
     assert set(range(16)) <= set(got) and len(got) < 32
 
 
+def _list_count(store, shard: int, count: int) -> None:
+    """Rewrite the manifest's sample count of one train shard (its checksums stay true)."""
+    manifest = json.loads((store / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][shard]["count"] = count
+    manifest["splits"]["train"]["count"] = sum(s["count"] for s in manifest["splits"]["train"]["shards"])
+    (store / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("listed", [8, 20], ids=["understated", "overstated"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_a_manifest_that_miscounts_a_whole_shard_stops_the_loader(tmp_path, listed, train):
+    store = make_store(tmp_path / "s", splits={"train": 32}, shard_size=16)
+    _list_count(store, 1, listed)
+    # shuffle_buffer=1: no read-ahead, so the epoch's quota (from the manifest) can end inside
+    # the miscounted shard; skip_damaged: a miscount is not damage to skip.
+    for epoch in range(3):
+        ds = ShardDataset(store, "train", batch_size=4, num_workers=0, train=train,
+                          shuffle_buffer=1, skip_damaged=True)
+        ds.set_epoch(epoch)
+        with pytest.raises(StoreError, match=f"train-000001.tar holds 16 samples but the manifest lists {listed}"):
+            list(ds)
+
+
 def test_no_train_shards_is_a_clear_error(tmp_path):
     store = make_store(tmp_path / "s", splits={"val": 8})
     with pytest.raises(StoreError, match="no 'train' shards"):

@@ -93,13 +93,17 @@ def read_shards(src: Iterable[Shard], *, errors: list[str],
                 reported: set[str] | None = None) -> Iterator[dict[str, Any]]:
     """Stage: WebDataset samples of each shard in turn.
 
-    A damaged shard (a tar that does not read to its end, or fewer samples than the manifest
-    lists) stops the stage with ``ShardReadError`` naming the shard and how many of its samples
-    cannot be read: a result computed on part of the data must not look like a whole one. With
+    A damaged shard (a tar that does not read to its end) stops the stage with
+    ``ShardReadError`` naming the shard and how many of its samples cannot be read: a result
+    computed on part of the data must not look like a whole one. With
     ``skip_damaged`` it is logged instead and one entry per lost sample (of this reader's share:
     ``stride``/``offset`` of sample splitting) goes into ``errors``, so the run's summary counts
     the samples lost, not the errors; ``reported`` (shared across passes) keeps a shard read
     twice in one epoch from counting its losses twice.
+
+    A whole tar holding another number of samples than the manifest lists stops the stage
+    before its first sample, ``skip_damaged`` or not: the epoch's quota comes from the
+    manifest, so a count too low would silently leave samples out of every epoch.
 
     A shard whose bytes differ from the manifest (size or sha256, checked on the bytes read
     anyway) is read only when the difference shows as damage the later stages skip by key:
@@ -111,13 +115,15 @@ def read_shards(src: Iterable[Shard], *, errors: list[str],
             which ``damaged`` (None: nothing) finds no damaged sample; before any of its
             samples is yielded.
         ShardReadError: a damaged shard, unless ``skip_damaged``.
+        StoreError: a whole shard whose sample count differs from the manifest's.
     """
     position = 0  # samples of the earlier shards of this plan, as the manifest counts them
     for shard in src:
         read = 0
         try:
             try:
-                for sample in group_members(read_tar(shard.path, sha256=shard.sha256, size=shard.bytes)):
+                for sample in group_members(read_tar(shard.path, sha256=shard.sha256, size=shard.bytes,
+                                                     count=shard.count)):
                     read += 1
                     yield sample
             except ShardChecksumError as e:  # raised before the first member
@@ -125,11 +131,9 @@ def read_shards(src: Iterable[Shard], *, errors: list[str],
                     raise
                 log.warning("%s; reading it on because the change shows as damaged samples, "
                             "which are skipped", e)
-                for sample in group_members(read_tar(shard.path)):
+                for sample in group_members(read_tar(shard.path, count=shard.count)):
                     read += 1
                     yield sample
-            if read < shard.count:
-                raise ShardReadError(f"it holds {read} samples, the manifest lists {shard.count}")
         except OSError as e:  # ShardReadError included
             name = Path(shard.path).name
             lost = [p for p in range(position + read, position + shard.count) if p % stride == offset]

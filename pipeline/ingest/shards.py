@@ -182,7 +182,7 @@ class ShardSample(NamedTuple):
 
 
 def read_tar(path: str | Path, *, sha256: str | None = None, size: int | None = None,
-             defer: bool = False) -> Iterator[dict[str, Any]]:
+             count: int | None = None, defer: bool = False) -> Iterator[dict[str, Any]]:
     """Stage source: regular members of one ustar tar as ``{"fname", "data", "__url__"}``,
     then ``{}`` at the end of the shard (what ``webdataset.tariterators.group_by_keys`` expects).
 
@@ -195,6 +195,8 @@ def read_tar(path: str | Path, *, sha256: str | None = None, size: int | None = 
         path: the tar file.
         sha256, size: what the manifest records for this shard (hex digest, bytes), compared
             with the whole file as read. ``None``: not checked.
+        count: how many samples the manifest lists for this shard, compared (both ways)
+            with the samples of a whole tar before its first member. ``None``: not checked.
         defer: report a mismatch after the final ``{}`` instead of before the first member,
             so that damage the caller finds in the members (an image that does not decode)
             is reported first, naming the sample.
@@ -205,6 +207,7 @@ def read_tar(path: str | Path, *, sha256: str | None = None, size: int | None = 
             (whatever the checksum says: the damage is what to report).
         ShardChecksumError: the file is a readable tar but its size or sha256 differs from
             ``size``/``sha256``.
+        StoreError: the file is a readable tar of another number of samples than ``count``.
     """
     name = Path(path).name
     with open(path, "rb") as f:
@@ -225,13 +228,36 @@ def read_tar(path: str | Path, *, sha256: str | None = None, size: int | None = 
             pass  # damage the tar itself shows: reported below, after the members before it
         else:
             raise mismatch
+    if count is not None:
+        _check_count(buf, name, count)
     yield from _members(buf, str(path), name)
     if mismatch is not None:
         raise mismatch
 
 
+def _check_count(buf: bytes, name: str, count: int) -> None:
+    """Refuse a whole tar whose samples the manifest miscounts: a count too low would shorten
+    every epoch (the loader's quota comes from it) without any sample looking wrong."""
+    # The unchecked walk is a few us per sample; headers are checked only on a disagreement,
+    # to tell a miscount from damage (reported by the reading pass, where it happens).
+    if _count_samples(buf, name, checked=False) == count:
+        return
+    found = _count_samples(buf, name, checked=True)
+    if found is not None and found != count:
+        raise StoreError(f"shard {name} holds {found} samples but the manifest lists {count}; "
+                         "the manifest does not describe this shard: re-run ingest")
+
+
 def _members(buf: bytes, url: str, name: str) -> Iterator[dict[str, Any]]:
     """``read_tar`` over bytes in memory (``name``: the shard's file name, for messages)."""
+    for fname, start, size in _entries(buf, name):
+        yield {"fname": fname, "data": buf[start : start + size], "__url__": url}
+    yield {}
+
+
+def _entries(buf: bytes, name: str, *, checked: bool = True) -> Iterator[tuple[str, int, int]]:
+    """``(name, data offset, size)`` of each regular member of a tar in memory; ``checked``:
+    verify each header's checksum."""
     pos, end = 0, len(buf)
     long_name = None
     while True:
@@ -241,7 +267,7 @@ def _members(buf: bytes, url: str, name: str) -> Iterator[dict[str, Any]]:
         h = buf[pos : pos + BLOCK]
         if not any(h):  # end-of-archive marker
             break
-        size = _size(h)
+        size = _size(h, checked=checked)
         if size is None:
             raise ShardReadError(f"{name}: bad tar header at byte {pos}; the shard is damaged, "
                                  "re-run ingest")
@@ -249,25 +275,40 @@ def _members(buf: bytes, url: str, name: str) -> Iterator[dict[str, Any]]:
         if start + size > end:
             raise ShardReadError(f"{name}: member truncated at byte {start}; the shard is damaged, "
                                  "re-run ingest")
-        data, kind = buf[start : start + size], h[156:157]
+        kind = h[156:157]
         if kind == b"L":  # GNU long name: the next member's name is this member's data
-            long_name = _text(data.split(b"\0", 1)[0], name, start)
+            long_name = _text(buf[start : start + size].split(b"\0", 1)[0], name, start)
             continue
         if kind == b"x":  # pax extended header (tarfile's default format): maybe a long path
-            long_name = _pax_path(data, name, start) or long_name
+            long_name = _pax_path(buf[start : start + size], name, start) or long_name
             continue
         if kind in (b"0", b"\0", b"7"):  # regular files, as tarfile's isfile()
-            yield {"fname": long_name or _member_name(h, name, start - BLOCK), "data": data,
-                   "__url__": url}
+            yield long_name or _member_name(h, name, start - BLOCK), start, size
         long_name = None
-    yield {}
 
 
-def _size(h: bytes) -> int | None:
-    """Member size from a header, or None when its checksum or size field is wrong."""
+def _count_samples(buf: bytes, name: str, *, checked: bool) -> int | None:
+    """Samples ``group_members`` makes of a tar in memory (headers only, no data copied);
+    None when the tar is damaged, which the reading pass then reports where it happens."""
+    count, last = 0, None
     try:
-        stored = int(h[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
+        for fname, _, _ in _entries(buf, name, checked=checked):
+            parts = _split_name(fname)
+            if parts is not None and parts[0] != last:
+                count, last = count + 1, parts[0]
+    except ShardReadError:
+        return None
+    return count
+
+
+def _size(h: bytes, *, checked: bool = True) -> int | None:
+    """Member size from a header, or None when its size field or (``checked``) its checksum
+    is wrong."""
+    try:
         size = int(h[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        if not checked:
+            return size
+        stored = int(h[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
     except ValueError:
         return None
     return size if stored == sum(h) - sum(h[148:156]) + 8 * 32 else None
@@ -320,11 +361,10 @@ def group_members(members: Iterable[dict[str, Any]], *, keep: Collection[str] | 
                 yield current
             current = None
             continue
-        fname = m["fname"]
-        dot = fname.find(".", fname.rfind("/") + 1)
-        if dot < 0:
+        parts = _split_name(m["fname"])
+        if parts is None:
             continue
-        key, ext = fname[:dot], fname[dot + 1 :].lower()
+        key, ext = parts
         if current is None or current["__key__"] != key:
             if current is not None:
                 yield current
@@ -333,6 +373,15 @@ def group_members(members: Iterable[dict[str, Any]], *, keep: Collection[str] | 
             current[ext] = m["data"]
     if current is not None:
         yield current
+
+
+def _split_name(fname: str) -> tuple[str, str] | None:
+    """``(key, lower-case extension)`` of a member name: the split is at the first dot of the
+    base name (webdataset's rule); None for a name without one."""
+    dot = fname.find(".", fname.rfind("/") + 1)
+    if dot < 0:
+        return None
+    return fname[:dot], fname[dot + 1 :].lower()
 
 
 def iter_tar(path: str | Path, *, sha256: str | None = None, size: int | None = None
