@@ -91,6 +91,26 @@ def test_bad_label_files_are_refused_naming_file_and_row(folder, tmp_path, conte
     assert not store.exists()
 
 
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_a_column_named_twice_is_refused_naming_it(folder, tmp_path, fmt):
+    """``path,label,label``: which label is meant cannot be told (a CSV reader keeps the last)."""
+    rows = relabelled(folder)
+    if fmt == "csv":
+        labels = tmp_path / "labels.csv"
+        labels.write_text("\n".join(["path,label,label", *(f"{p},{lab},{p.split('/')[0]}"
+                                                            for p, lab in rows)]) + "\n")
+    else:
+        labels = tmp_path / "labels.parquet"
+        pq.write_table(pa.Table.from_arrays(
+            [pa.array([p for p, _ in rows]), pa.array([lab for _, lab in rows]),
+             pa.array([p.split("/")[0] for p, _ in rows])], names=["path", "label", "label"]), labels)
+    store = tmp_path / "store"
+    with pytest.raises(LabelFileError, match="column 'label' appears 2 times") as e:
+        ingest(f"imagefolder:{folder}", store, labels=labels, progress=False)
+    assert str(labels) in str(e.value)
+    assert not store.exists()
+
+
 def test_labels_and_noise_together_are_refused(folder, tmp_path):
     labels = write_csv(tmp_path / "labels.csv", relabelled(folder))
     with pytest.raises(IngestError, match="drop --noise"):

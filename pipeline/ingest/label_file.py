@@ -4,8 +4,9 @@
 ``class/file.jpg``) and ``label`` (a class name): what an annotation tool exports, or
 CIFAR-10N's files. Every image of the source needs exactly one row: a missing image is refused
 rather than silently dropped (its absence would change the data set without a trace; make the
-file complete, or build the source folder from the images you have labels for). Each error
-names the file, the row (1-based, header excluded) and what to do.
+file complete, or build the source folder from the images you have labels for). A header that
+names ``path`` or ``label`` twice is refused too (which column is meant cannot be told). Each
+error names the file, the row (1-based, header excluded) and what to do.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from swift_sampler.storage.errors import SwiftSamplerError
 
@@ -78,12 +80,10 @@ def _rows(path: Path, data: bytes) -> list[tuple[str, str]]:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        try:
-            table = pq.read_table(pa.BufferReader(data))
-        except Exception as e:
-            raise LabelFileError(f"--labels {path} is not a readable Parquet file: "
-                                 f"{str(e).splitlines()[0]}") from None
-        _check_columns(path, table.column_names)
+        # Columns are checked on the schema first: Arrow's own error for a column named twice
+        # does not say which one or what to do.
+        _check_columns(path, _parquet(path, lambda: pq.read_schema(pa.BufferReader(data))).names)
+        table = _parquet(path, lambda: pq.read_table(pa.BufferReader(data), columns=list(COLUMNS)))
         return list(zip(table.column("path").to_pylist(), table.column("label").to_pylist()))
     try:
         text = data.decode("utf-8-sig")
@@ -104,12 +104,27 @@ def _rows(path: Path, data: bytes) -> list[tuple[str, str]]:
     return rows
 
 
+def _parquet(path: Path, read: Callable[[], Any]) -> Any:
+    """``read()``, with any failure of Arrow's reported as an unreadable Parquet label file."""
+    try:
+        return read()
+    except Exception as e:
+        raise LabelFileError(f"--labels {path} is not a readable Parquet file: "
+                             f"{str(e).splitlines()[0]}") from None
+
+
 def _check_columns(path: Path, columns: Sequence[str]) -> None:
-    missing = [c for c in COLUMNS if c not in [str(x).strip() for x in columns]]
+    names = [str(x).strip() for x in columns]
+    missing = [c for c in COLUMNS if c not in names]
     if missing:
         raise LabelFileError(f"--labels {path} has no column {', '.join(map(repr, missing))} "
                              f"(columns: {', '.join(map(str, columns)) or 'none'}); it needs "
                              "`path,label`")
+    # A CSV reader keeps the last of two same-named columns: which one is meant cannot be told.
+    twice = [f"{c!r} appears {names.count(c)} times" for c in COLUMNS if names.count(c) > 1]
+    if twice:
+        raise LabelFileError(f"--labels {path}: column {', column '.join(twice)} in the header; "
+                             "keep one `path` and one `label` column")
 
 
 __all__ = ["COLUMNS", "LabelFileError", "read_label_file"]
