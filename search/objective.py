@@ -88,7 +88,7 @@ class FinetuneSettings:
         lr: peak learning rate; None: ``lr_fraction`` x the checkpoint's peak lr.
         lr_fraction: used when ``lr`` is None.
         schedule: one of ``train.schedules.SCHEDULES`` (default cosine to 0).
-        warmup: linear warm-up in epochs (cosine only).
+        warmup: linear warm-up in epochs (cosine and multistep).
         batch_size: per rank; None: the checkpoint's.
         repeats: fine-tunes per trial with different seeds; the score is their mean.
         features: "image" (default: fresh crops, as uniform training cuts them, each with its

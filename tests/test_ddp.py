@@ -65,8 +65,57 @@ def test_two_process_gloo_ddp(tmp_path):
     # Rank 0 alone wrote the run folder.
     run = store / "runs" / "ddp"
     assert sorted(p.name for p in run.iterdir()) == [
-        "checkpoint-e001.pt", "checkpoint.pt", "config.json", "metrics.jsonl", "summary.json"]
+        "checkpoint-best.pt", "checkpoint-e001.pt", "checkpoint.pt", "config.json",
+        "dynamics.parquet", "metrics.jsonl", "summary.json"]
     assert json.loads((run / "config.json").read_text())["world_size"] == 2
+
+
+DYNAMICS_SCRIPT = textwrap.dedent("""
+    import os, sys, torch
+    torch.set_num_threads(1)
+    from swift_sampler.train import dynamics
+    from swift_sampler.train.presets import resolve_config
+    from swift_sampler.train.trainer import fit
+
+    store, out = sys.argv[1], sys.argv[2]
+    views, observe = [[]], dynamics.TrainingDynamics.observe
+
+    def spy(self, index, logits, labels):
+        views[-1].append((index.clone(), logits.detach().float().clone(), labels.clone()))
+        observe(self, index, logits, labels)
+
+    dynamics.TrainingDynamics.observe = spy
+    config = resolve_config(store, name="dyn", model="digits-net", epochs=2, batch_size=4,
+                            lr=0.05, schedule="cosine", workers=0, progress=False,
+                            shuffle_buffer=8)
+    fit(config, on_epoch_end=lambda m: views.append([]))
+    torch.save(views[:-1], os.path.join(out, f"views{os.environ['RANK']}.pt"))
+""")
+
+
+def test_two_ranks_record_the_dynamics_of_one(tmp_path):
+    """Rank 0's table is what one process makes of both ranks' training steps."""
+    import pyarrow.parquet as pq
+
+    from swift_sampler.train.distributed import DistInfo
+    from swift_sampler.train.dynamics import TrainingDynamics
+
+    store = make_store(tmp_path / "s", splits={"train": 32, "val": 8}, shard_size=8)
+    script = tmp_path / "dyn_script.py"
+    script.write_text(DYNAMICS_SCRIPT)
+    proc = run_torchrun([str(script), str(store), str(tmp_path)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"views{r}.pt", weights_only=True) for r in (0, 1)]
+    one = TrainingDynamics(32)
+    single = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    for epoch in range(2):
+        for views in ranks:
+            for index, logits, labels in views[epoch]:
+                one.observe(index, logits, labels)
+        one.end_epoch(epoch, single)
+    written = pq.read_table(store / "runs" / "dyn" / "dynamics.parquet")
+    assert written.equals(one.table())
+    assert set(written.column("epochs_seen").to_pylist()) == {2}
 
 
 @pytest.mark.slow

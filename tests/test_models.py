@@ -87,6 +87,15 @@ def test_multistep_matches_the_paper_recipe():
     assert math.isclose(multistep(65, lr=1.0, milestones=[30, 60], gamma=0.5), 0.25)
 
 
+def test_multistep_warms_up_linearly_then_steps():
+    assert multistep(0.0, lr=0.1, milestones=[30], warmup=2) == 0.0
+    assert math.isclose(multistep(0.5, lr=0.1, milestones=[30], warmup=2), 0.025)
+    assert math.isclose(multistep(2.0, lr=0.1, milestones=[30], warmup=2), 0.1)
+    assert math.isclose(multistep(31, lr=0.1, milestones=[30], warmup=2), 0.01)
+    assert math.isclose(lr_at(1.0, schedule="multistep", lr=0.1, epochs=60, milestones=[30],
+                              warmup=4), 0.025)
+
+
 def test_one_cycle_matches_torch_reference():
     steps, epochs = 100, 5
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)

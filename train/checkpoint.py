@@ -3,8 +3,9 @@
 Keys: ``model`` (state dict), ``model_name``, ``num_classes``, ``in_chans``, ``image_size``,
 ``epoch`` (last finished epoch, 0-based), ``optimizer`` (state dict), ``sched`` (schedule name
 and step counter), ``rng`` (torch CPU generator state), ``store_id``, ``config`` (resolved run
-configuration, JSON-able). Only tensors, numbers, strings, lists and dicts, so loading works
-with ``torch.load(weights_only=True)``: a checkpoint never runs code.
+configuration, JSON-able), ``dynamics`` (``train.dynamics`` state, named runs). Only tensors,
+numbers, strings, lists and dicts, so loading works with ``torch.load(weights_only=True)``: a
+checkpoint never runs code.
 
 A checkpoint is written whole or not at all (temp file + rename): a crash mid-write leaves the
 previous epoch's checkpoint in place, which is what ``--resume`` and the NaN guard rely on.
@@ -117,5 +118,5 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     model = create_model(ckpt["model_name"], int(ckpt["num_classes"]), int(ckpt["in_chans"]),
                          int(ckpt["image_size"]))
     load_weights(model, ckpt, where=str(path))
-    meta = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "rng")}
+    meta = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "rng", "dynamics")}
     return model.to(device).eval(), meta

@@ -43,6 +43,16 @@ class TrainConfig:
     shuffle_buffer: int = 2000
     image_size: int | None = None
     val_split: str | None = "val"  # None or a missing split: no per-epoch validation
+    # A split scored every epoch for the record only (``test_accuracy`` ... in metrics.jsonl),
+    # e.g. a clean test split to see when a run starts to fit noisy labels; nothing is chosen
+    # on it. None: none.
+    diagnostic_split: str | None = None
+    # Keep ``checkpoint-best.pt``, the checkpoint of the epoch of highest val top-1 (early
+    # stopping on val, as timm's ``model_best``); needs ``val_split``.
+    keep_best: bool = True
+    # Per-image statistics over the epochs (train.dynamics), kept with the checkpoint and
+    # written to ``dynamics.parquet`` in the run folder; named runs only.
+    record_dynamics: bool = True
     init: str | None = None
     # A checkpoint of a run to continue: weights, optimiser state and epoch are restored and
     # training goes on from the next epoch to ``epochs`` on this config's schedule (the
@@ -134,6 +144,12 @@ def validate(c: TrainConfig) -> None:
     if c.val_split and c.val_split not in ("train", "val", "test"):
         raise UsageError(f"unknown --val-split {c.val_split!r}; choose val, test or train "
                          "(or an empty string for no per-epoch validation)")
+    if c.diagnostic_split and c.diagnostic_split not in ("train", "val", "test"):
+        raise UsageError(f"unknown --diagnostic-split {c.diagnostic_split!r}; choose val, test or "
+                         "train (or leave it out)")
+    if c.diagnostic_split and c.diagnostic_split == c.val_split:
+        raise UsageError(f"--diagnostic-split {c.diagnostic_split} is already the validation "
+                         "split; choose another split or leave it out")
     if c.keep_checkpoints < 0:
         raise UsageError(f"keep_checkpoints must be >= 0, got {c.keep_checkpoints}")
     if c.continue_from and (c.init or c.resume):

@@ -15,12 +15,17 @@ from swift_sampler.storage.errors import UsageError
 SCHEDULES = ("multistep", "cosine", "one-cycle", "constant")
 
 
-def multistep(t: float, *, lr: float, milestones: Sequence[int], gamma: float = 0.1) -> float:
-    """Step decay: ``lr * gamma ** (number of milestones <= t)``.
+def multistep(t: float, *, lr: float, milestones: Sequence[int], gamma: float = 0.1,
+              warmup: float = 0.0) -> float:
+    """Linear warm-up for ``warmup`` epochs, then step decay: ``lr * gamma ** (number of
+    milestones <= t)``.
 
     The paper's recipe (section 4.1, CIFAR): lr 0.1 divided by 10 at epoch 40 of 80.
-    Milestones are whole epochs, so the rate changes at epoch boundaries only.
+    Milestones are whole epochs, so the rate changes at epoch boundaries only. A small net
+    started at lr 0.1 on noisy labels can diverge in its first epoch; a short warm-up avoids it.
     """
+    if warmup > 0 and t < warmup:
+        return lr * t / warmup
     passed = sum(1 for m in milestones if math.floor(t) >= m)
     return lr * gamma**passed
 
@@ -58,7 +63,7 @@ def lr_at(t: float, *, schedule: str, lr: float, epochs: float, milestones: Sequ
           gamma: float = 0.1, warmup: float = 0.0) -> float:
     """Dispatch by name; ``t`` in epochs (float). Raises ``ValueError`` for an unknown name."""
     if schedule == "multistep":
-        return multistep(t, lr=lr, milestones=milestones, gamma=gamma)
+        return multistep(t, lr=lr, milestones=milestones, gamma=gamma, warmup=warmup)
     if schedule == "cosine":
         return cosine(t, lr=lr, epochs=epochs, warmup=warmup)
     if schedule == "one-cycle":

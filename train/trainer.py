@@ -37,6 +37,7 @@ from swift_sampler.storage import (
     StoreLayout,
     atomic_write_bytes,
     atomic_write_json,
+    atomic_write_parquet,
     atomic_write_text,
     exclusive_lock,
     read_manifest,
@@ -46,6 +47,7 @@ from swift_sampler.storage.errors import SwiftSamplerError, UsageError
 
 from .checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
 from .distributed import DistInfo, all_reduce_sum, average_buffers, barrier, init_distributed
+from .dynamics import TrainingDynamics
 from .evaluate import noise_diagnostics, predict_batches
 from .loader import BatchFilter, CropStage, create_loader
 from .models import create_model
@@ -53,6 +55,7 @@ from .presets import TrainConfig
 from .schedules import lr_at
 
 log = logging.getLogger(__name__)
+DYNAMICS_FILE = "dynamics.parquet"
 
 
 class TrainingDiverged(SwiftSamplerError, ValueError):
@@ -128,12 +131,8 @@ def fit(config: TrainConfig, *, sampler: SamplerHook | None = None,
         candidates_per_image=hook.candidates_per_image if hook.batch_filter else 1,
         crop_stage=hook.crop_stage, batch_filter=hook.batch_filter,
         pin_memory=device.type == "cuda", skip_damaged=config.skip_damaged)
-    val = None
-    if config.val_split and manifest["splits"].get(config.val_split, {}).get("shards"):
-        val, _ = create_loader(layout.root, config.val_split, batch_size=max(256, config.batch_size),
-                               train=False, rank=dist.rank, world_size=dist.world_size,
-                               num_workers=min(config.workers, 1), image_size=ds.image_size,
-                               pin_memory=device.type == "cuda")
+    val = _eval_loader(layout, manifest, config.val_split, config, dist, ds.image_size)
+    diagnostic = _eval_loader(layout, manifest, config.diagnostic_split, config, dist, ds.image_size)
 
     model = create_model(model_name, num_classes, in_chans, ds.image_size)
     if init_ckpt is not None:
@@ -153,6 +152,9 @@ def fit(config: TrainConfig, *, sampler: SamplerHook | None = None,
     run_dir = layout.run(config.name) if config.name else None
     ckpt_path = run_dir / "checkpoint.pt" if run_dir else None
     start_epoch, history = 0, []
+    dynamics = None
+    if run_dir is not None and config.record_dynamics:
+        dynamics = TrainingDynamics(int(manifest["splits"]["train"]["count"]))
     if continued is not None:
         if "optimizer" not in continued or "epoch" not in continued:
             raise CheckpointError(f"{config.continue_from} holds no optimiser state or epoch; "
@@ -175,6 +177,7 @@ def fit(config: TrainConfig, *, sampler: SamplerHook | None = None,
             torch.set_rng_state(ckpt["rng"]["torch"])
             start_epoch = int(ckpt["epoch"]) + 1
             history = _read_metrics(run_dir / "metrics.jsonl", before=start_epoch)
+            dynamics = _resumed_dynamics(dynamics, ckpt, ckpt_path)
 
     ddp_model = model
     if dist.distributed:
@@ -198,10 +201,15 @@ def fit(config: TrainConfig, *, sampler: SamplerHook | None = None,
         metrics: dict[str, Any] = history[-1] if history else {}
         for epoch in range(start_epoch, config.epochs):
             metrics = _train_epoch(ddp_model, loader, ds, optimizer, config, dist, epoch, steps,
-                                   amp, hook)
+                                   amp, hook, dynamics)
             average_buffers(model, dist)
+            if dynamics is not None:
+                dynamics.end_epoch(epoch, dist)
             if val is not None:
                 metrics.update(_validate(model, val, dist, amp))
+            if diagnostic is not None:
+                metrics.update(_validate(model, diagnostic, dist, amp,
+                                         prefix=config.diagnostic_split))
             alarm = exploding_loss(metrics, num_classes, config)
             if alarm:
                 metrics["warning"] = alarm
@@ -214,8 +222,14 @@ def fit(config: TrainConfig, *, sampler: SamplerHook | None = None,
                     save_checkpoint(ckpt_path, model, epoch=epoch, optimizer=optimizer.state_dict(),
                                     sched={"name": config.schedule, "epoch": epoch, "steps": steps},
                                     rng={"torch": torch.get_rng_state()},
-                                    store_id=manifest["store_id"], config=resolved)
+                                    store_id=manifest["store_id"], config=resolved,
+                                    **({"dynamics": dynamics.state_dict()} if dynamics else {}))
                     _keep_checkpoint(ckpt_path, epoch, config)
+                    if config.keep_best and is_best_epoch(history):
+                        atomic_write_bytes(best_checkpoint(ckpt_path), ckpt_path.read_bytes())
+                if dynamics is not None:
+                    # After the checkpoint that holds its state: the table never runs ahead.
+                    atomic_write_parquet(run_dir / DYNAMICS_FILE, dynamics.table())
             barrier(dist)
             if on_epoch_end is not None:
                 on_epoch_end(metrics)
@@ -228,6 +242,7 @@ def fit(config: TrainConfig, *, sampler: SamplerHook | None = None,
                                            "images_per_s", "kept_fraction", "flipped_kept_share")},
             "skipped": sum(m.get("skipped", 0) for m in history),
             "warnings": [m["warning"] for m in history if m.get("warning")],
+            **_best_epoch(history, ckpt_path if config.keep_best else None),
         }
         if run_dir is not None and dist.is_main:
             atomic_write_json(run_dir / "summary.json", summary)
@@ -264,13 +279,63 @@ def _keep_checkpoint(ckpt_path: Path, epoch: int, config: TrainConfig) -> None:
         atomic_write_bytes(epoch_checkpoint(ckpt_path, done), ckpt_path.read_bytes())
 
 
+def _resumed_dynamics(dynamics: TrainingDynamics | None, ckpt: dict[str, Any],
+                      ckpt_path: Path) -> TrainingDynamics | None:
+    """The dynamics state of a resumed run, or None when its checkpoint holds none."""
+    if dynamics is None:
+        return None
+    if "dynamics" not in ckpt:
+        log.warning("%s holds no training dynamics (written before they were recorded); the "
+                    "resumed run records none", ckpt_path)
+        return None
+    dynamics.load_state_dict(ckpt["dynamics"])
+    return dynamics
+
+
+def best_checkpoint(checkpoint: str | Path) -> Path:
+    """Path of the kept checkpoint of the best val epoch of the run of ``checkpoint``."""
+    return Path(checkpoint).with_name("checkpoint-best.pt")
+
+
+def is_best_epoch(history: list[dict[str, Any]]) -> bool:
+    """Whether the last epoch of ``history`` has the highest val top-1 so far (the first of
+    equals wins: early stopping keeps the earlier of two equal epochs)."""
+    scores = [m.get("val_accuracy") for m in history]
+    if scores[-1] is None:
+        return False
+    return all(s is None or s < scores[-1] for s in scores[:-1])
+
+
+def _best_epoch(history: list[dict[str, Any]], ckpt_path: Path | None) -> dict[str, Any]:
+    scored = [m for m in history if m.get("val_accuracy") is not None]
+    if not scored:
+        return {}
+    best = max(scored, key=lambda m: (m["val_accuracy"], -m["epoch"]))
+    path = best_checkpoint(ckpt_path) if ckpt_path is not None else None
+    return {"best_epoch": best["epoch"], "best_val_accuracy": best["val_accuracy"],
+            "best_checkpoint": str(path) if path is not None and path.is_file() else None}
+
+
+def _eval_loader(layout: StoreLayout, manifest: dict[str, Any], split: str | None,
+                 config: TrainConfig, dist: DistInfo, image_size: int):
+    """A loader over ``split`` in store order, or None when there is no such split."""
+    if not split or not manifest["splits"].get(split, {}).get("shards"):
+        return None
+    loader, _ = create_loader(layout.root, split, batch_size=max(256, config.batch_size),
+                              train=False, rank=dist.rank, world_size=dist.world_size,
+                              num_workers=min(config.workers, 1), image_size=image_size,
+                              pin_memory=dist.device.type == "cuda")
+    return loader
+
+
 def epoch_checkpoint(checkpoint: str | Path, done: int) -> Path:
     """Path of the kept checkpoint after ``done`` epochs of the run of ``checkpoint``."""
     return Path(checkpoint).with_name(f"checkpoint-e{int(done):03d}.pt")
 
 
 def _train_epoch(model: nn.Module, loader, ds, optimizer, config: TrainConfig, dist: DistInfo,
-                 epoch: int, steps: int, amp: bool, hook: SamplerHook) -> dict[str, Any]:
+                 epoch: int, steps: int, amp: bool, hook: SamplerHook,
+                 dynamics: TrainingDynamics | None = None) -> dict[str, Any]:
     model.train()
     ds.set_epoch(epoch)
     device = dist.device
@@ -306,6 +371,8 @@ def _train_epoch(model: nn.Module, loader, ds, optimizer, config: TrainConfig, d
                 f"loss became {step_loss} at epoch {epoch + 1}, step {step + 1} (lr {lr:.4g}); "
                 "the last good checkpoint is kept; lower --lr or check the data")
         optimizer.step()
+        if dynamics is not None:
+            dynamics.observe(batch["index"], logits, y)
         n = y.shape[0]
         sums += torch.tensor([loss.item() * n, (logits.argmax(1) == y).sum().item(), n,
                               float(batch.get("candidates", n)), len(batch.get("skipped", ()))],
@@ -331,7 +398,8 @@ def _train_epoch(model: nn.Module, loader, ds, optimizer, config: TrainConfig, d
     return metrics
 
 
-def _validate(model: nn.Module, loader, dist: DistInfo, amp: bool) -> dict[str, Any]:
+def _validate(model: nn.Module, loader, dist: DistInfo, amp: bool,
+              prefix: str = "val") -> dict[str, Any]:
     out = predict_batches(model, loader, dist.device, amp=amp)
     logits = torch.from_numpy(out["logits"])
     labels = torch.from_numpy(out["label"])
@@ -339,7 +407,7 @@ def _validate(model: nn.Module, loader, dist: DistInfo, amp: bool) -> dict[str, 
     correct = (logits.argmax(1) == labels).sum().item() if len(labels) else 0
     total = all_reduce_sum(torch.tensor([loss, correct, len(labels)], dtype=torch.float64), dist)
     n = max(total[2].item(), 1.0)
-    return {"val_loss": total[0].item() / n, "val_accuracy": total[1].item() / n}
+    return {f"{prefix}_loss": total[0].item() / n, f"{prefix}_accuracy": total[1].item() / n}
 
 
 def _read_metrics(path: Path, *, before: int) -> list[dict[str, Any]]:

@@ -33,7 +33,14 @@ def register(sub, groups) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed of init, crops and order (default: 0)")
     p.add_argument("--workers", type=int, default=None, help="loader workers per rank (2)")
     p.add_argument("--image-size", type=int, default=None, help="crop side for large images")
-    p.add_argument("--val-split", default=None, help="split validated each epoch (val)")
+    p.add_argument("--val-split", default=None,
+                   help="split validated each epoch; its best epoch is kept as "
+                   "checkpoint-best.pt (default: val)")
+    p.add_argument("--diagnostic-split", default=None,
+                   help="a split also scored each epoch, for the record only, e.g. a clean test "
+                   "split (default: none)")
+    p.add_argument("--warmup", type=float, default=None,
+                   help="linear warm-up in epochs, multistep and cosine (default: the preset's)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if present)")
     p.add_argument("--resume", action="store_true", help="continue the run from its checkpoint")
     p.add_argument("--skip-damaged", action="store_true",
@@ -105,7 +112,8 @@ def run_train(args) -> int:
         args.store, preset=preset, name=args.name, model=model, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         schedule=args.schedule, milestones=milestones, seed=args.seed, workers=args.workers,
-        image_size=args.image_size, val_split=args.val_split, device=args.device,
+        image_size=args.image_size, val_split=args.val_split,
+        diagnostic_split=args.diagnostic_split, warmup=args.warmup, device=args.device,
         resume=args.resume or None, init=args.init, skip_damaged=args.skip_damaged or None,
         save_checkpoints=False if args.no_checkpoints else None, progress=not args.json)
     dist = init_distributed(config.device)
