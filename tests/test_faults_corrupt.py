@@ -5,6 +5,7 @@ no traceback) or a counted, logged skip; never a silent wrong result."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -17,6 +18,7 @@ import pytest
 from faultlib import (
     base_store,
     copy_store,
+    digests,
     make_checkpoint,
     run_in_process,
     temporaries,
@@ -314,6 +316,39 @@ def test_build_features_rerun_over_a_cut_part_names_it_or_rescores_it(featured, 
         assert json.loads(out.splitlines()[-1])["rows"] == 320 * K
     else:
         _clean_error(code, err, "part-000002.parquet")
+    assert temporaries(store) == []
+
+
+def test_build_features_overwrite_that_fails_keeps_the_old_features_and_tables(featured, tmp_path):
+    """--overwrite scores beside the old features and swaps them in only once all are checked:
+    a damaged shard found on the way leaves the old features, features.json and tables whole,
+    and the rerun keeps the new parts already scored."""
+    store, _ = featured
+    store = copy_store(store, tmp_path / "store")
+    layout = StoreLayout(store)
+    before = digests(store, "*.parquet") | digests(store, "*.json")
+    other = make_checkpoint(store, tmp_path / "other.pt", seed=1)
+    shards = layout.shards("train")
+    intact = shards[-1].read_bytes()
+    shards[-1].write_bytes(intact[: len(intact) // 2])
+    code, _, err = _main("pipeline", "build-features", "--store", store, "--checkpoint", other,
+                         "--overwrite", *FEATURE_OPTS)
+    _clean_error(code, err, shards[-1].name)
+    assert digests(store, "*.json") == {k: v for k, v in before.items() if k.endswith(".json")}
+    assert {k: v for k, v in digests(store, "*.parquet").items() if not k.startswith(".")} == \
+        {k: v for k, v in before.items() if k.endswith(".parquet")}
+    assert query(store, "SELECT count(*) AS n FROM features")["n"][0].as_py() == 320 * K
+
+    shards[-1].write_bytes(intact)
+    code, out, err = _main("pipeline", "build-features", "--store", store, "--checkpoint", other,
+                           "--overwrite", *FEATURE_OPTS)
+    assert code == 0, err
+    summary = json.loads(out.splitlines()[-1])
+    assert summary["rows"] == 320 * K and summary["parts_skipped"] > 0  # scored beside, kept
+    sha = hashlib.sha256(other.read_bytes()).hexdigest()
+    assert json.loads(layout.features_meta.read_text())["checkpoint_sha256"] == sha
+    assert json.loads(layout.tables_meta.read_text())["features_checkpoint_sha256"] == sha
+    assert not [p for p in store.iterdir() if p.name.startswith(".") and p.is_dir()]
     assert temporaries(store) == []
 
 

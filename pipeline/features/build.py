@@ -14,7 +14,10 @@ Invariants:
 - a part whose scores are not all finite is never written: those crops are counted and the run
   fails at the end naming them (the sampler needs every row, so skipping them is not an option);
 - ``features.json`` (``done: true``) is written last, by rank 0, after checking that the
-  parts hold exactly N x K rows with unique ``(index, crop)``.
+  parts hold exactly N x K rows with unique ``(index, crop)``;
+- replacing features (``overwrite``) writes the new parts beside the old ones, in
+  ``STORE/.features-new``, and swaps them in only once all are written and checked: a run that
+  fails on the way leaves the old features, ``features.json`` and tables as they were.
 Only ``index``, the training label and the image are read from a shard: never the ground truth.
 """
 
@@ -24,6 +27,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,11 +46,12 @@ from swift_sampler.storage import (
     atomic_write_json,
     atomic_write_parquet,
     exclusive_lock,
+    literal,
     num_classes,
     package_versions,
+    query,
     read_features_meta,
     read_manifest,
-    read_view,
     remove_stale_temporaries,
     split_shards,
 )
@@ -74,6 +79,7 @@ __all__ = ["DamagedPartError", "NonFiniteScoreError", "ShardCrops", "batch_crops
 log = logging.getLogger(__name__)
 PROVENANCE_KEY = b"swift_sampler.features"
 PROVENANCE_FIELDS = ("store_id", "checkpoint_sha256", "crops_per_image", "grad_norm", "seed")
+STAGING = ".features-new"  # in the store: the parts of an overwrite until they are swapped in
 
 
 class NonFiniteScoreError(StoreError):
@@ -154,13 +160,16 @@ def _check_model(model: nn.Module, manifest: dict) -> None:
             "use a checkpoint trained on this store")
 
 
-def _prepare(layout: StoreLayout, prov: dict, overwrite: bool) -> None:
-    """Refuse features from another checkpoint/config unless ``overwrite``; clean temporaries.
+def _prepare(layout: StoreLayout, prov: dict, overwrite: bool) -> Path:
+    """Refuse features from another checkpoint/config unless ``overwrite``; clean temporaries;
+    return the folder the parts go to: ``features/``, or the staging folder when they replace
+    features of another provenance (nothing of the old ones is touched before the swap).
 
     A part that is not readable Parquet is deleted (with a warning naming it), so it is scored
     again: parts are written atomically, so it can only be damage from outside.
     """
     remove_stale_temporaries(layout.features_dir)
+    staging = layout.root / STAGING
     clash = None
     if layout.features_meta.is_file():
         old = read_features_meta(layout)
@@ -182,11 +191,49 @@ def _prepare(layout: StoreLayout, prov: dict, overwrite: bool) -> None:
         raise StoreError(
             f"{layout.features_dir} holds features from another checkpoint or configuration: "
             f"{clash}; pass overwrite=True (--overwrite) to replace them")
-    if clash or damaged:
+    if clash:
+        return _staged(staging, prov)
+    # Nothing to replace: parts staged by an earlier overwrite are of features no longer asked for.
+    shutil.rmtree(staging, ignore_errors=True)
+    if damaged:
         # features.json vouches for every part: it goes first, and is rewritten at the end.
         layout.features_meta.unlink(missing_ok=True)
-    for part in layout.feature_parts() if clash else damaged:
+    for part in damaged:
         part.unlink()
+    return layout.features_dir
+
+
+def _staged(staging: Path, prov: dict) -> Path:
+    """``staging``, holding only whole parts of ``prov``: those of a failed or killed overwrite
+    with the same provenance are kept, so its rerun does not score them again."""
+    staging.mkdir(exist_ok=True)
+    remove_stale_temporaries(staging)
+    for part in sorted(staging.glob("part-*.parquet")):
+        try:
+            own = part_provenance(part) == prov
+        except DamagedPartError:
+            own = False
+        if not own:
+            part.unlink()
+    return staging
+
+
+def _swap_in(layout: StoreLayout, staging: Path) -> None:
+    """Replace the parts of ``features/`` by the checked parts of ``staging``.
+
+    ``features.json`` goes first (it vouches for the parts; ``_finish`` writes it anew). A kill
+    halfway leaves old and new parts without it: a rerun with ``overwrite`` sees the old ones
+    clash, scores what left the staging folder again and swaps once more.
+    """
+    layout.features_meta.unlink(missing_ok=True)
+    layout.features_dir.mkdir(exist_ok=True)
+    new = sorted(p.name for p in staging.glob("part-*.parquet"))
+    for part in layout.feature_parts():
+        if part.name not in new:
+            part.unlink()
+    for name in new:
+        os.replace(staging / name, layout.features_dir / name)
+    shutil.rmtree(staging)
 
 
 def _diff(old: dict, new: dict) -> str:
@@ -199,16 +246,19 @@ def _dist():
     return process_group()
 
 
-def _agree(rank: int, error: BaseException | None) -> None:
-    """Rank 0's setup outcome reaches every rank; all raise if it failed."""
+def _agree(rank: int, error: BaseException | None, folder: Path | None) -> Path:
+    """Rank 0's setup outcome reaches every rank: all raise if it failed, else all write their
+    parts into rank 0's ``folder``."""
     dist = _dist()
     if dist is not None:
-        box = [None if error is None else f"{type(error).__name__}: {error}"]
+        box = [None if error is None else f"{type(error).__name__}: {error}", folder]
         dist.broadcast_object_list(box, src=0)
         if rank != 0 and box[0]:
             raise StoreError(f"rank 0 failed to start build-features: {box[0]}")
+        folder = box[1]
     if error is not None:
         raise error
+    return folder
 
 
 def build_features(store, model: nn.Module, *, crops_per_image: int = 8, grad_norm: str = "last-layer",
@@ -231,7 +281,8 @@ def build_features(store, model: nn.Module, *, crops_per_image: int = 8, grad_no
         rank, world_size: this process's share: shard s is scored by rank ``s % world_size``.
             With ``world_size > 1`` a ``torch.distributed`` group must be initialised.
         checkpoint_sha256: checksum of the checkpoint file, recorded for provenance.
-        overwrite: replace features from another checkpoint or configuration instead of refusing.
+        overwrite: replace features from another checkpoint or configuration instead of refusing
+            (the new parts are written beside the old ones and swapped in once all are checked).
         image_size: model input size (default ``model.image_size``); crops are resized to it
             unless they are pad crops of images of exactly that size.
         quantiles, angles: passed to ``pipeline.sampler.table_store.build_store_tables`` when ``tables``.
@@ -271,17 +322,17 @@ def build_features(store, model: nn.Module, *, crops_per_image: int = 8, grad_no
     meta = {PROVENANCE_KEY: json.dumps(prov, sort_keys=True).encode()}
 
     with contextlib.ExitStack() as stack:
-        error = None
+        error, folder = None, None
         if rank == 0:
             try:
                 stack.enter_context(exclusive_lock(layout.lock("features"), "build-features"))
-                _prepare(layout, prov, overwrite)
+                folder = _prepare(layout, prov, overwrite)
             except Exception as e:
                 error = e
-        _agree(rank, error)
+        folder = _agree(rank, error, folder)
 
         mine = [(s, p, n) for s, (p, n) in enumerate(shards) if s % world_size == rank]
-        todo = [(s, p, n) for s, p, n in mine if not _part(layout, s).is_file()]
+        todo = [(s, p, n) for s, p, n in mine if not _part(folder, s).is_file()]
         bar = _progress(sum(n for _, _, n in todo) * crops_per_image, progress and rank == 0)
         bad: list[tuple[int, int, list[int]]] = []  # (shard, crops, indices)
         counts = {s: n for s, _, n in todo}
@@ -303,9 +354,9 @@ def build_features(store, model: nn.Module, *, crops_per_image: int = 8, grad_no
                 bad.append((s, *problem))
                 log.error("shard %d: %d crops with non-finite scores; part not written", s, problem[0])
                 continue
-            atomic_write_parquet(_part(layout, s), table.replace_schema_metadata(meta))
+            atomic_write_parquet(_part(folder, s), table.replace_schema_metadata(meta))
             if on_part:
-                on_part(s, _part(layout, s))
+                on_part(s, _part(folder, s))
         bar.close()
         seconds = time.perf_counter() - t_score
 
@@ -332,15 +383,15 @@ def build_features(store, model: nn.Module, *, crops_per_image: int = 8, grad_no
                    "grad_norm": grad_norm, "crops_per_image": crops_per_image}
         if rank != 0:
             return summary
-        summary.update(_finish(layout, manifest, shards, prov))
+        summary.update(_finish(layout, folder, shards, prov))
         if tables:
             summary["tables"] = _build_tables(layout, quantiles=quantiles, angles=angles)
         summary["seconds"] = time.perf_counter() - t0
         return summary
 
 
-def _part(layout: StoreLayout, shard: int) -> Path:
-    return layout.features_dir / f"part-{shard:06d}.parquet"
+def _part(folder: Path, shard: int) -> Path:
+    return folder / f"part-{shard:06d}.parquet"
 
 
 def _check_part(table: pa.Table, rows: int, manifest: dict, path: Path) -> tuple[int, list[int]] | None:
@@ -366,24 +417,30 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, unit="crop", unit_scale=True, desc="build-features", disable=not enabled)
 
 
-def _finish(layout: StoreLayout, manifest: dict, shards: list, prov: dict) -> dict:
-    """Check the union of the parts (N x K rows, unique (index, crop)), then write features.json."""
-    parts = [_part(layout, s) for s in range(len(shards))]
+def _finish(layout: StoreLayout, folder: Path, shards: list, prov: dict) -> dict:
+    """Check the union of the parts in ``folder`` (N x K rows, unique (index, crop)), swap them
+    into ``features/`` when they were staged, then write features.json."""
+    parts = [_part(folder, s) for s in range(len(shards))]
     missing = [p.name for p in parts if not p.is_file()]
     if missing:
         raise StoreError(f"feature parts missing after the run: {', '.join(missing[:5])}; run again to resume")
     k = prov["crops_per_image"]
     n = sum(count for _, count in shards)
-    try:  # through the catalog: exactly the rows a user's SQL and the later stages will see
-        ids = read_view(layout.root, "feature_parts", ["index", "crop"])
+    # Through the store's DuckDB catalog, with the glob of its feature_parts view: exactly the
+    # rows a user's SQL and the later stages will see once the parts are in features/.
+    glob = literal(str(folder / "part-*.parquet"))
+    try:
+        ids = query(layout.root, f'SELECT "index", crop FROM read_parquet({glob})')
     except QueryError as e:
-        raise DamagedPartError(f"{layout.features_dir} holds a part that is not readable ({e}); "
+        raise DamagedPartError(f"{folder} holds a part that is not readable ({e}); "
                                "delete it and run build-features again to score its shard "
                                "again") from None
     keys = ids["index"].to_numpy().astype(np.int64) * k + ids["crop"].to_numpy()
     if len(keys) != n * k or len(np.unique(keys)) != len(keys):
         raise StoreError(f"feature parts hold {len(keys)} rows ({len(np.unique(keys))} unique "
                          f"(index, crop)), expected {n} x {k}; rerun with --overwrite")
+    if folder != layout.features_dir:
+        _swap_in(layout, folder)
     info = {**prov, "images": n, "rows": n * k, "parts": len(parts), "done": True,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": package_versions()}
     atomic_write_json(layout.features_meta, info)

@@ -28,7 +28,8 @@ def register(sub, groups) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random crops (default 0)")
     p.add_argument("--batch-size", type=int, default=512, help="crops per forward pass (default 512)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace features built from another checkpoint or configuration")
+                   help="replace features built from another checkpoint or configuration (the "
+                   "old ones stay in place until the new ones are all written and checked)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_json_flag(p)
     p.set_defaults(func=run)
