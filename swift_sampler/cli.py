@@ -36,13 +36,36 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     return (UserError, SwiftSamplerError, FileNotFoundError)
 
 
+class CommandParser(argparse.ArgumentParser):
+    """The parser of a command: its positional arguments may come anywhere among its options
+    (``sql STORE --json "SELECT ..."``). Plain argparse hands the first run of positional words
+    to every positional it can match at once (``STORE`` became the query) and refuses the rest;
+    ``parse_known_intermixed_args`` reads options first, then positionals. Parsers of command
+    groups (a sub-command positional) and commands without positionals parse as usual."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        positionals = self._get_positional_actions()
+        if self._intermixing or not positionals or any(
+                a.nargs in (argparse.PARSER, argparse.REMAINDER) for a in positionals):
+            return super().parse_known_args(args, namespace)
+        # parse_known_intermixed_args parses through this method: the flag ends the recursion.
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="swift-sampler",
         description="Learn a static data sampler by 10 parameters and train with it.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # Command groups and their commands are CommandParsers too (add_subparsers inherits the class).
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)
     groups = {}
     for name, help_text in GROUPS.items():
         group = sub.add_parser(name, help=help_text, description=help_text)

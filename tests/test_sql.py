@@ -44,6 +44,21 @@ def test_sql_bad_queries_exit_2_with_message(digits_store, tmp_path, capsys, sql
     assert not (tmp_path / "x.csv").exists()
 
 
+@pytest.mark.parametrize("order", [
+    ("STORE", "--json", "QUERY"),
+    ("STORE", "QUERY", "--json"),
+    ("--json", "STORE", "QUERY"),
+    ("--store", "STORE", "--json", "QUERY"),
+    ("QUERY", "--json", "--store", "STORE"),
+    ("STORE", "--limit", "5", "QUERY", "--json"),
+])
+def test_sql_takes_store_query_and_options_in_any_order(digits_store, capsys, order):
+    words = {"STORE": str(digits_store), "QUERY": "SELECT count(*) AS n FROM samples"}
+    assert main(["sql", *(words.get(w, w) for w in order)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(lines[0]) == {"n": 1797} and json.loads(lines[-1])["rows"] == 1
+
+
 def test_sql_on_missing_store(tmp_path, capsys):
     assert main(["sql", str(tmp_path / "none"), "SELECT 1"]) == 2
     assert "no store" in capsys.readouterr().err
