@@ -66,6 +66,7 @@ from swift_sampler.storage import (
     atomic_write_parquet,
     exclusive_lock,
     literal,
+    read_json_object,
     read_view,
     remove_stale_temporaries,
 )
@@ -166,7 +167,7 @@ def read_trials(path: str | Path) -> list[dict[str, Any]]:
         return []
     # Through the catalog's ``trials`` view, which unions every search of the store by column
     # name: this search's rows, with this file's own columns.
-    columns = pq.read_schema(path).names
+    columns = _trials_columns(path)
     rows = read_view(path.parents[2], "trials", columns,
                      where=f"search = {literal(path.parent.name)}", order_by="trial").to_pylist()
     if [r["trial"] for r in rows] != list(range(len(rows))):
@@ -175,6 +176,16 @@ def read_trials(path: str | Path) -> list[dict[str, Any]]:
     for r in rows:
         r["phase"] = r.get("phase") or "search"
     return rows
+
+
+def _trials_columns(path: Path) -> list[str]:
+    """The columns of a trials file; ``StoreError`` naming it when it is not readable Parquet."""
+    try:
+        return pq.read_schema(path).names
+    except pa.ArrowException as e:  # ArrowInvalid: empty, cut short, not Parquet
+        raise StoreError(f"{path} is not a readable trials file ({e}); it is rewritten whole "
+                         "after each trial, so it was damaged afterwards: restore it from a "
+                         f"backup, or move {path.parent} away and start the search anew") from None
 
 
 def run_search(
@@ -519,8 +530,16 @@ def best_so_far(trials: list[dict[str, Any]]) -> np.ndarray:
 
 
 def read_settings(store: str | Path, name: str) -> dict[str, Any] | None:
+    """``search.json`` of search ``name`` (None when there is none); ``StoreError`` naming it
+    when it is not a JSON object."""
     path = StoreLayout(store).search(name) / SETTINGS_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    return _read_settings_file(path) if path.is_file() else None
+
+
+def _read_settings_file(path: Path) -> dict[str, Any]:
+    # Without the settings its trials were made with, a search cannot be resumed safely.
+    return read_json_object(path, "restore it from a backup, or move "
+                            f"{path.parent} away and start the search anew")
 
 
 def _settings_with_defaults(settings: dict[str, Any]) -> dict[str, Any]:
@@ -532,7 +551,10 @@ def _settings_with_defaults(settings: dict[str, Any]) -> dict[str, Any]:
 def read_confirm(folder: Path) -> dict[str, Any] | None:
     """The recorded full-run check of search folder ``folder`` (None if none was run)."""
     path = Path(folder) / CONFIRM_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    return read_json_object(path, "delete it and run `swift-sampler search run` again: the "
+                            "full-run check resumes its training run and records its verdict anew")
 
 
 def write_best(folder: Path, trials, make_sampler, name: str, provenance, settings, steps,
@@ -576,7 +598,7 @@ def _jsonable(settings: dict[str, Any]) -> dict[str, Any]:
 def _check_settings(path: Path, settings: dict[str, Any]) -> None:
     if not path.is_file():
         return
-    stored = json.loads(path.read_text())
+    stored = _read_settings_file(path)
     stored.pop("steps", None)
     diff = sorted(k for k in set(stored) | set(settings) if _fixed(k, stored) != _fixed(k, settings))
     if diff:

@@ -210,6 +210,42 @@ def test_damaged_trials_file_is_refused(tmp_path, tables):
         search(store, "s", FakeObjective(), tables, steps=4, agent="random")
 
 
+def _damage(folder, what):
+    """Damage one file of a search folder as a full disk, a bad copy or an editor would;
+    returns the file's name."""
+    if what == "trials-empty":
+        (folder / "trials.parquet").write_bytes(b"")
+    elif what == "trials-cut":
+        data = (folder / "trials.parquet").read_bytes()
+        (folder / "trials.parquet").write_bytes(data[: len(data) // 2])
+    else:
+        (folder / what).write_text('{"seed": 3, "agent": ')
+    return "trials.parquet" if what.startswith("trials") else what
+
+
+@pytest.mark.parametrize("what", ["trials-empty", "trials-cut", "search.json", "confirm.json"])
+def test_damaged_search_file_is_named_by_run_show_and_plot(tmp_path, tables, capsys, what):
+    from swift_sampler.cli import main
+
+    store = make_store(tmp_path / "store")
+    search(store, "s", FakeObjective(), tables, steps=3, agent="random")
+    search(store, "other", FakeObjective(), tables, steps=2, agent="random")
+    name = _damage(StoreLayout(store).search("s"), what)
+    with pytest.raises(StoreError, match=f"{name}.*(restore|delete|move)") as e:
+        search(store, "s", FakeObjective(), tables, steps=4, agent="random")
+    assert str(StoreLayout(store).search("s") / name) in str(e.value)
+    readers = [["search", "show", "--store", store, "s"]]
+    if what != "confirm.json":  # the figure does not use the full-run check's verdict
+        readers.append(["plot", "search", "--store", store, "s"])
+    for argv in readers:
+        assert main([str(a) for a in argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and name in err and "Traceback" not in err, err
+        assert any(fix in err for fix in ("restore", "delete")), err
+    if not what.startswith("trials"):  # (a damaged trials file breaks the store's trials view)
+        assert main(["search", "show", "--store", str(store), "other", "--json"]) == 0
+
+
 def test_plot_search_draws_every_search(tmp_path, tables):
     from PIL import Image
 

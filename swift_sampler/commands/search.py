@@ -188,6 +188,10 @@ def show_search_command(args) -> int:
         have = sorted(p.parent.name for p in layout.searches_dir.glob("*/trials.parquet"))
         raise StoreError(f"no search {args.name!r} with trials in {layout.root} "
                          f"(searches: {', '.join(have) or 'none'})")
+    # First the search's own files, each named when damaged (the query below would fail on a
+    # damaged trials file too, but as the store's trials view).
+    summary = {"command": "search show", **summarize(layout.root, args.name),
+               "settings": read_settings(layout.root, args.name)}
     # check_name allows no quote, so the name is a safe SQL literal.
     rows = query(layout.root, f"SELECT * EXCLUDE (point) FROM trials WHERE search = '{args.name}' "
                               "ORDER BY trial").to_pylist()
@@ -201,8 +205,6 @@ def show_search_command(args) -> int:
                      f"{r['seconds']:>6.1f}  " + " ".join(f"{r[p]:>5.2f}" for p in params))
     lines.append("best: best raw score of the search trials so far; flip*: share of flipped labels "
                  "among kept samples (diagnostics; not seen by the agent)")
-    summary = {"command": "search show", **summarize(layout.root, args.name),
-               "settings": read_settings(layout.root, args.name)}
     if summary["best_sampler"]:
         lines.append(_verdict(summary))
     emit(summary, args, "\n".join(lines))
