@@ -2,7 +2,8 @@
 
 Views (each exists once the stage that writes its files has run):
 ``samples`` (ingest), ``feature_parts`` (build-features: the Parquet parts as written, one row
-per crop), ``features`` (``feature_parts`` joined with ``samples``, plus each feature's cdf),
+per crop), ``dynamics`` (build-features: per-image training dynamics of the checkpoint's run),
+``features`` (``feature_parts`` joined with ``samples`` and ``dynamics``, plus each feature's cdf),
 ``cdf`` and ``cgf`` (tables), ``trials`` (search runs, with a ``search`` column), ``metrics``
 (training runs, with a ``run`` column).
 
@@ -25,7 +26,7 @@ import pyarrow as pa
 from .errors import SwiftSamplerError
 from .layout import StoreLayout
 
-VIEWS = ("samples", "feature_parts", "features", "cdf", "cgf", "trials", "metrics")
+VIEWS = ("samples", "feature_parts", "dynamics", "features", "cdf", "cgf", "trials", "metrics")
 _EXPLAIN = re.compile(r"^\s*explain\s+(analyze\s+)?", re.IGNORECASE)
 
 
@@ -41,16 +42,23 @@ def _view_sql(layout: StoreLayout) -> dict[str, str]:
     views = {}
     if layout.samples.is_file():
         views["samples"] = f"SELECT * FROM read_parquet({_lit(layout.samples)})"
+    if layout.dynamics.is_file():
+        views["dynamics"] = f"SELECT * FROM read_parquet({_lit(layout.dynamics)})"
     if layout.feature_parts():
         parts = _lit(layout.features_dir / "part-*.parquet")
         views["feature_parts"] = f"SELECT * FROM read_parquet({parts})"
-        # cdf_* are the empirical cdf of each feature over all crops (equation 7).
-        views["features"] = """
-            SELECT f.*, s.key, s.source, s.true_label, s.noisy,
+        # cdf_* are the empirical cdf of each feature over all crops (equation 7); each crop
+        # row carries its image's training dynamics when the store has them.
+        dynamics = ", d.* EXCLUDE (\"index\")" if "dynamics" in views else ""
+        join = ("LEFT JOIN dynamics d ON d.\"index\" = f.\"index\""
+                if "dynamics" in views else "")
+        views["features"] = f"""
+            SELECT f.*, s.key, s.source, s.true_label, s.noisy{dynamics},
                    cume_dist() OVER (ORDER BY f.loss) AS cdf_loss,
                    cume_dist() OVER (ORDER BY f.entropy_r) AS cdf_entropy_r
             FROM feature_parts f
             LEFT JOIN samples s ON s.split = 'train' AND s."index" = f."index"
+            {join}
         """
     if layout.cdf_table.is_file():
         views["cdf"] = f"SELECT * FROM read_parquet({_lit(layout.cdf_table)})"
@@ -164,6 +172,8 @@ def _ident(name: str) -> str:
 _MISSING_HINT = {
     "feature_parts": "; run `swift-sampler pipeline build-features` first",
     "features": "; run `swift-sampler pipeline build-features` first",
+    "dynamics": "; run `swift-sampler pipeline build-features` with the checkpoint of a run "
+                "that recorded them (any `train` run does)",
     "cdf": "; run `swift-sampler pipeline build-features` first",
     "cgf": "; run `swift-sampler pipeline build-features` first",
     "trials": "; run `swift-sampler search run` first",

@@ -66,6 +66,11 @@ class StoreLayout:
         new = self.root / "features.json"
         return legacy if legacy.is_file() and not new.is_file() else new
 
+    @property
+    def dynamics(self) -> Path:
+        """``STORE/dynamics.parquet``: per-image training dynamics of the features' checkpoint."""
+        return self.root / "dynamics.parquet"
+
     def feature_parts(self) -> list[Path]:
         return sorted(self.features_dir.glob("part-*.parquet"))
 

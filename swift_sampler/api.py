@@ -75,16 +75,20 @@ def train_model(store: PathLike, name: str | None, *, sampler: Sampler | PathLik
 
 def build_features(store: PathLike, checkpoint: PathLike, **options: Any) -> dict[str, Any]:
     """Score every train crop with ``checkpoint`` (``w_share``): loss, E^r, grad norm, and the
-    cdf/cgf tables. Options as ``swift-sampler pipeline build-features`` (``crops_per_image``,
-    ``grad_norm``, ``seed``, ``progress`` ...)."""
+    cdf/cgf tables; with them the training dynamics of the checkpoint's run (``dynamics`` view).
+    Options as ``swift-sampler pipeline build-features`` (``crops_per_image``, ``grad_norm``,
+    ``seed``, ``progress`` ...)."""
     from swift_sampler.pipeline.features.build import build_features as _build
     from swift_sampler.storage import sha256_file
     from swift_sampler.train.checkpoint import load_model
     from swift_sampler.train.distributed import pick_device
+    from swift_sampler.train.dynamics import store_dynamics
 
     device = options.pop("device", None) or pick_device()
     model, _ = load_model(checkpoint, device)
-    return _build(store, model, checkpoint_sha256=sha256_file(checkpoint), device=device, **options)
+    summary = _build(store, model, checkpoint_sha256=sha256_file(checkpoint), device=device,
+                     **options)
+    return {**summary, **(store_dynamics(store, checkpoint) or {})}
 
 
 def learn_sampler(store: PathLike, checkpoint: PathLike, *, name: str = "ss", steps: int = 40,

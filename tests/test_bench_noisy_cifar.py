@@ -208,6 +208,9 @@ def test_tiny_benchmark_end_to_end_and_resume(shared_cifar, tmp_path, capsys):
         # The plan counts the ss methods' retraining, which is skipped when the guard chose
         # the uniform sampler (its full run is w_share).
         skipped = sum(r["run"] == "uniform" for r in e["per_seed"]) if m.startswith("ss") else 0
+        if m == "uniform-early":  # the uniform run's own checkpoint: its cost, no work of its own
+            assert e["train_runs"] == 1.0 and work[m]["train"] == 0.0
+            continue
         assert (e["train_runs"] + skipped) * config.epochs * 180 == pytest.approx(work[m]["train"]), m
     for m in ("ss", "ss-cdf", "ss-random"):
         e = doc["methods"][m]
@@ -231,8 +234,8 @@ def test_tiny_benchmark_end_to_end_and_resume(shared_cifar, tmp_path, capsys):
     table = (out / "results.md").read_text()
     for m in METHODS:
         assert f"| {m} |" in table or f"| {m} (true rate given) |" in table
-    # Fig. 1a, 1b, 2b and 3, all in the results folder
-    assert not doc["figures_missing"] and len(doc["figures"]) == 4
+    # Fig. 1a, 1b, 2b and 3 and the per-epoch curves, all in the results folder
+    assert not doc["figures_missing"] and len(doc["figures"]) == 5
     for fig in doc["figures"]:
         assert (out / fig).is_file() and (out / fig).read_bytes()[:4] == b"\x89PNG"
         assert f"]({fig})" in table
@@ -419,3 +422,28 @@ def test_val_and_test_shares_set_the_splits_and_a_store_of_other_shares_is_refus
     for bad in (dict(val_frac=0.0), dict(test_frac=1.0), dict(val_frac=0.6, test_frac=0.4)):
         with pytest.raises(ValueError, match="frac"):
             resolve_bench(shared_cifar, tmp_path / "o", preset="tiny", **bad)
+
+
+def test_early_stopped_uniform_is_the_best_val_epoch_of_the_uniform_run(shared_cifar, tmp_path):
+    from benchlib.runner import run_benchmark
+    from swift_sampler.train.checkpoint import load_model
+    from swift_sampler.train.evaluate import evaluate
+
+    torch.set_num_threads(1)
+    out = tmp_path / "o"
+    config = resolve_bench(shared_cifar, out, preset="tiny", methods="uniform,uniform-early",
+                           epochs=3, progress=False)
+    run_benchmark(config, log=lambda m: None)
+    doc = json.loads((out / "results.json").read_text())
+    early = doc["methods"]["uniform-early"]["per_seed"][0]
+    curve = doc["curves"]["per_seed"]["0"]["uniform"]
+    val = [r["val_accuracy"] for r in curve]
+    assert early["best_epoch"] == int(np.argmax(val)) and len(curve) == 3
+    run = out / "seed-0" / "noisy" / "runs" / "uniform"
+    model, meta = load_model(run / "checkpoint-best.pt")
+    assert meta["epoch"] == early["best_epoch"]
+    test = evaluate(out / "seed-0" / "noisy", model, "test", workers=0)["top1"]
+    assert early["test_top1"] == test
+    # the curve's clean-test point of that epoch is the same model's score
+    assert curve[early["best_epoch"]]["test_accuracy"] == pytest.approx(test)
+    assert "## Per-epoch curves" in (out / "results.md").read_text()

@@ -195,3 +195,26 @@ def test_diagnostic_split_is_scored_each_epoch(tmp_path):
     assert rows[-1]["test_accuracy"] == pytest.approx(final["top1"])
     with pytest.raises(UsageError, match="diagnostic"):
         tiny_config(store, diagnostic_split="val")
+
+
+def test_build_features_brings_the_checkpoints_dynamics_into_the_store(small):
+    import swift_sampler as ss
+
+    summary = train(tiny_config(small, name="w", epochs=2))
+    built = ss.build_features(small, summary["checkpoint"], crops_per_image=2, progress=False,
+                              workers=0)
+    assert built["dynamics_epochs"] == 2
+    stored = ss.sql(small, 'SELECT * FROM dynamics ORDER BY "index"')
+    run = pq.read_table(StoreLayout(small).run("w") / "dynamics.parquet")
+    assert stored.select(run.column_names).equals(run.replace_schema_metadata(None))
+    # every crop row of the features view carries its image's dynamics
+    joined = ss.sql(small, 'SELECT f."index", f.loss_mean, d.loss_mean AS d FROM features f '
+                           'JOIN dynamics d USING ("index")')
+    assert joined.num_rows == 2 * 48
+    assert joined.column("loss_mean").to_pylist() == joined.column("d").to_pylist()
+    # a checkpoint without dynamics leaves none behind
+    other = train(tiny_config(small, name="plain", epochs=1, record_dynamics=False))
+    ss.build_features(small, other["checkpoint"], crops_per_image=2, progress=False, workers=0,
+                      overwrite=True)
+    assert not StoreLayout(small).dynamics.exists()
+    assert "loss_mean" not in ss.sql(small, "SELECT * FROM features LIMIT 1").column_names

@@ -72,7 +72,12 @@ def run_everything(store):
     config = resolve_config(str(store), preset="digits", epochs=1, workers=0, progress=False,
                             val_split=None)
     trained = fit(config, sampler=create_sampler_hook(store, sampler, features="store", seed=0))
-    return rows, tables, tau, trained.model.state_dict()
+    # A named run records its training dynamics: from the given labels alone.
+    named = resolve_config(str(store), preset="digits", name="dyn", epochs=2, workers=0,
+                           progress=False, val_split=None)
+    fit(named)
+    dynamics = pq.read_table(StoreLayout(store).run("dyn") / "dynamics.parquet")
+    return rows, tables, tau, trained.model.state_dict(), dynamics
 
 
 @pytest.mark.slow
@@ -82,8 +87,9 @@ def test_results_do_not_depend_on_ground_truth(digits_store, tmp_path):
     strip_ground_truth(digits_store, blind)
     assert "true_label" not in next(iter_tar(StoreLayout(blind).shards("train")[0]))[1]["json"].decode()
 
-    rows_a, tables_a, tau_a, weights_a = run_everything(full)
-    rows_b, tables_b, tau_b, weights_b = run_everything(blind)
+    rows_a, tables_a, tau_a, weights_a, dynamics_a = run_everything(full)
+    rows_b, tables_b, tau_b, weights_b, dynamics_b = run_everything(blind)
+    assert dynamics_a.equals(dynamics_b)
 
     assert rows_a.equals(rows_b)
     assert tables_a == tables_b

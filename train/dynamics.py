@@ -31,10 +31,16 @@ same state and the table equals a single process's.
 
 from __future__ import annotations
 
+import json
+import os
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
+
+from swift_sampler.storage import StoreLayout, atomic_write_parquet, read_manifest, sha256_file
 
 from .distributed import DistInfo, all_reduce_sum
 
@@ -135,3 +141,33 @@ class TrainingDynamics:
         self.epochs_done = int(state["epochs_done"])
         for k in _STATE_FIELDS:
             self.state[k] = state[k].numpy().astype(np.float64).copy()
+
+
+def store_dynamics(store: str | os.PathLike, checkpoint: str | os.PathLike) -> dict[str, Any] | None:
+    """Write the dynamics held in ``checkpoint`` (its run's, up to its epoch) to the store.
+
+    ``STORE/dynamics.parquet`` then feeds the ``dynamics`` view and the ``features`` view's
+    per-image columns. A checkpoint without dynamics (a run from before they were recorded, a
+    model trained elsewhere) removes a previous table, so the store never pairs one checkpoint's
+    features with another's dynamics. Returns a summary, or None when there were none.
+    """
+    from .checkpoint import CheckpointError, load_checkpoint
+
+    layout = StoreLayout(store)
+    ckpt = load_checkpoint(checkpoint)
+    state = ckpt.get("dynamics")
+    if state is None:
+        layout.dynamics.unlink(missing_ok=True)
+        return None
+    manifest = read_manifest(layout)
+    if ckpt.get("store_id") != manifest["store_id"]:
+        raise CheckpointError(f"{checkpoint} was trained on another store (store_id differs); "
+                              "its dynamics do not describe this store's images")
+    recorder = TrainingDynamics(int(state["num_images"]))
+    recorder.load_state_dict(state)
+    table = recorder.table()
+    meta = {"checkpoint_sha256": sha256_file(checkpoint), "epochs": recorder.epochs_done,
+            "store_id": manifest["store_id"]}
+    table = table.replace_schema_metadata({b"swift_sampler": json.dumps(meta).encode()})
+    atomic_write_parquet(layout.dynamics, table)
+    return {"dynamics": str(layout.dynamics), "dynamics_epochs": recorder.epochs_done}

@@ -4,6 +4,8 @@ Every method trains the same model with the same recipe and epochs (``SeedRun.tr
 differs is the data it trains on:
 
 - ``uniform``: the noisy train split, uniform sampling (this run is also ``w_share``);
+- ``uniform-early``: the same run stopped early, the checkpoint of its best noisy-val epoch
+  (free: the uniform run keeps it; only with per-epoch curves);
 - ``uniform-stage``: the uniform sampler (tau 1 for every crop) through the sampler stage
   (stored crops, 2 candidates per image, half kept): what every learned sampler starts from,
   so ``uniform-stage`` - ``uniform`` is the stage's own cost (a diagnostic);
@@ -53,6 +55,20 @@ def _result(run: SeedRun, model, summary: dict[str, Any], *, components: tuple[s
 def uniform(run: SeedRun) -> dict[str, Any]:
     model, summary = run.w_share()
     return _result(run, model, summary, components=("run:uniform",), train_runs=1.0)
+
+
+def uniform_early(run: SeedRun) -> dict[str, Any]:
+    """The uniform run's checkpoint of its best noisy-val epoch (early stopping)."""
+    from swift_sampler.train.checkpoint import load_model
+    from swift_sampler.train.distributed import pick_device
+
+    _, summary = run.w_share()
+    if not summary.get("best_checkpoint"):
+        raise UsageError("the uniform run scored no val split per epoch, so it has no best "
+                         "epoch; early stopping needs a preset with curves (e.g. cpu-converge)")
+    model, meta = load_model(summary["best_checkpoint"], pick_device())
+    return {**run.scores(model), "seconds": 0.0, "train_runs": 1.0,
+            "best_epoch": int(meta["epoch"]), "kept_fraction": None, "flipped_kept_share": None}
 
 
 def uniform_stage(run: SeedRun) -> dict[str, Any]:
@@ -226,7 +242,7 @@ def ss_method(name: str):
 
 
 METHOD_FUNCTIONS = {
-    "uniform": uniform, "uniform-stage": uniform_stage, "clean": clean, "oracle-mask": oracle_mask,
+    "uniform": uniform, "uniform-early": uniform_early, "uniform-stage": uniform_stage, "clean": clean, "oracle-mask": oracle_mask,
     "small-loss": small_loss, "small-loss-gmm": small_loss_gmm, "co-teaching": co_teaching,
     "cleanlab": cleanlab, "ss": ss_method("ss"), "ss-cdf": ss_method("ss-cdf"),
     "ss-random": ss_method("ss-random"),

@@ -144,6 +144,8 @@ def markdown(doc: dict[str, Any]) -> str:
                   "gets): " + "; ".join(f"{m}, seed {r['seed']}: {r['confirm']['reason']} (the "
                                         f"sampler's run: test {_pct(r['confirm']['sampler_test_top1'])})"
                                         for m, r in checks) + "."]
+    if doc.get("curves"):
+        lines += _curves(doc["curves"])
     if "verify_ranks" in doc:
         v = doc["verify_ranks"]
         lines += ["", "## Inner-loop check (appendix A.1.1)", "",
@@ -158,6 +160,23 @@ def markdown(doc: dict[str, Any]) -> str:
     for note in doc.get("figures_missing", []):
         lines.append(f"- not drawn: {note}")
     return "\n".join(lines) + "\n"
+
+
+def _curves(curves: dict[str, Any]) -> list[str]:
+    """How the uniform and clean runs' clean-test top-1 moved over the epochs, per seed."""
+    lines = ["", "## Per-epoch curves", "",
+             "Clean-test top-1 (a diagnostic) of the uniform and clean-label runs, recorded after "
+             "every epoch; `uniform-early` is the uniform run's epoch of best noisy val.", "",
+             "| seed | run | best test (epoch) | last test | drop | best-val epoch: test | "
+             "last train accuracy (given labels) |",
+             "|---|---|---|---|---|---|---|"]
+    for seed, runs in curves["memorisation"].items():
+        for name, m in runs.items():
+            lines.append(f"| {seed} | {name} | {_pct(m['best_test'])} ({m['best_test_epoch'] + 1}) | "
+                         f"{_pct(m['last_test'])} | {100 * m['drop']:.2f} | "
+                         f"{m['best_val_epoch'] + 1}: {_pct(m['test_at_best_val'])} | "
+                         f"{_pct(m['last_train_accuracy'])} |")
+    return lines
 
 
 def _repeats(n: int) -> str:

@@ -21,6 +21,7 @@ from swift_sampler.storage import StoreError, atomic_write_text
 
 from .config import SEARCH_KEYS, SEARCHES, BenchConfig, planned_work
 from .context import SeedRun
+from .curves import memorisation, plot_curves, seed_curves
 from .methods import METHOD_FUNCTIONS
 from .report import aggregate, markdown
 from .stores import prepare_stores, write_json
@@ -49,6 +50,7 @@ def run_benchmark(config: BenchConfig, *, log: Callable[[str], None] = print,
     shared: dict[str, list[float]] = {"features": []}
     data: dict[str, Any] = {}
     runs: dict[int, SeedRun] = {}
+    curves: dict[int, dict[str, Any]] = {}
     for seed in range(config.seeds):
         folder = out / f"seed-{seed}"
         if report_only and not all((folder / k / "manifest.json").is_file() for k in ("noisy", "clean")):
@@ -80,14 +82,23 @@ def run_benchmark(config: BenchConfig, *, log: Callable[[str], None] = print,
             verify[seed] = _verify(run, config.verify_ranks, folder / "verify-ranks.json", log)
         if "features" in run.times:
             shared["features"].append(run.times["features"])
+        if config.curves:
+            curves[seed] = seed_curves(run)
     if not runs:
         raise StoreError(f"{out} holds no seed with stores yet; run the benchmark first")
     figures = draw_figures(runs[min(runs)], out / "figures", config.methods)
+    drawn = plot_curves(curves, out / "figures" / "curves.png")
+    if drawn is not None:
+        figures["figures"].append(str(drawn.relative_to(out)))
     made_by = command
     if report_only and (out / "results.json").is_file():
         # The command that trained the methods stays on record; this one only re-made the report.
         made_by = json.loads((out / "results.json").read_text()).get("command") or command
     doc = aggregate(config, seeds, verify, data, shared, figures, made_by)
+    if curves:
+        doc["curves"] = {"per_seed": {str(k): v for k, v in curves.items()},
+                         "memorisation": {str(k): {name: memorisation(c) for name, c in v.items()}
+                                          for k, v in curves.items()}}
     if report_only:
         doc["report_command"] = command
     doc["seconds"] = round(time.perf_counter() - t0, 1)
