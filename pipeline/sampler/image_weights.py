@@ -26,6 +26,8 @@ import logging
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from multiprocessing import RawValue
+from multiprocessing.context import get_spawning_popen
 from typing import Any
 
 import numpy as np
@@ -110,9 +112,12 @@ class keep_by_tau:  # noqa: N801 - a stage, named like webdataset's stage functi
         sampler: a ``Sampler`` or a sampler file.
         store: the store the sampler was learned on (its features give each image's tau).
         batch: samples kept per window (the window is twice that).
-        seed: seed of the draws. A worker adds its id, and each pass over the data (each call
-            of the stage: one epoch) its number, so workers and epochs draw differently while
-            a run stays reproducible.
+        seed: seed of the draws. Each pass over the data (each call of the stage) draws anew:
+            without ``set_epoch``, from ``seed``, the pass's number in this copy of the stage
+            and, in a DataLoader worker, the worker's torch seed (new every epoch, drawn from
+            the main process's generator: a run repeats under ``torch.manual_seed``); after
+            ``set_epoch(n)``, from ``seed``, ``n``, the worker id and the pass within the epoch
+            alone.
         unknown: what to do with a sample whose ``__key__`` is not in the store: "error"
             (default) or "keep" (tau 1, counted and logged once per window).
         selection: "systematic" (default: sample ``i`` of a window is kept with probability
@@ -137,7 +142,34 @@ class keep_by_tau:  # noqa: N801 - a stage, named like webdataset's stage functi
         self.tau = sampler_weights(sampler, store).by_key()
         self.batch, self.seed, self.unknown = batch, seed, unknown
         self.unknown_count = 0
-        self.passes = 0
+        # The epoch lives in shared memory so that persistent DataLoader workers see set_epoch
+        # (timm's reader_wds does the same); -1: never set.
+        self._epoch = RawValue("q", -1)
+        self._counted_epoch, self.passes = -1, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw epoch ``epoch`` (call before each epoch, as with ``DistributedSampler``).
+
+        From the first call on, a pass's draw depends on ``seed``, ``epoch``, the worker id and
+        the pass's number within the epoch only, not on torch's generator; workers see the
+        epoch whether or not they are persistent. Not calling it again repeats the epoch.
+        """
+        if int(epoch) < 0:
+            raise UsageError(f"epoch must be >= 0, got {epoch}")
+        self._epoch.value = int(epoch)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if get_spawning_popen() is None:
+            # A plain pickle or deep copy, not a worker being started: shared memory cannot
+            # travel, the epoch does.
+            state["_epoch"] = self._epoch.value
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if isinstance(state["_epoch"], int):
+            state["_epoch"] = RawValue("q", state["_epoch"])
+        self.__dict__.update(state)
 
     def _tau_of(self, sample: dict[str, Any]) -> float:
         key = sample.get("__key__")
@@ -149,12 +181,26 @@ class keep_by_tau:  # noqa: N801 - a stage, named like webdataset's stage functi
         self.unknown_count += 1
         return 1.0
 
-    def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    def _pass_rng(self) -> np.random.Generator:
         import torch.utils.data
 
         info = torch.utils.data.get_worker_info()
-        rng = np.random.default_rng([int(self.seed), info.id if info else 0, self.passes])
+        epoch = self._epoch.value
+        if epoch != self._counted_epoch:
+            self._counted_epoch, self.passes = epoch, 0
+        if epoch < 0:
+            # A worker that is not persistent starts each epoch from the main process's copy,
+            # pass count 0 (issue #28: every epoch kept the same keys); torch's worker seed
+            # changes every epoch. Where the copy lives on, the pass count tells epochs apart.
+            stream = info.seed if info else 0
+        else:
+            stream = info.id if info else 0
+        rng = np.random.default_rng([int(self.seed), epoch + 1, stream, self.passes])
         self.passes += 1
+        return rng
+
+    def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        rng = self._pass_rng()
         window: list[dict[str, Any]] = []
         for sample in src:
             window.append(sample)

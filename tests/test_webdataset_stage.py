@@ -1,0 +1,98 @@
+"""``keep_by_tau`` in a user's DataLoader over the store's own shards: a new draw every epoch
+with 0, 1 or 2 workers, persistent or not; the same seeds give the same epochs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader
+
+import swift_sampler
+from swift_sampler.pipeline.sampler.function import Sampler
+from swift_sampler.pipeline.sampler.table_store import load_tables
+from swift_sampler.storage import StoreLayout, read_manifest, split_shards
+from swift_sampler.storage.errors import UsageError
+
+LOADERS = [(0, False), (1, False), (1, True), (2, False), (2, True)]
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    """Digits in six train shards, scored by an untrained digits-net (2 crops per image)."""
+    from swift_sampler.pipeline.features.build import build_features
+    from swift_sampler.pipeline.ingest.build import ingest
+    from swift_sampler.train.models import create_model
+
+    store = tmp_path_factory.mktemp("wds") / "store"
+    ingest("digits", store, val_frac=0.2, test_frac=0.2, noise="symmetric:0.4", shard_size=200,
+           progress=False)
+    torch.manual_seed(0)
+    build_features(store, create_model("digits-net", 10, 1, 8), crops_per_image=2, workers=0,
+                   progress=False, device="cpu", quantiles=32, angles=8)
+    return store
+
+
+def ramp(store) -> Sampler:
+    return Sampler((0.0, 0.25, 0.5, 0.75, 1.0), (1.0, 0.8, 0.5, 0.3, 0.1), 0.7, -0.4, "cgf",
+                   load_tables(store))
+
+
+def urls(store) -> list[str]:
+    layout = StoreLayout(store)
+    return [str(p) for p, _ in split_shards(layout, read_manifest(layout), "train")]
+
+
+def epochs(store, workers, persistent, *, seed=0, torch_seed=0, n=3, set_epoch=False, **kw):
+    """The sorted kept keys of ``n`` epochs through a fresh stage and DataLoader."""
+    torch.manual_seed(torch_seed)  # DataLoader workers' seeds come from torch's generator
+    stage = swift_sampler.keep_by_tau(ramp(store), store, batch=32, seed=seed, **kw)
+    ds = wds.WebDataset(urls(store), shardshuffle=False).compose(stage)
+    loader = DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=persistent)
+    out = []
+    for epoch in range(n):
+        if set_epoch:
+            stage.set_epoch(epoch)
+        out.append(sorted(s["__key__"] for s in loader))
+    return out
+
+
+@pytest.mark.parametrize("workers,persistent", LOADERS)
+def test_each_epoch_draws_anew_and_the_same_seeds_repeat_the_run(scored, workers, persistent):
+    run = epochs(scored, workers, persistent)
+    assert len({tuple(keys) for keys in run}) == len(run)  # three different epochs
+    assert all(len(set(keys)) == len(keys) for keys in run)
+    assert epochs(scored, workers, persistent) == run  # same seeds: same run
+    assert epochs(scored, workers, persistent, seed=1, n=1)[0] != run[0]
+
+
+@pytest.mark.parametrize("workers,persistent", LOADERS)
+def test_set_epoch_makes_each_epoch_a_function_of_seed_and_epoch(scored, workers, persistent):
+    run = epochs(scored, workers, persistent, set_epoch=True)
+    assert len({tuple(keys) for keys in run}) == len(run)
+    # torch's seed no longer matters, and persistent workers see the epoch too.
+    assert epochs(scored, workers, persistent, set_epoch=True, torch_seed=7, n=2) == run[:2]
+    if workers:
+        assert epochs(scored, workers, not persistent, set_epoch=True) == run
+    if workers == 1:  # one worker reads the shards in the order the main process does
+        assert epochs(scored, 0, False, set_epoch=True) == run
+
+
+def test_a_pickled_stage_keeps_its_epoch_and_draws_as_the_original(scored):
+    import pickle
+
+    samples = [{"__key__": k} for k in sorted(swift_sampler.image_tau(ramp(scored), scored).keys)[:128]]
+
+    def stage_at(epoch):
+        stage = swift_sampler.keep_by_tau(ramp(scored), scored, batch=32, seed=5)
+        stage.set_epoch(epoch)
+        return stage
+
+    stage = stage_at(4)
+    copy = pickle.loads(pickle.dumps(stage))
+    stage.set_epoch(9)  # the copy shares nothing with the original
+    kept = [s["__key__"] for s in copy(iter(samples))]
+    assert kept == [s["__key__"] for s in stage_at(4)(iter(samples))]
+    assert kept != [s["__key__"] for s in stage(iter(samples))]
+    with pytest.raises(UsageError, match="epoch must be >= 0"):
+        stage.set_epoch(-1)
