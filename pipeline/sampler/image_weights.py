@@ -14,7 +14,8 @@ use it without this project's trainer:
 
     >>> import webdataset as wds                                   # doctest: +SKIP
     >>> stage = keep_by_tau("STORE/searches/ss/best_sampler.json", "STORE")  # doctest: +SKIP
-    >>> ds = wds.WebDataset(urls).compose(stage).decode("pil")     # doctest: +SKIP
+    >>> ds = (wds.WebDataset(urls, shardshuffle=100).compose(stage)  # doctest: +SKIP
+    ...       .decode("pill").to_tuple("jpg;png", "cls"))      # "pilrgb" for 3 channels
 
 The features and keys are read through the store's DuckDB catalog (the views users query
 with ``swift-sampler sql``); the noise ground truth is never read.
