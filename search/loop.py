@@ -88,6 +88,9 @@ PHASES = ("search", "noise", "guard")
 GUARD_INNER_LOOPS = ("search", "final", "early", "scratch")
 # Guard settings that act only after the last search trial, so a resumed search may change them.
 GUARD_MAY_CHANGE = ("enabled", "candidates", "inner_loop")
+# Settings that search.json records only since searches started recording them: one without
+# them was made with values no one knows, so they are not checked (and are recorded from then).
+RECORDED_LATER = ("workers", "world_size")
 
 
 @dataclass(frozen=True)
@@ -600,7 +603,8 @@ def _check_settings(path: Path, settings: dict[str, Any]) -> None:
         return
     stored = _read_settings_file(path)
     stored.pop("steps", None)
-    diff = sorted(k for k in set(stored) | set(settings) if _fixed(k, stored) != _fixed(k, settings))
+    keys = (set(stored) | set(settings)) - {k for k in RECORDED_LATER if k not in stored}
+    diff = sorted(k for k in keys if _fixed(k, stored) != _fixed(k, settings))
     if diff:
         details = "; ".join(_differences(k, _fixed(k, stored), _fixed(k, settings)) for k in diff)
         raise StoreError(

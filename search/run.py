@@ -16,6 +16,7 @@ from typing import Any
 from swift_sampler.pipeline.sampler.function import Sampler
 from swift_sampler.pipeline.sampler.table_store import load_tables
 from swift_sampler.storage import StoreError
+from swift_sampler.train.distributed import init_distributed
 
 from .agents import create_agent
 from .confirm import full_run_check, full_run_recipe
@@ -62,6 +63,10 @@ def search(
     ``epochs``, the inner-loop epochs spent by every trial (the search's cost), and
     ``trial_seconds``, the wall time of those trials (every session of the search together);
     ``{"search": name}`` on ranks other than 0.
+
+    ``search.json`` records ``workers`` and the number of ranks (``world_size``) with the other
+    settings: both change every trial's score, so resuming with others is refused, naming them
+    (a search.json without them, written before they were recorded, is resumed unchecked).
     """
     objective = FinetuneObjective(store, checkpoint, finetune or FinetuneSettings(),
                                   workers=workers, device=device)
@@ -87,6 +92,9 @@ def search(
         "store_id": info["store_id"], "checkpoint_sha256": info["features_checkpoint_sha256"],
         "transform": transform, "finetune": objective.describe(), "initial_design": DESIGN_VERSION,
         "agent_params": {k: v for k, v in params.items() if k not in ("seed", "initial_points")},
+        # Both change every trial's data order (shards and samples are split by global worker),
+        # hence its score: a search resumed with others would mix incomparable trials.
+        "workers": int(workers), "world_size": init_distributed(device).world_size,
     }
     if guard_objective is not None:
         settings["guard_finetune"] = guard_objective.describe()

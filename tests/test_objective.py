@@ -134,6 +134,25 @@ def test_search_run_end_to_end_writes_a_valid_sampler(store, tmp_path, capsys):
     assert "finetune.epochs: stored 1, now 2" in capsys.readouterr().err
 
 
+def test_resuming_with_other_workers_or_ranks_is_refused_naming_them(store, tmp_path, capsys):
+    """Loader workers and ranks change every trial's data order, hence its score."""
+    work = tmp_path / "store"
+    shutil.copytree(store, work)
+    args = ["search", "run", "--store", work, "--checkpoint", ckpt_of(work), "--name", "w",
+            "--no-guard", "--guard-repeats", 0, "--no-confirm", "--finetune-epochs", 1, "--json"]
+    assert run_cli(*args, "--steps", 1, "--workers", 0) == 0
+    path = StoreLayout(work).search("w") / "search.json"
+    settings = json.loads(path.read_text())
+    assert (settings["workers"], settings["world_size"]) == (0, 1)
+    capsys.readouterr()
+    assert run_cli(*args, "--steps", 2, "--workers", 1) == 2
+    assert "workers: stored 0, now 1" in capsys.readouterr().err
+    path.write_text(json.dumps({**settings, "world_size": 2}))  # as torchrun with 2 ranks records
+    assert run_cli(*args, "--steps", 2, "--workers", 0) == 2
+    assert "world_size: stored 2, now 1" in capsys.readouterr().err
+    assert len(read_trials(StoreLayout(work).search("w") / "trials.parquet")) == 1
+
+
 def test_search_run_refuses_a_foreign_checkpoint(store, tmp_path, capsys):
     torch.manual_seed(2)
     other = tmp_path / "other.pt"

@@ -124,6 +124,24 @@ def test_other_settings_are_refused_naming_them(tmp_path, tables):
     assert len(read_trials(StoreLayout(store).search("s") / "trials.parquet")) == 2
 
 
+def test_workers_and_ranks_are_checked_on_resume_unless_never_recorded(tmp_path, tables):
+    store = make_store(tmp_path / "store")
+    recorded = {"transform": "cgf", "epochs": 1, "workers": 1, "world_size": 1}
+    search(store, "s", FakeObjective(), tables, steps=2, agent="random", settings=recorded)
+    for key in ("workers", "world_size"):
+        with pytest.raises(StoreError, match=f"{key}: stored 1, now 2"):
+            search(store, "s", FakeObjective(), tables, steps=3, agent="random",
+                   settings={**recorded, key: 2})
+    # search.json of a search made before they were recorded: not checked, and recorded now.
+    path = StoreLayout(store).search("s") / "search.json"
+    old = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("workers", "world_size")}
+    path.write_text(json.dumps(old))
+    more = FakeObjective()
+    search(store, "s", more, tables, steps=3, agent="random", settings={**recorded, "workers": 2})
+    assert [seed for _, seed in more.calls] == [5]
+    assert json.loads(path.read_text())["workers"] == 2
+
+
 def test_failed_trial_gets_the_worst_score_and_the_search_goes_on(tmp_path, tables):
     store = make_store(tmp_path / "store")
     seed = 3
