@@ -218,3 +218,9 @@ def test_build_features_brings_the_checkpoints_dynamics_into_the_store(small):
                       overwrite=True)
     assert not StoreLayout(small).dynamics.exists()
     assert "loss_mean" not in ss.sql(small, "SELECT * FROM features LIMIT 1").column_names
+    # the command line does the same
+    from swift_sampler.cli import main
+
+    assert main(["pipeline", "build-features", "--store", str(small), "--checkpoint",
+                 summary["checkpoint"], "--crops-per-image", "2", "--overwrite", "--json"]) == 0
+    assert StoreLayout(small).dynamics.is_file()

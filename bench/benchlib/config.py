@@ -23,7 +23,8 @@ from swift_sampler.storage.errors import UsageError
 # ``uniform-early`` is the uniform run stopped early on the noisy val split (its checkpoint of
 # the best val epoch): free, and what most practitioners do against noisy labels.
 METHODS = ("uniform", "uniform-early", "uniform-stage", "clean", "oracle-mask", "small-loss",
-           "small-loss-gmm", "co-teaching", "cleanlab", "ss", "ss-cdf", "ss-random")
+           "small-loss-gmm", "gmm-dynamics", "co-teaching", "cleanlab", "ss", "ss-cdf",
+           "ss-random")
 DEFAULT_METHODS = ("uniform", "clean", "oracle-mask", "small-loss", "small-loss-gmm", "co-teaching",
                    "cleanlab", "ss")
 # Searches behind the ss methods: (search name, agent, transform).
@@ -310,7 +311,7 @@ def planned_work(c: BenchConfig, counts: dict[str, int]) -> dict[str, dict[str, 
         if m in work:
             work[m]["train"] += trials * c.finetune_epochs * c.finetune_repeats * n
             work[m]["forward"] += trials * c.finetune_repeats * val
-    if work.keys() & {"small-loss", "small-loss-gmm", "co-teaching", *SEARCHES}:
+    if work.keys() & {"small-loss", "small-loss-gmm", "gmm-dynamics", "co-teaching", *SEARCHES}:
         work["features"] = {"train": 0.0, "forward": float(c.crops_per_image * n)}
         if "uniform" not in work:  # w_share is trained anyway
             work["uniform"] = {"train": float(run), "forward": 0.0}

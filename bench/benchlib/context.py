@@ -20,6 +20,7 @@ from typing import Any
 from swift_sampler.storage import StoreLayout, read_features_meta, sha256_file
 from swift_sampler.train.checkpoint import load_model
 from swift_sampler.train.distributed import pick_device
+from swift_sampler.train.dynamics import store_dynamics
 from swift_sampler.train.evaluate import evaluate
 from swift_sampler.train.presets import resolve_config
 from swift_sampler.train.trainer import SamplerHook, fit
@@ -101,15 +102,19 @@ class SeedRun:
         if not ckpt.is_file():
             self.w_share()
         sha = sha256_file(ckpt)
+        if not layout.dynamics.is_file():  # stores built before the dynamics were stored
+            store_dynamics(self.noisy, ckpt)
         if layout.features_meta.is_file() and layout.tables_meta.is_file():
             meta = read_features_meta(layout)
             if meta.get("done") and meta.get("checkpoint_sha256") == sha:
                 return meta
         model, _ = load_model(ckpt, pick_device())
         with self.timed("features"):
-            return build_features(self.noisy, model, crops_per_image=self.config.crops_per_image,
-                                  seed=self.seed, checkpoint_sha256=sha,
-                                  workers=self.config.workers, progress=self.config.progress)
+            built = build_features(self.noisy, model, crops_per_image=self.config.crops_per_image,
+                                   seed=self.seed, checkpoint_sha256=sha,
+                                   workers=self.config.workers, progress=self.config.progress)
+        store_dynamics(self.noisy, ckpt)
+        return built
 
     # -- scores ----------------------------------------------------------------------------
     def scores(self, model) -> dict[str, Any]:

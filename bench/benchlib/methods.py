@@ -18,6 +18,8 @@ differs is the data it trains on:
 - ``small-loss-gmm``: DivideMix's rule, no noise rate given: a two-component Gaussian mixture
   on the (min-max scaled) per-image loss under ``w_share``; weight 1 where the posterior of the
   low-loss component is above 0.5, else 0;
+- ``gmm-dynamics``: the same rule on the loss averaged over ``w_share``'s epochs (its
+  training dynamics, recorded by its own steps) instead of its final loss;
 - ``co-teaching``: two networks, each updating on the small-loss part of the batch chosen by
   the other, forget rate ramped to the GMM's estimate (``benchlib.coteaching``);
   two networks: two runs of cost;
@@ -170,6 +172,36 @@ def small_loss_gmm(run: SeedRun) -> dict[str, Any]:
                    **_detection(weights == 0, flipped))
 
 
+def loss_mean(store) -> np.ndarray:
+    """Loss of every train image averaged over the epochs of ``w_share``'s run (the store's
+    ``dynamics``, recorded by its training steps), float64 ``(N,)``."""
+    layout = StoreLayout(store)
+    if not layout.dynamics.is_file():
+        raise UsageError(f"{layout.root} holds no training dynamics; build the features from "
+                         "a checkpoint of a run that recorded them")
+    table = read_view(layout.root, "dynamics", ["index", "loss_mean"], order_by='"index"')
+    return table.column("loss_mean").to_numpy(zero_copy_only=False).astype(np.float64)
+
+
+def gmm_dynamics(run: SeedRun) -> dict[str, Any]:
+    """``small-loss-gmm`` on the loss averaged over ``w_share``'s epochs instead of its final
+    loss: a model that has fit the noise by its last epoch ranks it poorly by its final loss."""
+    run.ensure_features()
+    clean_p = gmm_clean_posterior(loss_mean(run.noisy), seed=run.seed)
+    weights = (clean_p > 0.5).astype(np.float64)
+    if not weights.any():
+        raise UsageError("the loss mixture put every image in the high-loss component; "
+                         "w_share may not have trained")
+    estimate = float(1.0 - weights.mean())
+    hook = weights_hook(weights, describe={"method": "gmm-dynamics", "estimated_rate": estimate},
+                        selection=run.config.selection)
+    model, summary = run.train("gmm-dynamics", hook=hook)
+    flipped = ground_truth(run.noisy)["noisy"]  # diagnostics only
+    return _result(run, model, summary, components=("run:gmm-dynamics",), train_runs=1.0,
+                   estimated_rate=estimate, dropped=int((weights == 0).sum()),
+                   **_detection(weights == 0, flipped))
+
+
 def co_teaching(run: SeedRun) -> dict[str, Any]:
     from .coteaching import train_coteaching
 
@@ -243,7 +275,7 @@ def ss_method(name: str):
 
 METHOD_FUNCTIONS = {
     "uniform": uniform, "uniform-early": uniform_early, "uniform-stage": uniform_stage, "clean": clean, "oracle-mask": oracle_mask,
-    "small-loss": small_loss, "small-loss-gmm": small_loss_gmm, "co-teaching": co_teaching,
+    "small-loss": small_loss, "small-loss-gmm": small_loss_gmm, "gmm-dynamics": gmm_dynamics, "co-teaching": co_teaching,
     "cleanlab": cleanlab, "ss": ss_method("ss"), "ss-cdf": ss_method("ss-cdf"),
     "ss-random": ss_method("ss-random"),
 }

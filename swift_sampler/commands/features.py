@@ -68,10 +68,16 @@ def run(args) -> int:
             angles=args.angles, progress=not (args.no_progress or args.json))
     if rank != 0:
         return 0
+    from swift_sampler.train.dynamics import store_dynamics
+
+    # The checkpoint's run recorded its training dynamics: they join the features.
+    summary = {**summary, **(store_dynamics(args.store, args.checkpoint) or {})}
     summary = {"command": "pipeline build-features", "checkpoint": args.checkpoint, **summary}
     rate = summary.get("crops_per_s")
     text = (f"features: {summary['rows']} rows ({summary['images']} images x {args.crops_per_image} crops), "
             f"{summary['parts_written']} parts written, {summary['parts_skipped']} already done"
-            + (f", {rate:,.0f} crops/s" if rate else ""))
+            + (f", {rate:,.0f} crops/s" if rate else "")
+            + (f"; training dynamics of {summary['dynamics_epochs']} epochs"
+               if summary.get("dynamics_epochs") else ""))
     emit(summary, args, text)
     return 0
