@@ -3,6 +3,7 @@ with 0, 1 or 2 workers, persistent or not; the same seeds give the same epochs."
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import webdataset as wds
@@ -96,3 +97,43 @@ def test_a_pickled_stage_keeps_its_epoch_and_draws_as_the_original(scored):
     assert kept != [s["__key__"] for s in stage(iter(samples))]
     with pytest.raises(UsageError, match="epoch must be >= 0"):
         stage.set_epoch(-1)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_full_epoch_emits_as_many_samples_as_it_reads(scored, workers):
+    n = read_manifest(StoreLayout(scored))["splits"]["train"]["count"]
+    tau = swift_sampler.sampler_weights(ramp(scored), scored).by_key()
+    for half, full in zip(epochs(scored, workers, False, n=2),
+                          epochs(scored, workers, False, n=2, epoch_size="full")):
+        assert len(half) < n // 2 + 2 * workers + 2  # the default: half an epoch
+        assert len(full) == n  # every worker emits what it reads, windows and all
+        assert max(full.count(k) for k in set(full)) <= 2 and all(tau[k] > 0 for k in full)
+    # Equal tau: each sample exactly once per epoch, as uniform training sees it.
+    from swift_sampler.pipeline.sampler.function import uniform_sampler
+
+    flat = swift_sampler.keep_by_tau(uniform_sampler(load_tables(scored)), scored, batch=32,
+                                     epoch_size="full")
+    ds = wds.WebDataset(urls(scored), shardshuffle=False).compose(flat)
+    keys = [s["__key__"] for s in DataLoader(ds, batch_size=None, num_workers=workers)]
+    assert sorted(keys) == sorted(tau)
+
+
+def test_a_full_epoch_keeps_each_sample_with_its_two_candidates_probability(scored):
+    from swift_sampler.pipeline.sampler.filter import inclusion_probabilities
+
+    stage = swift_sampler.keep_by_tau(ramp(scored), scored, batch=16, seed=3, epoch_size="full")
+    keys = sorted(stage.tau)[:40]  # two windows of 16 samples and one of 8
+    samples = [{"__key__": k} for k in keys]
+    passes, counts = 1000, np.zeros(len(keys))
+    for _ in range(passes):
+        kept = list(stage(iter(samples)))
+        assert len(kept) == len(keys)
+        assert len({id(s) for s in kept}) == len(kept)  # a sample kept twice comes as two dicts
+        np.add.at(counts, [keys.index(s["__key__"]) for s in kept], 1)
+    pairs = np.repeat([stage.tau[k] for k in keys], 2)
+    pi = np.concatenate([inclusion_probabilities(pairs[a:b], (b - a) // 2)
+                         for a, b in ((0, 32), (32, 64), (64, 80))])
+    # Per pass a sample comes 0, 1 or 2 times (sd <= 0.5 given pi): 5 sd of the mean.
+    np.testing.assert_allclose(counts / passes, pi[0::2] + pi[1::2], atol=0.08)
+    with pytest.raises(UsageError, match="epoch_size"):
+        swift_sampler.keep_by_tau(ramp(scored), scored, epoch_size=2)

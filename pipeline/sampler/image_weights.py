@@ -10,7 +10,9 @@ use it without this project's trainer:
 - a WebDataset pipeline: ``keep_by_tau(...)`` is a stage for ``.compose(...)`` that draws
   twice the samples it emits and keeps half, each with probability proportional to tau
   (capped at 1; systematic sampling over the shuffled window,
-  ``pipeline.sampler.filter.select_systematic``), looked up by ``__key__``.
+  ``pipeline.sampler.filter.select_systematic``), looked up by ``__key__``. By default a
+  pass emits half the samples it reads; ``epoch_size="full"`` takes each sample as two
+  candidates, as this project's trainer does, and emits as many as it reads.
 
     >>> import webdataset as wds                                   # doctest: +SKIP
     >>> stage = keep_by_tau("STORE/searches/ss/best_sampler.json", "STORE")  # doctest: +SKIP
@@ -40,6 +42,9 @@ from .filter import SELECTIONS, select, select_systematic
 from .function import Sampler
 
 log = logging.getLogger(__name__)
+
+# Candidates per sample read: "half" emits half a pass, "full" a whole one.
+EPOCH_SIZES = {"half": 1, "full": 2}
 
 
 @dataclass(frozen=True)
@@ -107,12 +112,12 @@ def sampler_weights(sampler: Sampler | str | os.PathLike, store: str | os.PathLi
 
 
 class keep_by_tau:  # noqa: N801 - a stage, named like webdataset's stage functions
-    """WebDataset stage: of every ``2 * batch`` samples, keep ``batch`` with probability ~ tau.
+    """WebDataset stage: of every ``2 * batch`` candidates, keep ``batch`` with probability ~ tau.
 
     Args:
         sampler: a ``Sampler`` or a sampler file.
         store: the store the sampler was learned on (its features give each image's tau).
-        batch: samples kept per window (the window is twice that).
+        batch: samples kept per window (the window holds twice as many candidates).
         seed: seed of the draws. Each pass over the data (each call of the stage) draws anew:
             without ``set_epoch``, from ``seed``, the pass's number in this copy of the stage
             and, in a DataLoader worker, the worker's torch seed (new every epoch, drawn from
@@ -125,21 +130,29 @@ class keep_by_tau:  # noqa: N801 - a stage, named like webdataset's stage functi
             exactly ``min(1, c * tau_i)``, ``c`` such that ``batch`` are kept; the window is
             shuffled first, so stream order makes no pattern) or "es" (Efraimidis-Spirakis keys,
             whose inclusion probabilities are only roughly proportional to tau).
+        epoch_size: "half" (default: every sample read is one candidate, so a pass over the
+            data emits half its samples, each at most once: an epoch of half the steps) or
+            "full" (every sample is two candidates side by side, as this project's trainer
+            draws two per image: a pass emits exactly as many samples as it reads, one that
+            tau favours may come twice (as a separate dict; augment after the stage), one of
+            tau 0 never, and under equal tau each exactly once).
 
     The stage reads ``__key__`` only, so it can sit before decoding: samples it drops are
-    never decoded. A window at the end of the stream keeps half of what it holds.
+    never decoded. A window at the end of the stream keeps half of its candidates.
     """
 
     def __init__(self, sampler: Sampler | str | os.PathLike, store: str | os.PathLike, *,
                  batch: int = 256, seed: int = 0, unknown: str = "error",
-                 selection: str = "systematic") -> None:
+                 selection: str = "systematic", epoch_size: str = "half") -> None:
         if batch < 1:
             raise UsageError(f"batch must be >= 1, got {batch}")
         if unknown not in ("error", "keep"):
             raise UsageError(f"unknown must be 'error' or 'keep', got {unknown!r}")
         if selection not in SELECTIONS:
             raise UsageError(f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
-        self.selection = selection
+        if epoch_size not in EPOCH_SIZES:
+            raise UsageError(f"epoch_size must be 'half' or 'full', got {epoch_size!r}")
+        self.selection, self.epoch_size = selection, epoch_size
         self.tau = sampler_weights(sampler, store).by_key()
         self.batch, self.seed, self.unknown = batch, seed, unknown
         self.unknown_count = 0
@@ -202,14 +215,15 @@ class keep_by_tau:  # noqa: N801 - a stage, named like webdataset's stage functi
 
     def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         rng = self._pass_rng()
+        per_sample = EPOCH_SIZES[self.epoch_size]
         window: list[dict[str, Any]] = []
         for sample in src:
             window.append(sample)
-            if len(window) == 2 * self.batch:
+            if len(window) * per_sample == 2 * self.batch:
                 yield from self._keep(window, self.batch, rng)
                 window = []
         if window:
-            yield from self._keep(window, len(window) // 2 or 1, rng)
+            yield from self._keep(window, len(window) * per_sample // 2 or 1, rng)
 
     def _keep(self, window, keep: int, rng) -> Iterator[dict[str, Any]]:
         before = self.unknown_count
@@ -217,13 +231,19 @@ class keep_by_tau:  # noqa: N801 - a stage, named like webdataset's stage functi
         if self.unknown_count > before:
             log.warning("%d sample(s) not in the store kept with tau 1 (%d so far)",
                         self.unknown_count - before, self.unknown_count)
+        per_sample = EPOCH_SIZES[self.epoch_size]
         if self.selection == "systematic":
-            order = rng.permutation(len(window))
+            # A sample's candidates stay side by side, so systematic sampling draws them
+            # together: under equal tau each sample is kept exactly once.
+            order = np.repeat(rng.permutation(len(window)), per_sample)
             chosen = order[select_systematic(tau[order], keep, rng)]
         else:
-            chosen = select(tau, keep, rng)
+            order = np.repeat(np.arange(len(window)), per_sample)
+            chosen = order[select(tau[order], keep, rng)]
+        previous = -1
         for i in np.sort(chosen):
-            yield window[i]
+            yield window[i] if i != previous else dict(window[i])
+            previous = i
 
 
 __all__ = ["ImageWeights", "image_tau", "keep_by_tau", "sampler_weights"]
