@@ -26,14 +26,24 @@ True
 To use a learned sampler in your own loop: ``ss.sampler_weights(sampler_file, store)`` gives
 per-image weights for ``torch.utils.data.WeightedRandomSampler`` and ``ss.keep_by_tau(...)``
 is a WebDataset stage (``wds.WebDataset(urls).compose(stage)``) that draws twice and keeps
-half by tau. The same stages run from the command line as ``swift-sampler``.
+half by tau; ``ss.dropped(sampler_file, store)`` lists the images it drops or down-weights. The same stages run from the command line as ``swift-sampler``.
 """
 
 from __future__ import annotations
 
-from .api import build_features, evaluate, ingest, learn_sampler, load_sampler, sql, train_model
+from .api import (
+    build_features,
+    dropped,
+    evaluate,
+    ingest,
+    learn_sampler,
+    load_sampler,
+    sql,
+    train_model,
+)
 from .pipeline.sampler.function import Sampler
 from .pipeline.sampler.image_weights import ImageWeights, image_tau, keep_by_tau, sampler_weights
 
-__all__ = ["ImageWeights", "Sampler", "build_features", "evaluate", "image_tau", "ingest",
-           "keep_by_tau", "learn_sampler", "load_sampler", "sampler_weights", "sql", "train_model"]
+__all__ = ["ImageWeights", "Sampler", "build_features", "dropped", "evaluate", "image_tau",
+           "ingest", "keep_by_tau", "learn_sampler", "load_sampler", "sampler_weights", "sql",
+           "train_model"]

@@ -124,6 +124,50 @@ def evaluate(store: PathLike, checkpoint: PathLike, split: str = "test", **optio
     return _evaluate(store, checkpoint, split, **options)
 
 
+def dropped(sampler: Sampler | PathLike, store: PathLike, *, below: float | None = None):
+    """The train images a sampler drops or down-weights, least kept first: a list to inspect or
+    relabel, ranked as cleanlab's ``find_label_issues`` ranks label issues.
+
+    Args:
+        sampler: a ``Sampler`` or a sampler file (``best_sampler.json``).
+        store: the store whose features the sampler was learned on.
+        below: list the images whose weight is below this. None (default): below the largest
+            weight of any image, i.e. every image kept less often than the sampler's
+            favourites; a tiny positive value lists only the images never kept.
+
+    Returns:
+        A ``pyarrow.Table``, one row per listed image, sorted by ``weight`` ascending (ties by
+        ``index``): ``index`` (int64, the store's train index), ``key`` (string, ``__key__`` in
+        the shards), ``source`` (string, where ingest found the image: its path under the
+        image folder, ``digits:I`` or ``cifar10:train:I``), ``label`` (int32, the label the
+        store trains with), ``weight`` (float64, the mean tau of the image's scored crops, as
+        ``sampler_weights`` gives it). The noise ground truth is never read.
+
+    Raises:
+        UsageError: ``below`` is not a positive number.
+        StoreError: as ``sampler_weights``.
+    """
+    import math
+
+    import numpy as np
+    import pyarrow as pa
+
+    from swift_sampler.pipeline.sampler.image_weights import sampler_weights
+    from swift_sampler.storage import read_view
+    from swift_sampler.storage.errors import UsageError
+
+    if below is not None and not (isinstance(below, (int, float)) and math.isfinite(below)
+                                  and below > 0):
+        raise UsageError(f"below must be a positive number (a weight), got {below!r}; "
+                         "leave it out to list every image kept less than the most kept")
+    weights = sampler_weights(sampler, store).weights
+    images = read_view(store, "samples", ["index", "key", "source", "label"],
+                       where="split = 'train'", order_by='"index"')
+    listed = np.flatnonzero(weights < (weights.max() if below is None else below))
+    listed = listed[np.argsort(weights[listed], kind="stable")]  # index order breaks ties
+    return images.take(listed).append_column("weight", pa.array(weights[listed]))
+
+
 def sql(store: PathLike, query: str):
     """One read-only SQL query over the store's DuckDB views (``samples``, ``features``,
     ``cdf``, ``cgf``, ``trials``, ``metrics``); returns a ``pyarrow.Table``."""
@@ -132,5 +176,5 @@ def sql(store: PathLike, query: str):
     return _query(store, query)
 
 
-__all__ = ["Sampler", "build_features", "evaluate", "ingest", "learn_sampler", "load_sampler",
-           "sql", "train_model"]
+__all__ = ["Sampler", "build_features", "dropped", "evaluate", "ingest", "learn_sampler",
+           "load_sampler", "sql", "train_model"]

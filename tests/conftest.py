@@ -31,6 +31,23 @@ def digits_store(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def scored_digits(tmp_path_factory):
+    """Digits in six train shards, scored by an untrained digits-net (2 crops per image), with
+    tables; read-only for tests (copy to modify)."""
+    from swift_sampler.pipeline.features.build import build_features
+    from swift_sampler.pipeline.ingest.build import ingest
+    from swift_sampler.train.models import create_model
+
+    store = tmp_path_factory.mktemp("scored") / "store"
+    ingest("digits", store, val_frac=0.2, test_frac=0.2, noise="symmetric:0.4", shard_size=200,
+           progress=False)
+    torch.manual_seed(0)
+    build_features(store, create_model("digits-net", 10, 1, 8), crops_per_image=2, workers=0,
+                   progress=False, device="cpu", quantiles=32, angles=8)
+    return store
+
+
+@pytest.fixture(scope="session")
 def shared_cifar():
     path = os.path.abspath(SHARED_CIFAR)
     if not os.path.isdir(path):

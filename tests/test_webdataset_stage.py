@@ -18,20 +18,9 @@ from swift_sampler.storage.errors import UsageError
 LOADERS = [(0, False), (1, False), (1, True), (2, False), (2, True)]
 
 
-@pytest.fixture(scope="module")
-def scored(tmp_path_factory):
-    """Digits in six train shards, scored by an untrained digits-net (2 crops per image)."""
-    from swift_sampler.pipeline.features.build import build_features
-    from swift_sampler.pipeline.ingest.build import ingest
-    from swift_sampler.train.models import create_model
-
-    store = tmp_path_factory.mktemp("wds") / "store"
-    ingest("digits", store, val_frac=0.2, test_frac=0.2, noise="symmetric:0.4", shard_size=200,
-           progress=False)
-    torch.manual_seed(0)
-    build_features(store, create_model("digits-net", 10, 1, 8), crops_per_image=2, workers=0,
-                   progress=False, device="cpu", quantiles=32, angles=8)
-    return store
+@pytest.fixture
+def store(scored_digits):
+    return scored_digits
 
 
 def ramp(store) -> Sampler:
@@ -59,33 +48,34 @@ def epochs(store, workers, persistent, *, seed=0, torch_seed=0, n=3, set_epoch=F
 
 
 @pytest.mark.parametrize("workers,persistent", LOADERS)
-def test_each_epoch_draws_anew_and_the_same_seeds_repeat_the_run(scored, workers, persistent):
-    run = epochs(scored, workers, persistent)
+def test_each_epoch_draws_anew_and_the_same_seeds_repeat_the_run(store, workers, persistent):
+    run = epochs(store, workers, persistent)
     assert len({tuple(keys) for keys in run}) == len(run)  # three different epochs
     assert all(len(set(keys)) == len(keys) for keys in run)
-    assert epochs(scored, workers, persistent) == run  # same seeds: same run
-    assert epochs(scored, workers, persistent, seed=1, n=1)[0] != run[0]
+    assert epochs(store, workers, persistent) == run  # same seeds: same run
+    assert epochs(store, workers, persistent, seed=1, n=1)[0] != run[0]
 
 
 @pytest.mark.parametrize("workers,persistent", LOADERS)
-def test_set_epoch_makes_each_epoch_a_function_of_seed_and_epoch(scored, workers, persistent):
-    run = epochs(scored, workers, persistent, set_epoch=True)
+def test_set_epoch_makes_each_epoch_a_function_of_seed_and_epoch(store, workers, persistent):
+    run = epochs(store, workers, persistent, set_epoch=True)
     assert len({tuple(keys) for keys in run}) == len(run)
     # torch's seed no longer matters, and persistent workers see the epoch too.
-    assert epochs(scored, workers, persistent, set_epoch=True, torch_seed=7, n=2) == run[:2]
+    assert epochs(store, workers, persistent, set_epoch=True, torch_seed=7, n=2) == run[:2]
     if workers:
-        assert epochs(scored, workers, not persistent, set_epoch=True) == run
+        assert epochs(store, workers, not persistent, set_epoch=True) == run
     if workers == 1:  # one worker reads the shards in the order the main process does
-        assert epochs(scored, 0, False, set_epoch=True) == run
+        assert epochs(store, 0, False, set_epoch=True) == run
 
 
-def test_a_pickled_stage_keeps_its_epoch_and_draws_as_the_original(scored):
+def test_a_pickled_stage_keeps_its_epoch_and_draws_as_the_original(store):
     import pickle
 
-    samples = [{"__key__": k} for k in sorted(swift_sampler.image_tau(ramp(scored), scored).keys)[:128]]
+    keys = sorted(swift_sampler.image_tau(ramp(store), store).keys)[:128]
+    samples = [{"__key__": k} for k in keys]
 
     def stage_at(epoch):
-        stage = swift_sampler.keep_by_tau(ramp(scored), scored, batch=32, seed=5)
+        stage = swift_sampler.keep_by_tau(ramp(store), store, batch=32, seed=5)
         stage.set_epoch(epoch)
         return stage
 
@@ -100,28 +90,28 @@ def test_a_pickled_stage_keeps_its_epoch_and_draws_as_the_original(scored):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_a_full_epoch_emits_as_many_samples_as_it_reads(scored, workers):
-    n = read_manifest(StoreLayout(scored))["splits"]["train"]["count"]
-    tau = swift_sampler.sampler_weights(ramp(scored), scored).by_key()
-    for half, full in zip(epochs(scored, workers, False, n=2),
-                          epochs(scored, workers, False, n=2, epoch_size="full")):
+def test_a_full_epoch_emits_as_many_samples_as_it_reads(store, workers):
+    n = read_manifest(StoreLayout(store))["splits"]["train"]["count"]
+    tau = swift_sampler.sampler_weights(ramp(store), store).by_key()
+    for half, full in zip(epochs(store, workers, False, n=2),
+                          epochs(store, workers, False, n=2, epoch_size="full")):
         assert len(half) < n // 2 + 2 * workers + 2  # the default: half an epoch
         assert len(full) == n  # every worker emits what it reads, windows and all
         assert max(full.count(k) for k in set(full)) <= 2 and all(tau[k] > 0 for k in full)
     # Equal tau: each sample exactly once per epoch, as uniform training sees it.
     from swift_sampler.pipeline.sampler.function import uniform_sampler
 
-    flat = swift_sampler.keep_by_tau(uniform_sampler(load_tables(scored)), scored, batch=32,
+    flat = swift_sampler.keep_by_tau(uniform_sampler(load_tables(store)), store, batch=32,
                                      epoch_size="full")
-    ds = wds.WebDataset(urls(scored), shardshuffle=False).compose(flat)
+    ds = wds.WebDataset(urls(store), shardshuffle=False).compose(flat)
     keys = [s["__key__"] for s in DataLoader(ds, batch_size=None, num_workers=workers)]
     assert sorted(keys) == sorted(tau)
 
 
-def test_a_full_epoch_keeps_each_sample_with_its_two_candidates_probability(scored):
+def test_a_full_epoch_keeps_each_sample_with_its_two_candidates_probability(store):
     from swift_sampler.pipeline.sampler.filter import inclusion_probabilities
 
-    stage = swift_sampler.keep_by_tau(ramp(scored), scored, batch=16, seed=3, epoch_size="full")
+    stage = swift_sampler.keep_by_tau(ramp(store), store, batch=16, seed=3, epoch_size="full")
     keys = sorted(stage.tau)[:40]  # two windows of 16 samples and one of 8
     samples = [{"__key__": k} for k in keys]
     passes, counts = 1000, np.zeros(len(keys))
@@ -136,4 +126,4 @@ def test_a_full_epoch_keeps_each_sample_with_its_two_candidates_probability(scor
     # Per pass a sample comes 0, 1 or 2 times (sd <= 0.5 given pi): 5 sd of the mean.
     np.testing.assert_allclose(counts / passes, pi[0::2] + pi[1::2], atol=0.08)
     with pytest.raises(UsageError, match="epoch_size"):
-        swift_sampler.keep_by_tau(ramp(scored), scored, epoch_size=2)
+        swift_sampler.keep_by_tau(ramp(store), store, epoch_size=2)
