@@ -95,6 +95,9 @@ def test_readme_block_runs_as_written(block, workdir, monkeypatch):
         keys = namespace["my_dataset"].keys
         drawn = torch.cat(list(namespace["loader"])).tolist()
         assert len(drawn) == len(keys) and all(weights[keys[i]] > 0 for i in drawn)
+    if "issues" in namespace:  # the list of what the sampler leaves out
+        issues = namespace["issues"].to_pylist()
+        assert issues and all(r["weight"] < max(weights.values()) for r in issues)
     if "images" in namespace:  # the WebDataset loop ran: one channel for digits, in [0, 1]
         images, labels = namespace["images"], namespace["labels"]
         assert images.dtype == torch.float32 and tuple(images.shape[1:]) == (1, 8, 8)
