@@ -11,7 +11,7 @@ the final checkpoint (``"final"``, described below), at the same 3 epochs per tr
 The sampler stage draws fresh crops by default (``features="image"``: each crop gets its image's
 mean stored tau; no extra forward pass either); ``"store"`` replays the stored crops with their
 own features, the paper's per-crop unit. The picks through fresh crops trained better at 40%
-noise and no worse at 0% (README, "Results").
+noise and no worse at 0% (results/README.md).
 
 With ``start="final"`` (the paper's), ``P(tau)`` is approximated by loading ``w_share`` (the
 checkpoint the features were built from), fine-tuning it for ``E_f`` epochs with the sampler in the loader's 2x oversample-and-
@@ -114,8 +114,8 @@ class FinetuneSettings:
     warmup: float = 0.0
     batch_size: int | None = None
     repeats: int = 1
-    # Fresh crops: what the benchmark's picks trained best through at 40% noise (README,
-    # "Results"), and the unit of the sampler a user's own loader gets (``image_tau``).
+    # Fresh crops: what the benchmark's picks trained best through at 40% noise
+    # (results/README.md), and the unit of the sampler a user's own loader gets (``image_tau``).
     features: str = "image"
     # The inner loop the study in results/inner-loop/ picked (Spearman 0.96 with training from
     # scratch over the sensible panel on the truth's seed 0, against 0.92 for "early" and 0.84

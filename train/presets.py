@@ -90,7 +90,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Training to convergence on a CPU: cnn-fc (2.5M parameters), SGD Nesterov, a 2-epoch warm-up
     # to lr 0.05, x0.1 at half and at three quarters of 60 epochs (the shape of the paper's
     # section 4.1 recipe). On 5,000 noisy CIFAR images uniform training fits the noise by the
-    # end, as ResNet-18 does in the paper (README, "Results").
+    # end, as ResNet-18 does in the paper (results/README.md).
     "cpu-converge": dict(model="cnn-fc", epochs=60, batch_size=128, lr=0.05, momentum=0.9,
                          nesterov=True, weight_decay=5e-4, schedule="multistep",
                          milestones=(30, 45), gamma=0.1, warmup=2.0),

@@ -96,7 +96,7 @@ class BenchConfig:
     # The guard's inner loop (GuardSettings.inner_loop): a start of its own, "early" (w_share's run
     # resumed for its last epochs), or "search" (the search's). The search folder's name leaves it
     # out: a finished search is guarded again. With image features, the early guard's picks beat
-    # the search-loop guard's on val at 40% noise (README, "Results").
+    # the search-loop guard's on val at 40% noise (results/README.md).
     guard_inner_loop: str = "early"
     # After the retraining: keep the learned sampler only if its full from-scratch run beats
     # w_share (the uniform run of the same recipe and seed) on val; else the user gets w_share.
@@ -176,7 +176,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                       cleanlab_folds=3),
     # Training to convergence, where uniform training memorises the noise (as in the paper's
     # Table 1): cnn-fc on 5,000 noisy train / 5,000 noisy val / 10,000 clean test images, the
-    # train preset's step-decay recipe (README, "Results", says how it was chosen).
+    # train preset's step-decay recipe (results/README.md says how it was chosen).
     "cpu-converge": dict(train_preset="cpu-converge", model="cnn-fc", limit=20000,
                          val_frac=0.25, test_frac=0.5, epochs=60, batch_size=128, lr=0.05,
                          steps=10, finetune_epochs=3, finetune_lr_fraction=0.5,
