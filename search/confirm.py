@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 RECIPE_FIELDS = ("model", "epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay",
                  "schedule", "milestones", "gamma", "warmup", "label_smoothing", "seed",
                  "shuffle_buffer", "image_size", "val_split", "amp", "channels_last", "init",
-                 "skip_damaged", "workers")
+                 "skip_damaged", "workers", "augment")
 
 
 def confirm_run_name(search: str, trial: int) -> str:

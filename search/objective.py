@@ -243,6 +243,10 @@ class FinetuneObjective:
         # trials do not mix with another rule's, so resuming one with the default is refused.
         if s.selection != "es":
             self.recipe["selection"] = s.selection
+        # Trials crop as w_share's run did; recorded only when not the default, so searches
+        # made before the setting existed resume unchanged.
+        if recipe.get("augment", "crop-flip") != "crop-flip":
+            self.recipe["augment"] = recipe["augment"]
         self._frozen = None  # w_share for online features, loaded on first use
 
     def _run_recipe(self, meta: dict[str, Any], recipe: dict[str, Any], s: FinetuneSettings) -> dict[str, Any]:
@@ -299,7 +303,8 @@ class FinetuneObjective:
             nesterov=r["nesterov"], weight_decay=r["weight_decay"],
             label_smoothing=r["label_smoothing"], seed=int(seed), workers=self.workers,
             image_size=r["image_size"], val_split="", device=self.device,
-            save_checkpoints=False, keep_checkpoints=0, progress=False, **where)
+            augment=r.get("augment", "crop-flip"), save_checkpoints=False, keep_checkpoints=0,
+            progress=False, **where)
         epochs: list[dict[str, Any]] = []
         result = fit(config, sampler=self.hook(sampler, seed), on_epoch_end=epochs.append)
 

@@ -315,3 +315,22 @@ def test_candidates_and_batch_filter_hook(store):
         assert b["image"].shape[0] == 8 and b["candidates"] == 16
     with pytest.raises(ValueError, match="batch_filter"):
         ShardDataset(store, "train", batch_size=8, candidates_per_image=2)
+
+
+def test_augmentations_draw_the_crops_they_name():
+    from swift_sampler.pipeline.features.crops import AUGMENTATIONS, plain_crop, sample_crop
+
+    assert AUGMENTATIONS == ("crop-flip", "crop", "flip", "none")
+    plain = plain_crop(32, 32)
+    for seed in range(50):
+        default = sample_crop(np.random.default_rng(seed), 32, 32)
+        assert sample_crop(np.random.default_rng(seed), 32, 32, augment="crop-flip") == default
+        crop = sample_crop(np.random.default_rng(seed), 32, 32, augment="crop")
+        assert crop == default._replace(flip=False)  # the same window, never mirrored
+        flip = sample_crop(np.random.default_rng(seed), 32, 32, augment="flip")
+        assert flip == plain._replace(flip=default.flip)  # the plain window, mirrored alike
+        rng = np.random.default_rng(seed)
+        assert sample_crop(rng, 32, 32, augment="none") == plain
+        assert rng.integers(1 << 30) == np.random.default_rng(seed).integers(1 << 30)  # no draw
+    with pytest.raises(ValueError, match="augmentation"):
+        sample_crop(np.random.default_rng(0), 32, 32, augment="mixup")

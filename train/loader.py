@@ -57,7 +57,13 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from swift_sampler.pipeline.features.crop_stream import output_size
-from swift_sampler.pipeline.features.crops import Crop, apply_crop, plain_crop, sample_crop
+from swift_sampler.pipeline.features.crops import (
+    AUGMENTATIONS,
+    Crop,
+    apply_crop,
+    plain_crop,
+    sample_crop,
+)
 from swift_sampler.pipeline.ingest.decode import CorruptSampleError, decode
 from swift_sampler.pipeline.ingest.shards import IMAGE_EXTS, shard_infos
 from swift_sampler.storage import StoreError, StoreLayout, read_manifest
@@ -173,17 +179,19 @@ def _skip(raw: dict[str, Any], error: Exception, skipped: list[str]) -> None:
 
 
 def random_crops(src: Iterable[dict[str, Any]], *, rng: np.random.Generator, candidates: int = 1,
-                 augment: bool = True, **_: Any) -> Iterator[dict[str, Any]]:
+                 augment: bool | str = True, **_: Any) -> Iterator[dict[str, Any]]:
     """Stage: per image, ``candidates`` crop-samples whose crop is drawn by ``sample_crop(rng)``
-    (the plain crop when ``augment`` is false). Pixels are cut later, batch-wise
-    (``cut_crops``); a crop-sample carries its decoded ``source`` image until then.
+    (``augment``: one of ``AUGMENTATIONS``; True is "crop-flip", False the plain crop). Pixels
+    are cut later, batch-wise (``cut_crops``); a crop-sample carries its decoded ``source``
+    image until then.
 
     The pad-and-crop shift scales with the image (``pipeline.features.crops.pad_for``)."""
+    mode = {True: "crop-flip", False: "none"}.get(augment, augment)
     for s in src:
         image = s["image"]
         h, w = image.shape[-2:]
         for _ in range(candidates):
-            crop = sample_crop(rng, h, w) if augment else plain_crop(h, w)
+            crop = sample_crop(rng, h, w, augment=mode) if mode != "none" else plain_crop(h, w)
             yield {"index": s["index"], "label": s["label"], "crop": crop, "crop_id": -1,
                    "source": image}
 
@@ -299,8 +307,12 @@ class ShardDataset(IterableDataset):
                  num_workers: int = 2, shuffle_buffer: int = 2000, image_size: int | None = None,
                  candidates_per_image: int = 1, crop_stage: CropStage | None = None,
                  batch_filter: BatchFilter | None = None, skip_damaged: bool = False,
-                 choose_first: bool = True) -> None:
+                 choose_first: bool = True, augment: str = "crop-flip") -> None:
         super().__init__()
+        if augment not in AUGMENTATIONS:
+            raise UsageError(f"unknown augmentation {augment!r}; choose one of "
+                             f"{', '.join(AUGMENTATIONS)}")
+        self.augment = augment
         self.skip_damaged = bool(skip_damaged)
         self.choose_first = bool(choose_first)
         layout = StoreLayout(store)
@@ -382,7 +394,7 @@ class ShardDataset(IterableDataset):
         else:
             samples = self._samples(worker, skipped)
             crops = self.crop_stage(samples, rng=crop_rng, candidates=self.candidates,
-                                    augment=self.train)
+                                    augment=self.augment if self.train else "none")
             batches = batch_samples(crops, size=self.batch_size * self.candidates,
                                     partial=not self.train, skipped=skipped, out_size=self.out_size)
             if self.batch_filter is not None:

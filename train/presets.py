@@ -41,6 +41,9 @@ class TrainConfig:
     seed: int = 0
     workers: int = 2
     shuffle_buffer: int = 2000
+    # Training crops (pipeline.features.crops.AUGMENTATIONS): pad-and-crop (random-resized for
+    # large images) with a horizontal flip, either alone, or the plain view.
+    augment: str = "crop-flip"
     image_size: int | None = None
     val_split: str | None = "val"  # None or a missing split: no per-epoch validation
     # A split scored every epoch for the record only (``test_accuracy`` ... in metrics.jsonl),
@@ -157,6 +160,10 @@ def validate(c: TrainConfig) -> None:
     if c.diagnostic_split and c.diagnostic_split == c.val_split:
         raise UsageError(f"--diagnostic-split {c.diagnostic_split} is already the validation "
                          "split; choose another split or leave it out")
+    from swift_sampler.pipeline.features.crops import AUGMENTATIONS
+
+    if c.augment not in AUGMENTATIONS:
+        raise UsageError(f"unknown --augment {c.augment!r}; choose one of {', '.join(AUGMENTATIONS)}")
     if c.keep_checkpoints < 0:
         raise UsageError(f"keep_checkpoints must be >= 0, got {c.keep_checkpoints}")
     if c.continue_from and (c.init or c.resume):

@@ -130,7 +130,8 @@ def fit(config: TrainConfig, *, sampler: SamplerHook | None = None,
         shuffle_buffer=config.shuffle_buffer, image_size=config.image_size,
         candidates_per_image=hook.candidates_per_image if hook.batch_filter else 1,
         crop_stage=hook.crop_stage, batch_filter=hook.batch_filter,
-        pin_memory=device.type == "cuda", skip_damaged=config.skip_damaged)
+        pin_memory=device.type == "cuda", skip_damaged=config.skip_damaged,
+        augment=config.augment)
     val = _eval_loader(layout, manifest, config.val_split, config, dist, ds.image_size)
     diagnostic = _eval_loader(layout, manifest, config.diagnostic_split, config, dist, ds.image_size)
 

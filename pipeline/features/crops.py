@@ -52,11 +52,28 @@ def pad_for(side: int) -> int:
     return max(1, round(side / 8))
 
 
-def sample_crop(rng: np.random.Generator, height: int, width: int, *, padding: int | None = None) -> Crop:
-    """Draw one training crop for an image of ``height`` x ``width`` from ``rng``."""
+# Training augmentations: a random crop (pad-and-crop for small images, random-resized for
+# large ones) and a horizontal flip, either alone, or none (the plain view).
+AUGMENTATIONS = ("crop-flip", "crop", "flip", "none")
+
+
+def sample_crop(rng: np.random.Generator, height: int, width: int, *, padding: int | None = None,
+                augment: str = "crop-flip") -> Crop:
+    """Draw one training crop for an image of ``height`` x ``width`` from ``rng``.
+
+    ``augment`` (``AUGMENTATIONS``): "crop" never flips (digits and text must not be
+    mirrored), "flip" keeps the plain window. Every mode but "none" draws the flip first, so a
+    mode changes the crops it makes and nothing else in the stream of draws.
+    """
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {augment!r}; choose one of {', '.join(AUGMENTATIONS)}")
+    if augment == "none":
+        return plain_crop(height, width)
     if padding is None:
         padding = pad_for(min(height, width))
-    flip = bool(rng.integers(2))
+    flip = bool(rng.integers(2)) and augment != "crop"
+    if augment == "flip":
+        return plain_crop(height, width)._replace(flip=flip)
     if crop_policy(height, width) == "pad":
         top = int(rng.integers(-padding, padding + 1))
         left = int(rng.integers(-padding, padding + 1))

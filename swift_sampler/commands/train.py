@@ -39,6 +39,9 @@ def register(sub, groups) -> None:
     p.add_argument("--diagnostic-split", default=None,
                    help="a split also scored each epoch, for the record only, e.g. a clean test "
                    "split (default: none)")
+    p.add_argument("--augment", default=None, choices=("crop-flip", "crop", "flip", "none"),
+                   help="training crops: pad-and-crop (random-resized for large images) and a "
+                   "horizontal flip, either alone, or the plain view (default: crop-flip)")
     p.add_argument("--warmup", type=float, default=None,
                    help="linear warm-up in epochs, multistep and cosine (default: the preset's)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if present)")
@@ -113,7 +116,8 @@ def run_train(args) -> int:
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         schedule=args.schedule, milestones=milestones, seed=args.seed, workers=args.workers,
         image_size=args.image_size, val_split=args.val_split,
-        diagnostic_split=args.diagnostic_split, warmup=args.warmup, device=args.device,
+        diagnostic_split=args.diagnostic_split, warmup=args.warmup, augment=args.augment,
+        device=args.device,
         resume=args.resume or None, init=args.init, skip_damaged=args.skip_damaged or None,
         save_checkpoints=False if args.no_checkpoints else None, progress=not args.json)
     dist = init_distributed(config.device)
