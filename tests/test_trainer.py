@@ -293,3 +293,26 @@ def test_a_diverging_run_warns_and_records_it(digits_store, tmp_path, caplog):
         except TrainingDiverged:  # went all the way to NaN: also a clear stop
             return
     assert summary["warnings"] and "the run is diverging" in caplog.text
+
+
+def test_a_run_resumes_only_with_its_recorded_recipe(small):
+    from swift_sampler.storage.errors import UsageError
+    from swift_sampler.train.trainer import SamplerHook
+
+    class Stop(Exception):
+        pass
+
+    def stop(metrics):
+        raise Stop
+
+    with pytest.raises(Stop):
+        train(tiny_config(small, name="r"), on_epoch_end=stop)
+    with pytest.raises(UsageError, match=r"lr: recorded 0.05, now 0.1"):
+        train(tiny_config(small, name="r", resume=True, lr=0.1))
+    with pytest.raises(UsageError, match="epochs.*seed|seed"):
+        train(tiny_config(small, name="r", resume=True, seed=3))
+    hook = SamplerHook(candidates_per_image=1, step_filter=lambda b: b, describe={"method": "x"})
+    with pytest.raises(UsageError, match="sampler: recorded None"):
+        train(tiny_config(small, name="r", resume=True), sampler=hook)
+    # nothing was changed by the refusals: the recorded recipe resumes
+    assert train(tiny_config(small, name="r", resume=True))["start_epoch"] == 1

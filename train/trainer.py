@@ -16,6 +16,7 @@ epoch stays in place.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -173,6 +174,10 @@ def fit(config: TrainConfig, *, sampler: SamplerHook | None = None,
             ckpt = load_checkpoint(ckpt_path)
             if ckpt.get("store_id") != manifest["store_id"]:
                 raise CheckpointError(f"{ckpt_path} belongs to another store (store_id differs)")
+            now = {**config.to_json(), "model": model_name, "image_size": ds.image_size,
+                   "world_size": dist.world_size,
+                   "sampler": hook.describe if sampler is not None else None}
+            check_resumed_recipe(ckpt.get("config") or {}, now, config.name)
             load_weights(model, ckpt, where=str(ckpt_path))
             optimizer.load_state_dict(ckpt["optimizer"])
             torch.set_rng_state(ckpt["rng"]["torch"])
@@ -278,6 +283,39 @@ def _keep_checkpoint(ckpt_path: Path, epoch: int, config: TrainConfig) -> None:
     done = epoch + 1
     if config.keep_checkpoints and config.epochs - config.keep_checkpoints <= done < config.epochs:
         atomic_write_bytes(epoch_checkpoint(ckpt_path, done), ckpt_path.read_bytes())
+
+
+# What a resumed run must share with the run it continues: everything that decides its next
+# step (the recipe, the data order and crops, the sampler), not where or how verbosely it runs.
+RESUME_FIELDS = ("model", "epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay",
+                 "schedule", "milestones", "gamma", "warmup", "label_smoothing", "seed",
+                 "shuffle_buffer", "image_size", "augment", "init", "workers", "world_size",
+                 "skip_damaged", "sampler")
+
+
+def check_resumed_recipe(stored: dict[str, Any], now: dict[str, Any], name: str | None) -> None:
+    """Refuse to resume a run with another recipe, naming every field that differs.
+
+    A field the stored config lacks (written before the field existed) counts as its default.
+    """
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+                if f.default is not dataclasses.MISSING}
+    defaults.update(sampler=None, world_size=1)
+
+    def norm(value: Any) -> Any:
+        return json.loads(json.dumps(value))  # tuples and lists alike, as config.json has them
+
+    differ = []
+    for key in RESUME_FIELDS:
+        old, new = norm(stored.get(key, defaults.get(key))), norm(now.get(key))
+        if old != new:
+            differ.append(f"{key}: recorded {old!r}, now {new!r}")
+    if differ:
+        hint = (" (pass the same --sampler and sampler options)"
+                if any(d.startswith("sampler") for d in differ) else "")
+        raise UsageError(f"run {name!r} was trained with another recipe; resuming would change "
+                         f"it mid-run: {'; '.join(differ)}{hint}. Resume with the recorded "
+                         "settings (runs/NAME/config.json) or start a run of another --name")
 
 
 def _resumed_dynamics(dynamics: TrainingDynamics | None, ckpt: dict[str, Any],
