@@ -101,9 +101,9 @@ def _tiny_cnn(in_chans: int) -> tuple[nn.Module, int]:
 
 def _cnn_fc(in_chans: int, image_size: int) -> tuple[nn.Module, int]:
     # tiny-cnn's four conv stages, the last without pooling, then a 512-wide fully connected
-    # layer on the flattened map (2.5M parameters at 32x32, most of them in that layer): about as
-    # fast as tiny-cnn on a CPU, with the capacity to memorise noisy labels in a long run,
-    # as large networks do (the regime of the ``cpu-converge`` preset).
+    # layer on the flattened map (2.5M parameters at 32x32, most of them in that layer): near
+    # tiny-cnn's speed on a CPU, with the capacity to fit noisy labels in a long run as large
+    # networks do (the ``cpu-converge`` preset; results/converge-recipe).
     side = image_size // 8
     body = nn.Sequential(
         *_conv_bn(in_chans, 32, pool=True),
