@@ -251,3 +251,14 @@ def test_search_with_escaping_name_is_refused(base, tmp_path):
                                 "--name", "../outside", "--steps", "1")
     assert code == 2 and "invalid search name" in err, err
     assert not (tmp_path / "outside").exists()
+
+
+def test_search_options_the_start_ignores_are_refused(base, tmp_path):
+    store = copy_store(base, tmp_path / "store")
+    ckpt = make_checkpoint(base, tmp_path / "w.pt")
+    for flags in (["--schedule", "constant"], ["--lr-fraction", "0.5"],
+                  ["--start", "early", "--lr-fraction", "0.5"]):
+        code, err = main_in_process("search", "run", "--store", store, "--checkpoint", ckpt,
+                                    "--name", "s", *flags)
+        assert code == 2 and "only shape the fine-tune of --start final" in err, (flags, err)
+    assert not (Path(store) / "searches").exists()

@@ -15,8 +15,9 @@ def register(sub, groups) -> None:
     p = search.add_parser(
         "run",
         help="learn a sampler: GP-UCB over the 10 parameters (resumable)",
-        description="Algorithm 1 of the paper: each trial fine-tunes the checkpoint (w_share) for "
-        "--finetune-epochs with the proposed sampler and scores top-1 on the val split. Trials "
+        description="Algorithm 1 of the paper: each trial trains --finetune-epochs with the "
+        "proposed sampler (by default a fresh model on w_share's recipe; --start final fine-tunes "
+        "the checkpoint, as the paper does) and scores top-1 on the val split. Trials "
         "are appended to STORE/searches/NAME/trials.parquet as they finish; the same command "
         "again resumes an interrupted search. The uniform sampler is evaluated on "
         "--guard-repeats seeds to measure the score's noise; the recommendation "
@@ -30,7 +31,8 @@ def register(sub, groups) -> None:
     p.add_argument("--store", required=True, help="store directory with features and tables")
     p.add_argument("--checkpoint", required=True, help="w_share: the checkpoint the features were built from")
     p.add_argument("--name", required=True, help="search name (folder STORE/searches/NAME)")
-    p.add_argument("--steps", type=int, default=40, help="E_o, trials in all (40); may grow on resume")
+    p.add_argument("--steps", type=int, default=40, help="E_o, search trials (40; the noise and guard trials come on top); may "
+                   "grow on resume")
     p.add_argument("--finetune-epochs", type=int, default=3,
                    help="E_f, epochs per trial (3: the inner-loop study measured the default --start scratch at 3)")
     p.add_argument("--agent", default="gp-ucb", help="gp-ucb | random")
@@ -40,9 +42,13 @@ def register(sub, groups) -> None:
                    help="common: every trial uses --seed (common random numbers: same data order, "
                    "augmentation and filter keys; default); distinct: trial n uses --seed + n")
     p.add_argument("--finetune-lr", type=float, default=None,
-                   help="peak fine-tune lr (default: --lr-fraction x the checkpoint's lr)")
-    p.add_argument("--lr-fraction", type=float, default=None, help="fine-tune peak lr as a fraction of the checkpoint's (1.0)")
-    p.add_argument("--schedule", default=None, help="fine-tune schedule (cosine)")
+                   help="peak lr of a trial (default: w_share's; with --start final, "
+                   "--lr-fraction x w_share's)")
+    p.add_argument("--lr-fraction", type=float, default=None,
+                   help="--start final only: fine-tune peak lr as a fraction of the checkpoint's (1.0)")
+    p.add_argument("--schedule", default=None,
+                   help="--start final only: fine-tune schedule (cosine); other starts follow "
+                   "w_share's")
     p.add_argument("--batch-size", type=int, default=None, help="per rank (default: the checkpoint's)")
     p.add_argument("--repeats", type=int, default=None,
                    help="fine-tunes per trial with different seeds, scores averaged (1)")
@@ -115,6 +121,13 @@ def run_search_command(args) -> int:
                  features=args.features, start=args.start, score=args.score,
                  selection=args.selection)
     settings = dataclasses.replace(FinetuneSettings(), **{k: v for k, v in given.items() if v is not None})
+    ignored = [flag for flag, value in (("--lr-fraction", args.lr_fraction),
+                                        ("--schedule", args.schedule)) if value is not None]
+    if ignored and settings.start != "final":
+        # A scratch or early trial follows w_share's own schedule and peak lr (or --finetune-lr).
+        raise UserError(f"{' and '.join(ignored)} only shape the fine-tune of --start final; "
+                        f"--start {settings.start} follows w_share's own schedule: drop them, or "
+                        "pass --start final")
     try:
         guard = GuardSettings(enabled=args.guard, candidates=args.guard_candidates,
                               repeats=args.guard_repeats, inner_loop=args.guard_inner_loop).check()
