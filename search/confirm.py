@@ -36,7 +36,7 @@ import numpy as np
 
 from swift_sampler.pipeline.sampler.function import Sampler
 from swift_sampler.storage import StoreError, StoreLayout, atomic_write_json, exclusive_lock
-from swift_sampler.storage.errors import UsageError
+from swift_sampler.storage.errors import SwiftSamplerError, UsageError
 
 from .loop import CONFIRM_FILE, read_confirm, read_settings, read_trials, recommend, write_best
 
@@ -100,16 +100,21 @@ def full_run_check(store: str | Path, name: str, objective, make_sampler: Callab
     # Rank 0 holds the search's lock for the whole check (no second `search run` of this name
     # meanwhile) and reads the folder; every rank learns the task, or the error, by broadcast.
     with ExitStack() as held:
-        task = None
+        task, failure = None, None
         if is_main:
             try:
                 held.enter_context(exclusive_lock(folder / ".lock", f"search {name!r}"))
                 task = _task(store, name, recipe, objective.info["features_checkpoint_sha256"])
             except Exception as e:  # the other ranks must not wait for a broadcast forever
-                task = ("error", str(e))
+                failure = e
+                task = ("error", isinstance(e, SwiftSamplerError), str(e))
         task = broadcast(task)
         if task[0] == "error":
-            raise StoreError(task[1])
+            if failure is not None:
+                raise failure  # rank 0: a user's error as it is, a bug with its traceback
+            if task[1]:
+                raise StoreError(task[2])
+            raise RuntimeError(f"rank 0 failed in the full-run check: {task[2]}")
         if task[0] == "done":
             return task[1] if is_main else None
         _, trial, point, describe = task

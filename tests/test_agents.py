@@ -225,3 +225,17 @@ def test_gp_ucb_beats_random_search_on_noisy_bumps_40_steps_default_settings():
     gp, rnd = np.array(result["gp-ucb"]), np.array(result["random"])
     assert gp.mean() > rnd.mean(), result
     assert (gp > rnd).sum() >= len(gp) / 2, result
+
+
+def test_a_bug_inside_an_agent_keeps_its_traceback(monkeypatch):
+    import functools
+
+    original = GPUCBAgent.__init__
+
+    @functools.wraps(original)
+    def broken(self, *a, **k):
+        raise TypeError("unsupported operand")  # a bug, not a caller's mistake
+
+    monkeypatch.setattr(GPUCBAgent, "__init__", broken)
+    with pytest.raises(TypeError, match="unsupported operand"):
+        create_agent("gp-ucb", n_sobol=2)

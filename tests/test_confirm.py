@@ -156,3 +156,30 @@ def test_a_sampler_whose_full_run_diverges_is_not_recommended(digits, monkeypatc
     assert found["choice"] == "uniform" and found["model"] == str(ckpt)
     sampler, _ = load_sampler(found["best_sampler"])
     np.testing.assert_allclose(sampler.to_point(), uniform_sampler().to_point())
+
+
+def test_a_bug_in_the_check_keeps_its_traceback_a_user_error_stays_one(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from swift_sampler.search import confirm
+    from swift_sampler.storage import StoreError
+
+    (tmp_path / "searches" / "s").mkdir(parents=True)
+    objective = SimpleNamespace(
+        checkpoint=str(tmp_path / "w.pt"), device="cpu",
+        info={"checkpoint": {"config": {"model": "m", "epochs": 1, "lr": 0.1, "schedule": "x"}},
+              "features_checkpoint_sha256": "0"})
+
+    def bug(*a, **k):
+        raise KeyError("trial")
+
+    monkeypatch.setattr(confirm, "_task", bug)
+    with pytest.raises(KeyError):
+        confirm.full_run_check(tmp_path, "s", objective, lambda p: None)
+
+    def mistake(*a, **k):
+        raise StoreError("trials.parquet is damaged")
+
+    monkeypatch.setattr(confirm, "_task", mistake)
+    with pytest.raises(StoreError, match="damaged"):
+        confirm.full_run_check(tmp_path, "s", objective, lambda p: None)

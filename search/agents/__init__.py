@@ -11,6 +11,7 @@ stored history into a fresh agent resumes a search exactly (see ``Agent``).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,10 +34,14 @@ def create_agent(
     """
     if name not in AGENTS:
         raise UsageError(f"unknown agent {name!r}; choose one of: {', '.join(sorted(AGENTS))}")
-    try:
-        agent = AGENTS[name](dim=dim, seed=seed, initial_points=tuple(initial_points), **kwargs)
-    except TypeError as e:
-        raise UsageError(f"agent {name!r}: {e}") from None
+    # An unknown keyword is the caller's mistake; a TypeError from inside the agent is a bug
+    # and keeps its traceback.
+    params = inspect.signature(AGENTS[name]).parameters
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        known = ", ".join(k for k in params if k not in ("dim", "seed", "initial_points"))
+        raise UsageError(f"agent {name!r}: unknown option(s) {', '.join(unknown)}; it takes {known}")
+    agent = AGENTS[name](dim=dim, seed=seed, initial_points=tuple(initial_points), **kwargs)
     return agent.check_params()
 
 
