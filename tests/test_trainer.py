@@ -316,3 +316,13 @@ def test_a_run_resumes_only_with_its_recorded_recipe(small):
         train(tiny_config(small, name="r", resume=True), sampler=hook)
     # nothing was changed by the refusals: the recorded recipe resumes
     assert train(tiny_config(small, name="r", resume=True))["start_epoch"] == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_evaluate_on_a_missing_gpu_is_refused_by_name(small, tmp_path, capsys):
+    ckpt = train(tiny_config(small, name="e", epochs=1))["checkpoint"]
+    with pytest.raises(ValueError, match="asks for a GPU but this machine has none"):
+        evaluate(small, ckpt, "val", device="cuda", workers=0)
+    assert main(["evaluate", "--store", str(small), "--checkpoint", ckpt, "--split", "val",
+                 "--device", "cuda", "--workers", "0"]) == 2
+    assert "asks for a GPU" in capsys.readouterr().err

@@ -62,7 +62,8 @@ def predict(store: str | os.PathLike, model: nn.Module, split: str = "test", *,
         ``index`` int64 ``(N,)``, ``label`` int64 ``(N,)`` (the training label), ``logits``
         float32 ``(N, C)``, and ``features`` float32 ``(N, D)`` when asked.
     """
-    device = torch.device(device) if device is not None else pick_device()
+    # One check for every command: an unknown device or a GPU the machine lacks is named.
+    device = pick_device(str(device) if device is not None else None)
     model = model.to(device)
     loader, _ = create_loader(store, split, batch_size=batch_size, train=False,
                               num_workers=workers, rank=0, world_size=1,
