@@ -8,6 +8,7 @@ Every command prints a one-line JSON summary last; ``--json`` prints only that l
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import logging
@@ -159,6 +160,18 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("SWIFT_SAMPLER_DEBUG"):
             raise
         print(f"error: {_message(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # A store (or output folder) the user cannot write: their setup, not a bug.
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+            raise
+        if os.environ.get("SWIFT_SAMPLER_DEBUG"):
+            raise
+        what = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                errno.EROFS: "the file system is read-only"}.get(e.errno, "permission denied")
+        print(f"error: cannot write {e.filename or 'the store'}: {what}; make the store "
+              "writable (or free space) and run the same command again to resume",
+              file=sys.stderr)
         return 2
 
 

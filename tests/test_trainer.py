@@ -326,3 +326,26 @@ def test_evaluate_on_a_missing_gpu_is_refused_by_name(small, tmp_path, capsys):
     assert main(["evaluate", "--store", str(small), "--checkpoint", ckpt, "--split", "val",
                  "--device", "cuda", "--workers", "0"]) == 2
     assert "asks for a GPU" in capsys.readouterr().err
+
+
+def test_a_store_that_cannot_be_written_is_named_not_a_traceback(small, monkeypatch, capsys):
+    import errno
+
+    import swift_sampler.train.trainer as trainer
+
+    def read_only(path, what):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(trainer, "exclusive_lock", read_only)
+    code = main(["train", "--store", str(small), "--name", "ro", "--model", "digits-net",
+                 "--epochs", "1", "--batch-size", "8", "--workers", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot write" in err and "read-only" in err and "Traceback" not in err
+
+    def bug(path, what):
+        raise OSError(errno.EBADF, "Bad file descriptor")  # not the user's doing: a traceback
+
+    monkeypatch.setattr(trainer, "exclusive_lock", bug)
+    with pytest.raises(OSError):
+        main(["train", "--store", str(small), "--name", "ro2", "--model", "digits-net",
+              "--epochs", "1", "--batch-size", "8", "--workers", "0"])
