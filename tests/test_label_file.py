@@ -79,6 +79,7 @@ def test_label_file_replaces_train_and_val_labels_and_keeps_the_truth(folder, tm
     ("path,label\nNAME0,cat\nNAME0,dog\n", "row 2: path NAME0 is listed twice"),
     ("path,label\nbird/000.jpg,cat\n", "row 1: path 'bird/000.jpg' is not an image of the source"),
     ("path,label\nNAME0,cat\n", "has no row for 35 image(s)"),
+    ("path,label\n" + "x" * 200_000 + ",cat\n", "line 2: not readable as CSV"),
 ])
 def test_bad_label_files_are_refused_naming_file_and_row(folder, tmp_path, content, needle):
     first = names(folder)[0]

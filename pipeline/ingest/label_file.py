@@ -95,12 +95,16 @@ def _rows(path: Path, data: bytes) -> list[tuple[str, str]]:
         raise LabelFileError(f"--labels {path} is empty; it needs a header `path,label` and one "
                              "row per image")
     reader = csv.DictReader(lines)
-    _check_columns(path, reader.fieldnames or [])
     rows = []
-    for n, row in enumerate(reader, start=1):
-        if row.get("path") is None or row.get("label") is None:
-            raise LabelFileError(f"--labels {path}, row {n}: expected a path and a label")
-        rows.append((row["path"], row["label"]))
+    try:
+        _check_columns(path, reader.fieldnames or [])
+        for n, row in enumerate(reader, start=1):
+            if row.get("path") is None or row.get("label") is None:
+                raise LabelFileError(f"--labels {path}, row {n}: expected a path and a label")
+            rows.append((row["path"], row["label"]))
+    except csv.Error as e:  # a field over the csv module's limit, a stray quote ...
+        raise LabelFileError(f"--labels {path}, line {reader.line_num + 1}: not readable as CSV "
+                             f"({e}); each row is `path,label`") from None
     return rows
 
 
