@@ -428,3 +428,12 @@ def test_damaged_tar_raises_naming_the_shard_after_the_good_members(digits_store
     StoreLayout(store).shard("test", 0).write_bytes(good[:end])
     with pytest.raises(StoreError, match="no end-of-archive marker"):
         list(iter_split(store, "test"))
+
+
+def test_an_existing_store_names_the_python_argument_too(tmp_path):
+    from swift_sampler.pipeline.ingest.build import ingest as do_ingest
+
+    store = tmp_path / "store"
+    do_ingest("digits", store, limit=200, val_frac=0.2, test_frac=0.2, progress=False)
+    with pytest.raises(StoreError, match=r"--overwrite \(overwrite=True from Python\)"):
+        do_ingest("digits", store, limit=200, val_frac=0.2, test_frac=0.2, progress=False)

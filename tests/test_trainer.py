@@ -88,7 +88,7 @@ def test_run_folder_contents_and_existing_run(small):
     metrics = json.loads((run / "metrics.jsonl").read_text())
     assert {"epoch", "loss", "accuracy", "lr", "images_per_s", "val_accuracy"} <= set(metrics)
     assert json.loads((run / "summary.json").read_text())["run"] == "r"
-    with pytest.raises(StoreError, match="already exists"):
+    with pytest.raises(StoreError, match=r"already exists.*resume=True from Python"):
         train(tiny_config(small, name="r", epochs=1))
 
 

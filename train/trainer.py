@@ -169,7 +169,7 @@ def fit(config: TrainConfig, *, sampler: SamplerHook | None = None,
     if run_dir is not None:
         if ckpt_path.is_file() and not config.resume:
             raise StoreError(f"run {config.name!r} already exists in {layout.root}; pass --resume "
-                             "to continue it or choose another --name")
+                             "(resume=True from Python) to continue it or choose another name")
         if config.resume and ckpt_path.is_file():
             ckpt = load_checkpoint(ckpt_path)
             if ckpt.get("store_id") != manifest["store_id"]:

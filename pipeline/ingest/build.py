@@ -321,8 +321,8 @@ def _check_store(layout: StoreLayout, overwrite: bool, *, clean: bool = False) -
         return
     if not overwrite:
         raise StoreError(f"store {layout.root} already holds data ({', '.join(entries)}); "
-                         "pass --overwrite to replace it (its features, runs and searches go "
-                         "too) or choose another --store")
+                         "pass --overwrite (overwrite=True from Python) to replace it (its "
+                         "features, runs and searches go too) or choose another store")
 
 
 def _leftovers(layout: StoreLayout, entries: list[str]) -> bool:
