@@ -40,7 +40,6 @@ score is summed over ranks, so every rank returns the same ``TrialResult``.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -429,10 +428,5 @@ def _dist(device: str | None) -> DistInfo:
     return init_distributed(device)
 
 
-def settings_from_dict(d: dict[str, Any]) -> FinetuneSettings:
-    names = {f.name for f in dataclasses.fields(FinetuneSettings)}
-    return FinetuneSettings(**{k: v for k, v in d.items() if k in names}).check()
-
-
-__all__ = ["FEATURE_MODES", "SCORES", "STARTS", "FinetuneObjective", "FinetuneSettings", "check_search_inputs",
-           "settings_from_dict"]
+__all__ = ["FEATURE_MODES", "SCORES", "STARTS", "FinetuneObjective", "FinetuneSettings",
+           "check_search_inputs"]

@@ -16,8 +16,15 @@ from swift_sampler.pipeline.ingest.shards import write_shards
 from swift_sampler.pipeline.ingest.sources import encode_png
 from swift_sampler.storage import StoreError, StoreLayout, atomic_write_parquet, write_manifest
 from swift_sampler.storage.schemas import SAMPLES
-from swift_sampler.train.loader import ShardDataset, create_loader, cut_crops, replay_crops
+from swift_sampler.train.loader import ShardDataset, create_loader, cut_crops
 from swift_sampler.train.shardio import read_tar
+
+
+def replay_crops(images, crops: torch.Tensor, out_size=None) -> torch.Tensor:
+    """The obvious reference: re-cut recorded crops (``batch["crop"]``, ``(B, 5)``) one by one
+    with ``apply_crop``."""
+    return torch.stack([apply_crop(img, Crop(*(int(v) for v in c[:4]), bool(c[4])), out_size)
+                        for img, c in zip(images, crops)])
 
 
 def make_store(root, *, splits=None, size=8, channels=3, classes=4, shard_size=16, seed=0,

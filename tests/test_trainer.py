@@ -183,9 +183,11 @@ def write_features(store, k=4, seed=0):
 
 
 def test_stored_crops_filter_keeps_only_positive_tau_and_replays_exactly(small):
+    from test_loader import replay_crops
+
     from swift_sampler.pipeline.ingest.decode import decode
     from swift_sampler.pipeline.sampler.function import UNIFORM
-    from swift_sampler.train.loader import ShardDataset, replay_crops
+    from swift_sampler.train.loader import ShardDataset
     from swift_sampler.train.sampling import StoredCrops, tau_filter
     from swift_sampler.train.shardio import read_tar
 

@@ -466,10 +466,3 @@ def create_loader(store: str | os.PathLike, split: str, *, batch_size: int, trai
                         prefetch_factor=4 if num_workers > 0 else None)
     return loader, ds
 
-
-def replay_crops(images: Iterable[torch.Tensor], crops: torch.Tensor,
-                 out_size: tuple[int, int] | None = None) -> torch.Tensor:
-    """Re-cut recorded crops (``batch["crop"]``, ``(B, 5)``) from decoded images with
-    ``apply_crop``: equal to the loader's pixels, which tests check."""
-    return torch.stack([apply_crop(img, Crop(*(int(v) for v in c[:4]), bool(c[4])), out_size)
-                        for img, c in zip(images, crops)])
