@@ -26,24 +26,59 @@ True
 To use a learned sampler in your own loop: ``ss.sampler_weights(sampler_file, store)`` gives
 per-image weights for ``torch.utils.data.WeightedRandomSampler`` and ``ss.keep_by_tau(...)``
 is a WebDataset stage (``wds.WebDataset(urls).compose(stage)``) that draws twice and keeps
-half by tau; ``ss.dropped(sampler_file, store)`` lists the images it drops or down-weights. The same stages run from the command line as ``swift-sampler``.
+half by tau; ``ss.dropped(sampler_file, store)`` lists the images it drops or down-weights.
+The same stages run from the command line as ``swift-sampler``.
 """
 
 from __future__ import annotations
 
-from .api import (
-    build_features,
-    dropped,
-    evaluate,
-    ingest,
-    learn_sampler,
-    load_sampler,
-    sql,
-    train_model,
-)
-from .pipeline.sampler.function import Sampler
-from .pipeline.sampler.image_weights import ImageWeights, image_tau, keep_by_tau, sampler_weights
+import importlib
+from typing import TYPE_CHECKING
+
+# Where each public name lives. Loaded on first use (PEP 562), so that ``import
+# swift_sampler.storage`` or the command line's ``--help`` does not import the whole API.
+_EXPORTS = {
+    "build_features": ".api", "dropped": ".api", "evaluate": ".api", "ingest": ".api",
+    "learn_sampler": ".api", "load_sampler": ".api", "sql": ".api", "train_model": ".api",
+    "Sampler": ".pipeline.sampler.function",
+    "ImageWeights": ".pipeline.sampler.image_weights",
+    "image_tau": ".pipeline.sampler.image_weights",
+    "keep_by_tau": ".pipeline.sampler.image_weights",
+    "sampler_weights": ".pipeline.sampler.image_weights",
+}
 
 __all__ = ["ImageWeights", "Sampler", "build_features", "dropped", "evaluate", "image_tau",
            "ingest", "keep_by_tau", "learn_sampler", "load_sampler", "sampler_weights", "sql",
            "train_model"]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # what type checkers and IDEs see
+    from .api import (
+        build_features,
+        dropped,
+        evaluate,
+        ingest,
+        learn_sampler,
+        load_sampler,
+        sql,
+        train_model,
+    )
+    from .pipeline.sampler.function import Sampler
+    from .pipeline.sampler.image_weights import (
+        ImageWeights,
+        image_tau,
+        keep_by_tau,
+        sampler_weights,
+    )

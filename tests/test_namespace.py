@@ -89,3 +89,16 @@ def test_bench_script_finds_its_own_benchlib_whatever_package_it_runs_against(mo
         main(["bench", "noisy-cifar", "--help"])
     assert e.value.code == 0
     assert "--methods" in capsys.readouterr().out
+
+
+def test_the_package_loads_its_api_on_first_use():
+    import subprocess
+    import sys
+
+    code = ("import sys, swift_sampler.storage; "
+            "assert 'swift_sampler.api' not in sys.modules, 'api imported eagerly'; "
+            "import swift_sampler as ss; f = ss.train_model; "
+            "assert 'swift_sampler.api' in sys.modules; "
+            "assert set(ss.__all__) <= set(dir(ss)); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
