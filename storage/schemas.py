@@ -39,10 +39,11 @@ FEATURES = pa.schema(
         ("grad_norm", pa.float32()),
     ]
 )
-FEATURE_NAMES = ("loss", "entropy_r")
 
-# tables/cdf.parquet: per feature, Q+1 knots (value at quantile level).
+# tables/cdf.parquet: per feature, Q+1 knots (value at quantile level); with the cdf taken
+# within each given label, per feature and label (``CDF_BY_CLASS``).
 CDF = pa.schema([("feature", pa.string()), ("level", pa.float64()), ("value", pa.float64())])
+CDF_BY_CLASS = CDF.append(pa.field("label", pa.int32()))
 
 # tables/cgf.parquet: per transform and angle of (c1, c2), Q+1 knots of G at levels k/Q.
 CGF = pa.schema(

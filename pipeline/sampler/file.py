@@ -2,16 +2,22 @@
 
 Layout (JSON, parsed as data only)::
 
-    {"format": "swift-sampler/sampler", "version": 1,
+    {"format": "swift-sampler/sampler", "version": 2,
      "parameters": {"e1": .., "e2": .., "e3": .., "v0": .., ..., "v4": .., "c1": .., "c2": ..},
-     "transform": "cgf" | "cdf", "features": ["loss", "entropy_r"],
+     "transform": "cgf" | "cdf", "features": [f1, f2], "cdf_by": "global" | "class",
      "tables": {"quantiles": Q, "angle_count": A, "rows": n,
-                "cdf": {"loss": [Q+1 floats], "entropy_r": [Q+1 floats]},
+                "cdf": {f1: [Q+1 floats], f2: [Q+1 floats]},  # by class: [[Q+1 floats] per label]
                 "angles": [radians...], "knots": [[Q+1 floats] per angle]},
      "provenance": {"store_id": .., "features_checkpoint_sha256": .., "search": ..,
                     "trial": .., "score": ..,
                     "learned_with": {"features": "store" | "image" | "online",
                                      "selection": "systematic" | "es"}}}
+
+``features`` is the feature pair (``pair.FeaturePair``; ``["loss", "entropy_r"]``, the paper's, by
+default) and ``cdf_by`` whether each feature's cdf is over all crops or within each given label.
+Version 1 (before pairs) always meant ``["loss", "entropy_r"]`` over all crops: ``migrate``
+reads it as such. Using a sampler on a store that lacks one of its features is refused, naming
+the feature (``pair.read_pair_columns``).
 
 ``learned_with`` is how the search's trials drew and kept crops; training with the sampler
 uses the same unless told otherwise (``sampler_stage``). Files written before it was recorded
@@ -30,16 +36,22 @@ from typing import Any
 
 import numpy as np
 
-from swift_sampler.storage import StoreLayout, atomic_write_text, read_features_meta, read_manifest
-from swift_sampler.storage.schemas import FEATURE_NAMES
+from swift_sampler.storage import (
+    StoreLayout,
+    UsageError,
+    atomic_write_text,
+    read_features_meta,
+    read_manifest,
+)
 
 from .function import PARAMETERS, TRANSFORMS, Sampler, SamplerError
+from .pair import DEFAULT_PAIR, FeaturePair, read_pair_columns
 from .transform import FeatureTables, TablesError
 
 log = logging.getLogger(__name__)
 
 FORMAT = "swift-sampler/sampler"
-VERSION = 1
+VERSION = 2
 PROVENANCE_FIELDS = ("store_id", "features_checkpoint_sha256", "search", "trial", "score")
 
 
@@ -54,7 +66,7 @@ def sampler_to_dict(sampler: Sampler, provenance: dict | None = None) -> dict[st
     if tab is not None:
         tables = {
             "quantiles": tab.quantiles, "angle_count": tab.angle_count, "rows": tab.rows,
-            "cdf": {f: tab.cdf_knots[f].tolist() for f in FEATURE_NAMES},
+            "cdf": {f: np.asarray(tab.cdf_knots[f]).tolist() for f in s.pair.features},
             "angles": tab.angles.tolist(),
             "knots": tab.knots[s.transform].tolist() if s.transform in tab.knots else [],
         }
@@ -62,7 +74,7 @@ def sampler_to_dict(sampler: Sampler, provenance: dict | None = None) -> dict[st
     prov.update({k: v for k, v in (provenance or {}).items() if k not in prov})
     return {
         "format": FORMAT, "version": VERSION,
-        "parameters": s.parameters(), "transform": s.transform, "features": list(FEATURE_NAMES),
+        "parameters": s.parameters(), "transform": s.transform, **s.pair.record(),
         "tables": tables, "provenance": prov,
     }
 
@@ -95,13 +107,22 @@ def load_sampler(path: str | os.PathLike, *, check_zero: bool = True) -> tuple[S
     return sampler, prov
 
 
+def migrate(doc: dict) -> dict:
+    """A sampler document of any supported version as the current version."""
+    if doc.get("version") == 1:
+        # Version 1 could only hold the paper's pair, its cdf over all crops.
+        doc = {**doc, "version": 2, "cdf_by": "global"}
+    return doc
+
+
 def sampler_from_dict(doc: Any, *, where: str = "sampler") -> tuple[Sampler, dict]:
     if not isinstance(doc, dict):
         raise SamplerFileError(f"{where}: expected a JSON object")
     if doc.get("format") != FORMAT:
         raise SamplerFileError(f"{where}: format must be {FORMAT!r}, got {doc.get('format')!r}")
+    doc = migrate(doc)
     if doc.get("version") != VERSION:
-        raise SamplerFileError(f"{where}: version {doc.get('version')!r} is not supported (expected {VERSION})")
+        raise SamplerFileError(f"{where}: version {doc.get('version')!r} is not supported (expected 1 or {VERSION})")
     params = doc.get("parameters")
     if not isinstance(params, dict):
         raise SamplerFileError(f"{where}: parameters: expected an object with {', '.join(PARAMETERS)}")
@@ -111,13 +132,18 @@ def sampler_from_dict(doc: Any, *, where: str = "sampler") -> tuple[Sampler, dic
     transform = doc.get("transform")
     if transform not in TRANSFORMS:
         raise SamplerFileError(f"{where}: transform: unknown {transform!r} (expected one of {TRANSFORMS})")
-    if doc.get("features") != list(FEATURE_NAMES):
-        raise SamplerFileError(f"{where}: features: expected {list(FEATURE_NAMES)}, got {doc.get('features')!r}")
+    if "features" not in doc:
+        raise SamplerFileError(f"{where}: features: missing (the sampler's two features, e.g. "
+                               f"{list(DEFAULT_PAIR.features)})")
+    try:
+        pair = FeaturePair.from_record(doc)
+    except UsageError as e:
+        raise SamplerFileError(f"{where}: {e}") from None
     prov = doc.get("provenance")
     if not isinstance(prov, dict):
         raise SamplerFileError(f"{where}: provenance: expected an object")
     try:
-        tables = _tables_from_dict(doc.get("tables"), transform, where)
+        tables = _tables_from_dict(doc.get("tables"), transform, pair, where)
         endpoints = (0.0, params.get("e1"), params.get("e2"), params.get("e3"), 1.0)
         values = tuple(params.get(f"v{s}") for s in range(5))
         from .function import check_parameters
@@ -131,7 +157,7 @@ def sampler_from_dict(doc: Any, *, where: str = "sampler") -> tuple[Sampler, dic
     return sampler, prov
 
 
-def _tables_from_dict(t: Any, transform: str, where: str) -> FeatureTables | None:
+def _tables_from_dict(t: Any, transform: str, pair: FeaturePair, where: str) -> FeatureTables | None:
     if t is None:
         return None
     if not isinstance(t, dict):
@@ -143,14 +169,16 @@ def _tables_from_dict(t: Any, transform: str, where: str) -> FeatureTables | Non
         if not isinstance(t[key], int) or isinstance(t[key], bool):
             raise SamplerFileError(f"{where}: tables.{key}: expected an integer, got {t[key]!r}")
     cdf = t["cdf"]
-    if not isinstance(cdf, dict) or set(cdf) != set(FEATURE_NAMES):
-        raise SamplerFileError(f"{where}: tables.cdf: expected knots of {list(FEATURE_NAMES)}")
+    if not isinstance(cdf, dict) or set(cdf) != set(pair.features):
+        raise SamplerFileError(f"{where}: tables.cdf: expected knots of {list(pair.features)}")
     q1 = t["quantiles"] + 1
-    arrays = {f: _floats(cdf[f], f"tables.cdf.{f}", where, (q1,)) for f in FEATURE_NAMES}
+    by_class = pair.cdf_by == "class"
+    arrays = {f: _floats(cdf[f], f"tables.cdf.{f}", where, "rows" if by_class else (q1,)) for f in pair.features}
     angles = _floats(t["angles"], "tables.angles", where, None)
     knots = _floats(t["knots"], "tables.knots", where, (angles.size, q1)) if angles.size else np.empty((0, q1))
     try:
-        return FeatureTables(t["quantiles"], t["angle_count"], arrays, angles, {transform: knots}, t["rows"])
+        return FeatureTables(t["quantiles"], t["angle_count"], arrays, angles, {transform: knots}, t["rows"],
+                             pair=pair)
     except TablesError as e:
         raise SamplerFileError(f"{where}: {e}") from None
 
@@ -163,6 +191,9 @@ def _floats(x: Any, field: str, where: str, shape) -> np.ndarray:
     if shape is None:
         if a.ndim != 1:
             raise SamplerFileError(f"{where}: {field}: expected a list of numbers")
+    elif shape == "rows":  # one list of numbers per given label
+        if a.ndim != 2 or not a.shape[0]:
+            raise SamplerFileError(f"{where}: {field}: expected a list of lists of numbers, one per label")
     elif a.shape != shape:
         raise SamplerFileError(f"{where}: {field}: expected shape {shape}, got {a.shape}")
     if not np.all(np.isfinite(a)):
@@ -232,25 +263,24 @@ def check_provenance(provenance: dict, store, allow_foreign: bool = False) -> No
 def check_not_all_zero(sampler: Sampler, store=None, *, grid: int = 129) -> None:
     """Refuse a sampler whose tau is 0 on every feature row of ``store`` (or on a grid).
 
-    Without a store the check runs on a ``grid x grid`` lattice of (cdf loss, cdf E^r).
+    Without a store the check runs on a ``grid x grid`` lattice of (cdf f1, cdf f2). With a
+    store, one that lacks a feature of the sampler is refused, naming it.
     """
     if max(sampler.values) <= 0:
         raise SamplerFileError("values: all v0..v4 are 0, so tau is 0 for every crop; nothing would be trained")
     if store is not None:
-        from .table_store import read_feature_columns
-
-        cols = read_feature_columns(store, ("loss", "entropy_r"))
-        tau = sampler.tau(cols["loss"], cols["entropy_r"])
+        tau = sampler.tau_columns(read_pair_columns(store, sampler.pair))
         where = f"every feature row of {store}"
     else:
         u = np.linspace(0.0, 1.0, grid)
         f1, f2 = np.meshgrid(u, u)
         tau = sampler.tau_from_cdf(f1, f2)
-        where = f"a {grid}x{grid} grid of (cdf loss, cdf E^r)"
+        n1, n2 = sampler.pair.features
+        where = f"a {grid}x{grid} grid of (cdf {n1}, cdf {n2})"
     if not np.any(tau > 0):
         raise SamplerFileError(f"tau is 0 on {where}: the sampler would keep no crop; choose another sampler")
 
 
 __all__ = ["FORMAT", "PROVENANCE_FIELDS", "VERSION", "SamplerFileError", "check_not_all_zero",
-           "check_provenance", "learned_with", "load_sampler", "sampler_from_dict", "sampler_stage",
+           "check_provenance", "learned_with", "load_sampler", "migrate", "sampler_from_dict", "sampler_stage",
            "sampler_to_dict", "save_sampler"]

@@ -1,4 +1,7 @@
-"""The sampler: ``tau = H(T(c1*cdf(loss) + c2*cdf(E^r)))`` (arXiv 2410.05578, §3.2, equations 4-10).
+"""The sampler: ``tau = H(T(c1*cdf(f1) + c2*cdf(f2)))`` (arXiv 2410.05578, §3.2, equations 4-10).
+
+``(f1, f2)`` is the feature pair of its tables (``pair.FeaturePair``): the paper's
+``(loss, E^r)`` by default. Under a cdf by class, ``tau`` needs each crop's given label.
 
 ``H`` is piecewise linear through ``(e_s, v_s)``, ``s = 0..4``, with ``e0 = 0``, ``e4 = 1``.
 Where endpoints repeat (``e1 == e2``) ``H`` jumps and takes the value of the last repeated
@@ -26,8 +29,9 @@ import numpy as np
 
 from swift_sampler.storage.errors import SwiftSamplerError
 
+from .pair import DEFAULT_PAIR, FeaturePair, null_cdf
 from .piecewise import EPS32, Piecewise
-from .transform import TRANSFORM_KINDS, FeatureTables, unit
+from .transform import TRANSFORM_KINDS, FeatureTables, fill_nulls, unit
 
 # One declaration of every bound (cf. scikit-learn's ``_parameter_constraints``).
 PARAMETERS = ("e1", "e2", "e3", "v0", "v1", "v2", "v3", "v4", "c1", "c2")  # point order
@@ -52,7 +56,7 @@ class Sampler:
     Attributes:
         endpoints: (e0, e1, e2, e3, e4) with e0 = 0 <= e1 <= e2 <= e3 <= e4 = 1.
         values: (v0, ..., v4), each in [0, 1].
-        c1, c2: coefficients of cdf(loss) and cdf(E^r), each in [-1, 1].
+        c1, c2: coefficients of cdf(f1) and cdf(f2) (``pair``), each in [-1, 1].
         transform: "cgf" or "cdf".
         tables: ``FeatureTables`` (full, or the sampler's subset); may be None only when
             ``c1 == c2 == 0`` (then ``t = 1`` for every crop and no table is needed).
@@ -81,6 +85,11 @@ class Sampler:
         elif not isinstance(self.tables, FeatureTables):
             raise SamplerError(f"tables: expected FeatureTables, got {type(self.tables).__name__}")
 
+    @property
+    def pair(self) -> FeaturePair:
+        """The two features the sampler reads (its tables'; the default pair without tables)."""
+        return DEFAULT_PAIR if self.tables is None else self.tables.pair
+
     def parameters(self) -> dict[str, float]:
         """The 10 numbers by name (``PARAMETERS`` order)."""
         e, v = self.endpoints, self.values
@@ -97,7 +106,7 @@ class Sampler:
         return self.tables.transform(f1, f2, self.c1, self.c2, self.transform)
 
     def tau_from_cdf(self, f1, f2, *, precise: bool = False) -> np.ndarray:
-        """Precomputed cdf(loss), cdf(E^r) (float arrays in [0, 1]) -> tau in [0, 1].
+        """Precomputed cdf(f1), cdf(f2) (float arrays in [0, 1]) -> tau in [0, 1].
 
         Returns float32 (float64 with ``precise=True``) of the broadcast shape.
         """
@@ -118,26 +127,44 @@ class Sampler:
             g += np.multiply(f2, np.float32(u2), dtype=np.float32)
         return composite.fast(g, eps=EPS32)
 
-    def tau(self, loss, entropy_r, *, precise: bool = False) -> np.ndarray:
-        """Raw loss and E^r (float arrays of one shape) -> tau in [0, 1].
+    def tau(self, x1, x2, *, labels=None, precise: bool = False) -> np.ndarray:
+        """Raw values of the pair's two features (float arrays of one shape) -> tau in [0, 1].
 
-        Returns float32 (float64 with ``precise=True``). float32 input (as stored) takes the
-        fast path throughout; other input gets its cdf in float64 first.
+        ``labels``: each crop's given label (ints, same shape), needed when the cdf is taken
+        by class. Returns float32 (float64 with ``precise=True``). float32 input (as stored)
+        takes the fast path throughout; other input gets its cdf in float64 first.
         """
         if self.c1 == 0 and self.c2 == 0:
-            shape = np.broadcast_shapes(np.shape(loss), np.shape(entropy_r))
+            shape = np.broadcast_shapes(np.shape(x1), np.shape(x2))
             return self.h(np.ones(shape)) if precise else np.full(shape, self.values[-1], dtype=np.float32)
         tab = self.tables
+        n1, n2 = tab.pair.features
         if precise:
-            return self.tau_from_cdf(tab.feature_cdf("loss", loss), tab.feature_cdf("entropy_r", entropy_r),
+            return self.tau_from_cdf(tab.feature_cdf(n1, x1, labels), tab.feature_cdf(n2, x2, labels),
                                      precise=True)
-        return self.tau_from_cdf(self._cdf("loss", loss), self._cdf("entropy_r", entropy_r))
+        return self.tau_from_cdf(self._cdf(n1, x1, labels), self._cdf(n2, x2, labels))
 
-    def _cdf(self, name: str, raw) -> np.ndarray:
+    def tau_columns(self, columns, *, precise: bool = False) -> np.ndarray:
+        """``tau`` of rows given as columns (``pair.read_pair_columns``): the pair's two
+        features, and ``label`` when the cdf is by class."""
+        n1, n2 = self.pair.features
+        labels = columns["label"] if self.pair.cdf_by == "class" else None
+        return self.tau(columns[n1], columns[n2], labels=labels, precise=precise)
+
+    def _cdf(self, name: str, raw, labels) -> np.ndarray:
         raw = np.asarray(raw)
-        if raw.dtype == np.float32:
-            return self.tables.cdf_function(name).fast(raw)
-        return self.tables.feature_cdf(name, raw).astype(np.float32)
+        if raw.dtype != np.float32:
+            return self.tables.feature_cdf(name, raw, labels).astype(np.float32)
+        x = raw
+        if null_cdf(name) is not None:
+            x = np.where(np.isnan(raw), np.float32(0), raw)  # the table lookup takes no NaN
+        if self.tables.pair.cdf_by != "class":
+            return fill_nulls(name, raw, self.tables.cdf_function(name).fast(x))
+        f = np.empty(raw.shape, dtype=np.float32)
+        flat, out = x.reshape(-1), f.reshape(-1)
+        for c, rows in self.tables.label_rows(labels, raw.shape):
+            out[rows] = self.tables.cdf_function(name, c).fast(flat[rows])
+        return fill_nulls(name, raw, f)
 
     @cached_property
     def _composite(self) -> tuple[float, float, Piecewise] | None:
@@ -154,11 +181,13 @@ class Sampler:
         """The piecewise-linear H of equation 8 at ``t`` in [0, 1]."""
         return np.interp(np.asarray(t, dtype=np.float64), self.endpoints, self.values)
 
-    def tau_torch(self, loss, entropy_r, *, dtype=None):
-        """torch twin of ``tau`` (same numbers); runs on the device of ``loss``.
+    def tau_torch(self, x1, x2, *, labels=None, dtype=None):
+        """torch twin of ``tau`` (same numbers); runs on the device of ``x1``.
 
         Args:
-            loss, entropy_r: tensors of one shape (any float dtype, any device).
+            x1, x2: the pair's two features, tensors of one shape (any float dtype, any device);
+                per-crop features only (``pair.ONLINE_FEATURES``): no nulls.
+            labels: each crop's given label (int tensor, same shape) when the cdf is by class.
             dtype: compute dtype (default float64; float32 is faster on a GPU, ~1e-6 off).
 
         Returns:
@@ -167,14 +196,15 @@ class Sampler:
         import torch
 
         dtype = dtype or torch.float64
-        dev = loss.device
+        dev = x1.device
         if self.c1 == 0 and self.c2 == 0:
-            t = torch.ones(torch.broadcast_shapes(loss.shape, entropy_r.shape), dtype=dtype, device=dev)
+            t = torch.ones(torch.broadcast_shapes(x1.shape, x2.shape), dtype=dtype, device=dev)
             return _interp_torch(t, self.endpoints, self.values)
         tab = self.tables
         levels = tab.levels
-        f1 = _interp_torch(loss.to(dtype), tab.cdf_knots["loss"], levels, left=0.0)
-        f2 = _interp_torch(entropy_r.to(dtype), tab.cdf_knots["entropy_r"], levels, left=0.0)
+        n1, n2 = tab.pair.features
+        f1 = _cdf_torch(tab, n1, x1.to(dtype), labels)
+        f2 = _cdf_torch(tab, n2, x2.to(dtype), labels)
         theta = _direction(self.c1, self.c2)
         knots = tab.exact_knots(self.transform, theta)
         if knots is not None:
@@ -269,6 +299,24 @@ def _interp_torch(x, xp, fp, left=None):
     out = y0 + frac * (y1 - y0)
     out = torch.where(i == 0, torch.full_like(out, float(fp[0]) if left is None else left), out)
     return torch.where(i >= n, fp[-1].expand_as(out), out)
+
+
+def _cdf_torch(tab: FeatureTables, name: str, x, labels):
+    """``FeatureTables.feature_cdf`` in torch (per-crop features: no nulls to fill)."""
+    import torch
+
+    knots = np.asarray(tab.cdf_knots[name])
+    if knots.ndim == 1:
+        return _interp_torch(x, knots, tab.levels, left=0.0)
+    if labels is None:
+        raise SamplerError("this sampler's cdf is taken within each given label: pass the labels")
+    out = torch.empty_like(x)
+    for c in torch.unique(labels).tolist():
+        if not 0 <= c < knots.shape[0]:
+            raise SamplerError(f"label {c} has no cdf knots (the tables know labels 0..{knots.shape[0] - 1})")
+        mine = labels == c
+        out[mine] = _interp_torch(x[mine], knots[c], tab.levels, left=0.0)
+    return out
 
 
 def _angle_t_torch(f1, f2, theta: float, knots, levels):

@@ -40,6 +40,7 @@ from swift_sampler.storage.errors import UsageError
 
 from .filter import SELECTIONS, select, select_systematic
 from .function import Sampler
+from .pair import read_pair_columns
 
 log = logging.getLogger(__name__)
 
@@ -72,22 +73,24 @@ def _sampler(sampler: Sampler | str | os.PathLike) -> Sampler:
 
 
 def image_tau(sampler: Sampler | str | os.PathLike, store: str | os.PathLike) -> ImageWeights:
-    """Mean tau over each train image's scored crops, from the store's ``features`` view.
+    """Mean tau over each train image's scored crops, from the store's ``feature_parts`` view
+    (and its ``dynamics`` view for a per-image feature of the sampler's pair).
 
     Args:
         sampler: a ``Sampler`` or the path of a sampler file (``best_sampler.json``).
         store: the store whose features the sampler was learned on.
 
     Raises:
-        StoreError: the store has no features, or a train image has none.
+        StoreError: the store has no features, lacks a feature of the sampler (named), or a
+            train image has none.
         SamplerFileError: an invalid sampler file.
     """
     sampler = _sampler(sampler)
-    crops = read_view(store, "feature_parts", ["index", "loss", "entropy_r"])
+    crops = read_pair_columns(store, sampler.pair, ("index",))
     keys = read_view(store, "samples", ["index", "key"], where="split = 'train'", order_by='"index"')
     n = keys.num_rows
-    index = crops.column("index").to_numpy()
-    tau = sampler.tau(crops.column("loss").to_numpy(), crops.column("entropy_r").to_numpy(), precise=True)
+    index = crops["index"]
+    tau = sampler.tau_columns(crops, precise=True)
     counts = np.bincount(index, minlength=n)
     if counts.size != n or not counts.all():
         raise StoreError(f"{store}: {int((counts[:n] == 0).sum())} train image(s) have no scored "

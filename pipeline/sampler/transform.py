@@ -3,8 +3,10 @@
 
 Two kinds of knots, each at the levels ``k/Q`` for ``k = 0..Q``:
 
-- per feature (``loss``, ``entropy_r``): the raw value at which the empirical cdf (fraction of
-  rows ``<= x``) first reaches ``k/Q``; ``feature_cdf`` maps raw values to ``f`` in [0, 1];
+- per feature of the pair (``f1``, ``f2``: ``loss``, ``entropy_r`` by default, ``pair``): the raw
+  value at which the empirical cdf (fraction of rows ``<= x``) first reaches ``k/Q``;
+  ``feature_cdf`` maps raw values to ``f`` in [0, 1]. With ``cdf_by="class"`` there is one row of
+  such knots per given label, and a row's ``f`` is its rank among the rows of its own label;
 - per angle ``a_j = 2*pi*j/A`` of ``c = (c1, c2)`` and per transform kind, the value of
   ``G = cos(a)*f1 + sin(a)*f2`` at which the cumulative weight of the rows (grad norm for
   ``cgf``, equation 10; 1 per row for ``cdf``, the paper's ablation) first reaches ``k/Q``.
@@ -33,8 +35,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from swift_sampler.storage import StoreError
-from swift_sampler.storage.schemas import FEATURE_NAMES
 
+from .pair import DEFAULT_PAIR, FeaturePair, null_cdf
 from .piecewise import Piecewise
 from .quantiles import weighted_knots
 
@@ -51,7 +53,8 @@ class FeatureTables:
     Attributes:
         quantiles: Q; every knot row has Q+1 non-decreasing float64 values.
         angle_count: A, the size of the full angle grid ``a_j = 2*pi*j/A``.
-        cdf_knots: feature name -> (Q+1,) raw values at levels k/Q.
+        cdf_knots: feature name -> (Q+1,) raw values at levels k/Q; ``(C, Q+1)``, one row per
+            given label ``0..C-1``, when ``pair.cdf_by == "class"``.
         angles: (m,) float64 radians in [0, 2*pi) held, ascending: the A grid angles for full
             tables; one exact angle (or two grid neighbours) in a sampler's subset.
         knots: kind ("cgf"/"cdf") -> (m, Q+1) knots of G, row i for ``angles[i]``.
@@ -59,6 +62,7 @@ class FeatureTables:
         points: kind -> (3, p) float64 rows (f1, f2, mass): the rows (or grid-cell centroids)
             the knots were built from; lets ``transform`` compute the knots of any exact angle.
             None in a subset.
+        pair: the two features (``f1``, ``f2``) and how their cdf is taken.
     """
 
     quantiles: int
@@ -68,6 +72,7 @@ class FeatureTables:
     knots: Mapping[str, np.ndarray]
     rows: int
     points: Mapping[str, np.ndarray] | None = None
+    pair: FeaturePair = DEFAULT_PAIR
     _row: dict = field(init=False, repr=False)
     _cache: dict = field(init=False, repr=False)
 
@@ -75,11 +80,22 @@ class FeatureTables:
         q, a = self.quantiles, self.angle_count
         if q < 1 or a < 2:
             raise TablesError(f"tables need quantiles >= 1 and angles >= 2, got {q}, {a}")
-        for name in FEATURE_NAMES:
+        if not isinstance(self.pair, FeaturePair):
+            raise TablesError(f"tables: pair must be a FeaturePair, got {type(self.pair).__name__}")
+        for name in self.pair.features:
             if name not in self.cdf_knots:
                 raise TablesError(f"tables: cdf knots of feature {name!r} missing")
         for name, k in self.cdf_knots.items():
-            _check_knots(f"cdf knots of {name!r}", k, (q + 1,))
+            if self.pair.cdf_by == "class":
+                classes = np.shape(k)[0] if np.ndim(k) == 2 else 0
+                if classes < 1:
+                    raise TablesError(f"tables: cdf knots of {name!r} by class must have shape "
+                                      f"(classes, {q + 1}), got {np.shape(k)}")
+                _check_knots(f"cdf knots of {name!r}", k, (classes, q + 1))
+            else:
+                _check_knots(f"cdf knots of {name!r}", k, (q + 1,))
+        if len({np.shape(k) for k in self.cdf_knots.values()}) > 1:
+            raise TablesError("tables: the cdf knots of the two features cover different labels")
         ang = np.asarray(self.angles, dtype=np.float64)
         if ang.ndim != 1 or np.any(np.diff(ang) <= 0) or (ang.size and (ang[0] < 0 or ang[-1] >= 2 * math.pi)):
             raise TablesError("tables: angles must be ascending radians in [0, 2*pi)")
@@ -99,7 +115,8 @@ class FeatureTables:
             return NotImplemented
         mine, theirs = self.points or {}, other.points or {}
         return (
-            (self.quantiles, self.angle_count, self.rows) == (other.quantiles, other.angle_count, other.rows)
+            (self.quantiles, self.angle_count, self.rows, self.pair)
+            == (other.quantiles, other.angle_count, other.rows, other.pair)
             and np.array_equal(self.angles, other.angles)
             and _same(self.cdf_knots, other.cdf_knots)
             and _same(self.knots, other.knots)
@@ -113,25 +130,50 @@ class FeatureTables:
         """(Q+1,) float64 levels k/Q."""
         return np.arange(self.quantiles + 1, dtype=np.float64) / self.quantiles
 
-    def feature_cdf(self, name: str, raw) -> np.ndarray:
+    def feature_cdf(self, name: str, raw, labels=None) -> np.ndarray:
         """Raw feature values (any shape, float) -> cdf in [0, 1] (float64, same shape).
 
-        Below the smallest stored value: 0; at or above the largest: 1.
+        Below the smallest stored value: 0; at or above the largest: 1. ``labels`` (ints of the
+        same shape: each row's given label) are needed when the cdf is taken by class. A null
+        (NaN) of a per-image feature takes the feature's noisy end (``pair.null_cdf``).
         """
+        knots = self._cdf_knots(name)
+        raw = np.asarray(raw, dtype=np.float64)
+        if knots.ndim == 1:
+            f = np.interp(raw, knots, self.levels, left=0.0)
+        else:
+            f = np.empty(raw.shape)
+            flat, out = raw.reshape(-1), f.reshape(-1)
+            for c, rows in self.label_rows(labels, raw.shape):
+                out[rows] = np.interp(flat[rows], knots[c], self.levels, left=0.0)
+        return fill_nulls(name, raw, f)
+
+    def cdf_function(self, name: str, label: int | None = None) -> Piecewise:
+        """``feature_cdf`` of ``name`` (within ``label`` when by class) as a ``Piecewise``
+        (cached; ``.fast`` for float32); nulls are not filled here (``fill_nulls``)."""
+        key = ("cdf", name, label)
+        if key not in self._cache:
+            knots = self._cdf_knots(name)
+            if (knots.ndim == 2) != (label is not None):
+                raise TablesError(f"cdf of {name!r}: a label is needed exactly when the cdf is by class")
+            self._cache[key] = Piecewise.from_knots(knots if label is None else knots[label],
+                                                    self.levels, left=0.0)
+        return self._cache[key]
+
+    def _cdf_knots(self, name: str) -> np.ndarray:
         knots = self.cdf_knots.get(name)
         if knots is None:
             raise TablesError(f"no cdf knots for feature {name!r} (have {sorted(self.cdf_knots)})")
-        return np.interp(np.asarray(raw, dtype=np.float64), knots, self.levels, left=0.0)
+        return np.asarray(knots)
 
-    def cdf_function(self, name: str) -> Piecewise:
-        """``feature_cdf`` of ``name`` as a ``Piecewise`` (cached; ``.fast`` for float32)."""
-        key = ("cdf", name)
-        if key not in self._cache:
-            knots = self.cdf_knots.get(name)
-            if knots is None:
-                raise TablesError(f"no cdf knots for feature {name!r} (have {sorted(self.cdf_knots)})")
-            self._cache[key] = Piecewise.from_knots(knots, self.levels, left=0.0)
-        return self._cache[key]
+    def label_rows(self, labels, shape):
+        """``(label, flat row indices)`` of each given label present among ``labels``."""
+        if labels is None:
+            raise TablesError("these tables take each feature's cdf within the given label: "
+                              "pass the crops' labels")
+        classes = np.shape(self._cdf_knots(self.pair.features[0]))[0]
+        flat = np.broadcast_to(np.asarray(labels), shape).reshape(-1).astype(np.int64)
+        return label_rows(flat, classes)
 
     def neighbours(self, c1: float, c2: float) -> tuple[float, float, float]:
         """Grid angles ``a_j, a_{j+1}`` around the direction of ``c`` and the blend weight."""
@@ -158,7 +200,7 @@ class FeatureTables:
     def transform(self, f1, f2, c1: float, c2: float, kind: str = "cgf") -> np.ndarray:
         """cdf features -> t = T(c1*f1 + c2*f2) in [0, 1], float64 of the broadcast shape.
 
-        ``f1``, ``f2``: cdf of loss and entropy_r (floats in [0, 1], any matching shape).
+        ``f1``, ``f2``: cdf of the pair's two features (floats in [0, 1], any matching shape).
         Uses the knots of the exact direction of ``c`` when held or computable from the points;
         otherwise blends the two neighbouring grid angles. ``c = (0, 0)`` gives 1 everywhere.
         """
@@ -178,9 +220,10 @@ class FeatureTables:
             t += lam * _angle_t(f1, f2, a1, self._held(kind, a1, c1, c2), self.levels)
         return t
 
-    def transform_raw(self, loss, entropy_r, c1: float, c2: float, kind: str = "cgf") -> np.ndarray:
-        """Raw features -> t (``feature_cdf`` then ``transform``)."""
-        return self.transform(self.feature_cdf("loss", loss), self.feature_cdf("entropy_r", entropy_r),
+    def transform_raw(self, x1, x2, c1: float, c2: float, kind: str = "cgf", labels=None) -> np.ndarray:
+        """Raw values of the pair's two features -> t (``feature_cdf`` then ``transform``)."""
+        n1, n2 = self.pair.features
+        return self.transform(self.feature_cdf(n1, x1, labels), self.feature_cdf(n2, x2, labels),
                               c1, c2, kind)
 
     def _held(self, kind: str, angle: float, c1: float, c2: float) -> np.ndarray:
@@ -219,8 +262,29 @@ class FeatureTables:
             angles=np.array(angles, dtype=np.float64),
             knots={k: np.array([rows[a][k] for a in angles], dtype=np.float64).reshape(
                 len(angles), self.quantiles + 1) for k in kinds},
-            rows=self.rows,
+            rows=self.rows, pair=self.pair,
         )
+
+
+def label_rows(labels: np.ndarray, classes: int):
+    """Yield ``(label, row indices)`` of each label present in ``labels`` ((n,) ints in
+    ``0..classes-1``); one stable sort instead of a mask per class."""
+    if labels.size and (labels.min() < 0 or labels.max() >= classes):
+        raise TablesError(f"labels outside 0..{classes - 1}, the labels the tables were built for; "
+                          "rebuild the tables")
+    order = np.argsort(labels, kind="stable")
+    bounds = np.searchsorted(labels[order], np.arange(classes + 1))
+    for c in range(classes):
+        if bounds[c + 1] > bounds[c]:
+            yield c, order[bounds[c]:bounds[c + 1]]
+
+
+def fill_nulls(name: str, raw: np.ndarray, f: np.ndarray) -> np.ndarray:
+    """``f`` with the rows whose raw value is null (NaN) at the noisy end of a per-image feature."""
+    end = null_cdf(name)
+    if end is None:
+        return f
+    return np.where(np.isnan(raw), np.asarray(end, dtype=np.asarray(f).dtype), f)
 
 
 def direction(c1: float, c2: float) -> float:
