@@ -1,9 +1,9 @@
 """The search's initial design: the uniform sampler, then a few canonical shapes.
 
 Before the Sobol' points and the GP, the search tries shapes a practitioner would try by hand,
-all in ``t`` along the loss direction (``c = (1, 0)``, so ``t`` is the cgf, or cdf, of the
-per-crop loss under ``w_share``): steps that keep the low-``t`` crops and drop the rest at three
-cut points, and a soft ramp. None of them knows the noise rate; together they put the GP's first
+all in ``t`` along the first feature's direction (``c = (1, 0)``: ``t`` is the cgf, or cdf, of
+``f1``, the per-crop loss under ``w_share`` for the paper's pair): steps that keep the
+low-``t`` crops and drop the rest at three cut points, and a soft ramp. None of them knows the noise rate; together they put the GP's first
 observations where sample selection usually helps, so a short search does not spend its budget
 finding that region at random.
 """

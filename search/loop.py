@@ -59,6 +59,7 @@ import pyarrow.parquet as pq
 
 from swift_sampler.pipeline.sampler.file import save_sampler
 from swift_sampler.pipeline.sampler.function import PARAMETERS, Sampler
+from swift_sampler.pipeline.sampler.pair import DEFAULT_PAIR
 from swift_sampler.storage import (
     StoreError,
     StoreLayout,
@@ -541,8 +542,13 @@ def read_settings(store: str | Path, name: str) -> dict[str, Any] | None:
 
 def _read_settings_file(path: Path) -> dict[str, Any]:
     # Without the settings its trials were made with, a search cannot be resumed safely.
-    return read_json_object(path, "restore it from a backup, or move "
-                            f"{path.parent} away and start the search anew")
+    return _with_pair(read_json_object(path, "restore it from a backup, or move "
+                                       f"{path.parent} away and start the search anew"))
+
+
+def _with_pair(settings: dict[str, Any]) -> dict[str, Any]:
+    # Settings without a feature pair (a search made before samplers took any) mean the paper's.
+    return {"feature_pair": DEFAULT_PAIR.record(), **settings}
 
 
 def _settings_with_defaults(settings: dict[str, Any]) -> dict[str, Any]:
@@ -603,6 +609,7 @@ def _check_settings(path: Path, settings: dict[str, Any]) -> None:
         return
     stored = _read_settings_file(path)
     stored.pop("steps", None)
+    settings = _with_pair(settings)
     keys = (set(stored) | set(settings)) - {k for k in RECORDED_LATER if k not in stored}
     diff = sorted(k for k in keys if _fixed(k, stored) != _fixed(k, settings))
     if diff:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from swift_sampler.pipeline.sampler.function import Sampler
+from swift_sampler.pipeline.sampler.pair import check_online
 from swift_sampler.pipeline.sampler.table_store import load_tables
 from swift_sampler.storage import StoreError
 from swift_sampler.train.distributed import init_distributed
@@ -64,6 +65,11 @@ def search(
     ``trial_seconds``, the wall time of those trials (every session of the search together);
     ``{"search": name}`` on ranks other than 0.
 
+    The samplers combine the feature pair the store's tables were built for (``build-features
+    --features-pair``); ``search.json`` records it (``feature_pair``), so a search resumed after
+    the tables were rebuilt for another pair is refused (one recording none ran over the
+    default pair).
+
     ``search.json`` records ``workers`` and the number of ranks (``world_size``) with the other
     settings: both change every trial's score, so resuming with others is refused, naming them
     (a search.json without them, written before they were recorded, is resumed unchecked).
@@ -85,12 +91,15 @@ def search(
     if confirm:  # refuse now what the check would refuse after the whole search
         full_run_recipe(objective.info["checkpoint"], checkpoint)
     tables = load_tables(store)
+    if objective.settings.features == "online":
+        check_online(tables.pair)  # refused now, not at the first trial
     design = tuple(initial_design(tables, transform))
     params = create_agent(agent, seed=seed, initial_points=design).get_params()
     info = objective.info
     settings = {
         "store_id": info["store_id"], "checkpoint_sha256": info["features_checkpoint_sha256"],
-        "transform": transform, "finetune": objective.describe(), "initial_design": DESIGN_VERSION,
+        "transform": transform, "feature_pair": tables.pair.record(),
+        "finetune": objective.describe(), "initial_design": DESIGN_VERSION,
         "agent_params": {k: v for k, v in params.items() if k not in ("seed", "initial_points")},
         # Both change every trial's data order (shards and samples are split by global worker),
         # hence its score: a search resumed with others would mix incomparable trials.

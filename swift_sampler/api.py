@@ -73,22 +73,49 @@ def train_model(store: PathLike, name: str | None, *, sampler: Sampler | PathLik
     return fit(resolve_config(str(store), preset=preset, name=name, **overrides), sampler=hook).summary
 
 
-def build_features(store: PathLike, checkpoint: PathLike, **options: Any) -> dict[str, Any]:
-    """Score every train crop with ``checkpoint`` (``w_share``): loss, E^r, grad norm, and the
-    cdf/cgf tables; with them the training dynamics of the checkpoint's run (``dynamics`` view).
-    Options as ``swift-sampler pipeline build-features`` (``crops_per_image``, ``grad_norm``,
-    ``seed``, ``progress`` ...)."""
+def build_features(store: PathLike, checkpoint: PathLike, *, features_pair: str | tuple[str, str] = "loss,entropy_r",
+                   cdf_by: str = "global", **options: Any) -> dict[str, Any]:
+    """Score every train crop with ``checkpoint`` (``w_share``): loss, E^r, grad norm; bring in
+    the training dynamics of the checkpoint's run (``dynamics`` view); then build the cdf/cgf
+    tables for ``features_pair`` (``"f1,f2"`` or a tuple; per-crop or per-image features, see
+    ``pipeline.sampler.pair``), each feature's cdf over all crops or, with ``cdf_by="class"``,
+    within each given label. Options as ``swift-sampler pipeline build-features``
+    (``crops_per_image``, ``grad_norm``, ``seed``, ``quantiles``, ``angles``, ``progress`` ...)."""
     from swift_sampler.pipeline.features.build import build_features as _build
+    from swift_sampler.pipeline.sampler.pair import FeaturePair
     from swift_sampler.storage import sha256_file
     from swift_sampler.train.checkpoint import load_model
     from swift_sampler.train.distributed import pick_device
-    from swift_sampler.train.dynamics import store_dynamics
 
+    pair = (FeaturePair.parse(features_pair, cdf_by) if isinstance(features_pair, str)
+            else FeaturePair(tuple(features_pair), cdf_by))
+    sizes = {k: options.pop(k, None) for k in ("quantiles", "angles")}
+    with_tables = options.pop("tables", True)
     device = options.pop("device", None) or pick_device()
     model, _ = load_model(checkpoint, device)
     summary = _build(store, model, checkpoint_sha256=sha256_file(checkpoint), device=device,
-                     **options)
-    return {**summary, **(store_dynamics(store, checkpoint) or {})}
+                     tables=False, **options)
+    return {**summary, **store_dynamics_and_tables(store, checkpoint, pair=pair, tables=with_tables, **sizes)}
+
+
+def store_dynamics_and_tables(store: PathLike, checkpoint: PathLike, *, pair=None, tables: bool = True,
+                              quantiles: int | None = None, angles: int | None = None) -> dict[str, Any]:
+    """After scoring: the checkpoint's training dynamics into the store, then the tables for
+    ``pair`` (``pipeline.sampler.pair.FeaturePair``, default the paper's), in that order so that
+    a per-image feature is read from the dynamics of the same checkpoint. Returns the summary's
+    ``dynamics``/``dynamics_epochs`` (when the run recorded them) and ``tables``."""
+    from swift_sampler.pipeline.sampler.pair import DEFAULT_PAIR
+    from swift_sampler.pipeline.sampler.table_store import build_store_tables
+    from swift_sampler.storage import StoreLayout, exclusive_lock
+    from swift_sampler.train.dynamics import store_dynamics
+
+    # The features' lock: another build-features must not swap features or tables meanwhile.
+    with exclusive_lock(StoreLayout(store).lock("features"), "build-features"):
+        out = dict(store_dynamics(store, checkpoint) or {})
+        if tables:
+            sizes = {k: v for k, v in (("quantiles", quantiles), ("angles", angles)) if v is not None}
+            out["tables"] = build_store_tables(store, pair=pair or DEFAULT_PAIR, **sizes)
+    return out
 
 
 def learn_sampler(store: PathLike, checkpoint: PathLike, *, name: str = "ss", steps: int = 40,

@@ -19,8 +19,12 @@ proportional to its tau (capped at 1), the two crops of an image drawn together,
 tau means every image once per epoch (``pipeline.sampler.filter.select_systematic``). ``es``
 (Efraimidis-Spirakis keys, each crop drawn on its own) is the rule of earlier results.
 
+The sampler reads its feature pair (``pipeline.sampler.pair``): in ``store`` and ``image`` mode
+any pair the store holds; ``online`` scores fresh crops, so only per-crop features it computes
+(loss, E^r) and a pair with another is refused.
+
 Nothing here reads ground-truth noise fields: features carry ``index, crop, top, left, height,
-width, flip, loss, entropy_r`` only.
+width, flip``, the training ``label`` and the sampler's two features only.
 """
 
 from __future__ import annotations
@@ -43,13 +47,14 @@ from swift_sampler.pipeline.sampler.filter import (
     selection_rule,
 )
 from swift_sampler.pipeline.sampler.function import Sampler
-from swift_sampler.storage import StoreError, StoreLayout, read_view
+from swift_sampler.pipeline.sampler.pair import check_online, read_pair_columns
+from swift_sampler.storage import StoreError, StoreLayout
 from swift_sampler.storage.errors import UsageError
 
 from .loader import collate, decode, random_crops
 from .trainer import SamplerHook
 
-FEATURE_COLUMNS = ("index", "crop", "top", "left", "height", "width", "flip", "loss", "entropy_r")
+CROP_COLUMNS = ("index", "crop", "top", "left", "height", "width", "flip")
 log = logging.getLogger(__name__)
 
 
@@ -72,8 +77,7 @@ class StoredCrops:
         if not parts or not layout.features_meta.is_file():
             raise StoreError(f"store {layout.root} has no feature store; run `swift-sampler "
                              "pipeline build-features` first, or use --features online")
-        table = read_view(layout.root, "feature_parts", FEATURE_COLUMNS)
-        cols = {c: table.column(c).to_numpy() for c in FEATURE_COLUMNS}
+        cols = read_pair_columns(layout.root, sampler.pair, CROP_COLUMNS)
         order = np.lexsort((cols["crop"], cols["index"]))
         index = cols["index"][order]
         n = int(index.max()) + 1
@@ -85,8 +89,9 @@ class StoredCrops:
         self.k = k
         self.crops = np.stack([cols[c][order] for c in ("top", "left", "height", "width", "flip")],
                               axis=1).astype(np.int64).reshape(n, k, 5)
-        tau = sampler.tau(cols["loss"][order].astype(np.float32),
-                          cols["entropy_r"][order].astype(np.float32))
+        # Stored per-crop features are float32 (the fast path); per-image ones stay float64.
+        tau = sampler.tau_columns({name: cols[name][order] for name in (*sampler.pair.features, "label")
+                                   if name in cols})
         self.tau = np.asarray(tau, dtype=np.float32).reshape(n, k)
 
     def choose_first(self, src, *, crop_rng: np.random.Generator, filter_rng: np.random.Generator,
@@ -217,6 +222,7 @@ class OnlineFilter:
     def __init__(self, scorer: nn.Module, sampler: Sampler, *, keep: int, device: torch.device,
                  seed: int = 0, selection: str = "systematic") -> None:
         selection_rule(selection)  # refuse an unknown name here, not at the first step
+        check_online(sampler.pair)
         self.scorer = scorer.to(device).eval()
         for p in self.scorer.parameters():
             p.requires_grad_(False)
@@ -230,8 +236,10 @@ class OnlineFilter:
         y = batch["label"].to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             logits = self.scorer(x.contiguous(memory_format=torch.channels_last))
-        tau = self.sampler.tau_torch(cross_entropy(logits, y), entropy_r(logits, y),
-                                     dtype=torch.float32)
+        scores = {"loss": cross_entropy(logits, y), "entropy_r": entropy_r(logits, y)}
+        n1, n2 = self.sampler.pair.features
+        tau = self.sampler.tau_torch(scores[n1], scores[n2], dtype=torch.float32,
+                                     labels=y if self.sampler.pair.cdf_by == "class" else None)
         if self.selection == "es":
             keep = select_torch(tau, self.keep, generator=self.generator).cpu()
         else:  # 2B numbers: the CPU draw costs nothing against the forward pass
@@ -268,6 +276,7 @@ def create_sampler_hook(store: str | os.PathLike, sampler: Sampler, *, features:
         return SamplerHook(candidates_per_image=2, crop_stage=stage,
                            batch_filter=TAU_FILTERS[selection], describe=describe)
     if features == "online":
+        check_online(sampler.pair)
         if scorer is None or batch_size is None or device is None:
             raise UsageError("--features online needs the pretrained model that scores crops "
                              "(--init CKPT or --scorer CKPT)")

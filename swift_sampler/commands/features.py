@@ -5,6 +5,13 @@ from __future__ import annotations
 import contextlib
 import os
 
+from swift_sampler.pipeline.sampler.pair import (
+    CDF_BY,
+    CROP_FEATURES,
+    DEFAULT_FEATURES,
+    IMAGE_FEATURES,
+)
+
 from ..cli import UserError, add_json_flag, emit
 
 
@@ -25,6 +32,15 @@ def register(sub, groups) -> None:
                    "full: exact over all parameters, many times slower")
     p.add_argument("--quantiles", type=int, help="quantile knots per table (default: the tables' default)")
     p.add_argument("--angles", type=int, help="angles of (c1, c2) for the cgf table (default: the tables' default)")
+    p.add_argument("--features-pair", default=",".join(DEFAULT_FEATURES), metavar="F1,F2",
+                   help="the two features the sampler combines, G = c1*cdf(F1) + c2*cdf(F2), and "
+                   f"the tables are built for (default {','.join(DEFAULT_FEATURES)}, the paper's). "
+                   f"Per crop: {', '.join(CROP_FEATURES)}; per image, from the checkpoint run's "
+                   f"training dynamics: {', '.join(IMAGE_FEATURES)}")
+    p.add_argument("--cdf-by", default="global", choices=CDF_BY,
+                   help="each feature's cdf over all crops (global, default) or among the crops "
+                   "of the same given label (class: a class whose images are all hard is not "
+                   "dropped wholesale)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random crops (default 0)")
     p.add_argument("--batch-size", type=int, default=512, help="crops per forward pass (default 512)")
     p.add_argument("--overwrite", action="store_true",
@@ -38,9 +54,12 @@ def register(sub, groups) -> None:
 def run(args) -> int:
     import torch
 
+    from swift_sampler.api import store_dynamics_and_tables
     from swift_sampler.pipeline.features.build import build_features
+    from swift_sampler.pipeline.sampler.pair import FeaturePair
     from swift_sampler.storage import sha256_file
 
+    pair = FeaturePair.parse(args.features_pair, args.cdf_by)  # refuse a bad pair before scoring
     if not os.path.isfile(args.checkpoint):
         raise UserError(f"checkpoint {args.checkpoint} not found")
     try:
@@ -64,14 +83,12 @@ def run(args) -> int:
             args.store, model, crops_per_image=args.crops_per_image, grad_norm=args.grad_norm,
             seed=args.seed, batch_size=args.batch_size, rank=rank, world_size=world_size,
             checkpoint_sha256=sha256_file(args.checkpoint), overwrite=args.overwrite,
-            image_size=meta.get("image_size"), device=device, quantiles=args.quantiles,
-            angles=args.angles, progress=not (args.no_progress or args.json))
+            image_size=meta.get("image_size"), device=device, tables=False,
+            progress=not (args.no_progress or args.json))
     if rank != 0:
         return 0
-    from swift_sampler.train.dynamics import store_dynamics
-
-    # The checkpoint's run recorded its training dynamics: they join the features.
-    summary = {**summary, **(store_dynamics(args.store, args.checkpoint) or {})}
+    summary = {**summary, **store_dynamics_and_tables(args.store, args.checkpoint, pair=pair,
+                                                      quantiles=args.quantiles, angles=args.angles)}
     summary = {"command": "pipeline build-features", "checkpoint": args.checkpoint, **summary}
     rate = summary.get("crops_per_s")
     text = (f"features: {summary['rows']} rows ({summary['images']} images x {args.crops_per_image} crops), "

@@ -1,9 +1,10 @@
 """Figures 1(b) and 2(b) of the paper: what a sampler keeps.
 
-- Fig. 1(b): tau over (cdf loss, cdf E^r) on the unit square. tau is a function of the two cdf
-  values alone (``t = T(c1*f1 + c2*f2)``, then ``H``), so the map is drawn on a regular grid of
-  (f1, f2), with the store's crops as density contours for reference.
-- Fig. 2(b): mean tau of the store's crops by loss percentile (100 bins of the crops' own loss
+- Fig. 1(b): tau over (cdf f1, cdf f2) on the unit square, ``(f1, f2)`` the sampler's feature
+  pair (the paper's loss and E^r by default). tau is a function of the two cdf values alone
+  (``t = T(c1*f1 + c2*f2)``, then ``H``), so the map is drawn on a regular grid of (f1, f2), with
+  the store's crops as density contours for reference.
+- Fig. 2(b): mean tau of the store's crops by f1 percentile (100 bins of the crops' own f1
   ranks), with the share of crops the sampler never keeps (tau = 0).
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from swift_sampler.pipeline.sampler.file import load_sampler
-from swift_sampler.pipeline.sampler.table_store import read_feature_columns
+from swift_sampler.pipeline.sampler.pair import read_pair_columns
 from swift_sampler.storage import StoreError, StoreLayout, atomic_writer
 
 GRID = 256
@@ -33,8 +34,9 @@ def plot_sampler(sampler_path: str | os.PathLike, store: str | os.PathLike,
         out_dir: folder for the PNGs; default: the sampler file's folder.
 
     Returns:
-        ``[tau map PNG, tau by loss percentile PNG]``, each written atomically, named after the
-        sampler file (``<stem>_tau_map.png``, ``<stem>_tau_by_loss.png``).
+        ``[tau map PNG, tau by f1 percentile PNG]``, each written atomically, named after the
+        sampler file (``<stem>_tau_map.png``, ``<stem>_tau_by_<f1>.png``: ``_tau_by_loss.png``
+        for the paper's pair).
     """
     import matplotlib
 
@@ -46,9 +48,13 @@ def plot_sampler(sampler_path: str | os.PathLike, store: str | os.PathLike,
     layout = StoreLayout(store).require()
     if not layout.feature_parts():
         raise StoreError(f"{layout.root} has no features; run `swift-sampler pipeline build-features` first")
-    cols = read_feature_columns(layout.root, ("loss", "entropy_r"))
-    loss, er = cols["loss"], cols["entropy_r"]
-    tau = sampler.tau(loss, er).astype(np.float64)
+    pair = sampler.pair
+    n1, n2 = pair.features
+    cols = read_pair_columns(layout.root, pair)
+    loss, er = cols[n1], cols[n2]  # the paper's names for f1 and f2
+    labels = cols.get("label")
+    tau = sampler.tau_columns(cols).astype(np.float64)
+    name1, name2 = (_label(n) for n in pair.features)
     folder = Path(out_dir) if out_dir is not None else sampler_path.parent
     stem = sampler_path.stem
     p = sampler.parameters()
@@ -58,7 +64,7 @@ def plot_sampler(sampler_path: str | os.PathLike, store: str | os.PathLike,
 
     # Fig. 1(b): cell centres of a GRID x GRID lattice of the unit square.
     u = (np.arange(GRID) + 0.5) / GRID
-    f1, f2 = np.meshgrid(u, u)  # f2 varies along rows: image row = cdf E^r
+    f1, f2 = np.meshgrid(u, u)  # f2 varies along rows: image row = cdf f2
     tau_map = sampler.tau_from_cdf(f1, f2, precise=True)
     fig, ax = plt.subplots(figsize=(6.2, 5.2), constrained_layout=True)
     im = ax.imshow(tau_map, origin="lower", extent=(0, 1, 0, 1), aspect="auto", cmap="viridis",
@@ -66,22 +72,23 @@ def plot_sampler(sampler_path: str | os.PathLike, store: str | os.PathLike,
     fig.colorbar(im, ax=ax, label="sampling probability tau")
     if sampler.tables is not None:
         # The crops' own position, so the eye sees where the data actually lies.
-        g1 = sampler.tables.feature_cdf("loss", loss)
-        g2 = sampler.tables.feature_cdf("entropy_r", er)
+        g1 = sampler.tables.feature_cdf(n1, loss, labels)
+        g2 = sampler.tables.feature_cdf(n2, er, labels)
         k = int(np.clip(np.sqrt(loss.size) / 4, 8, 32))  # few crops: coarser cells, less noise
         hist, _, _ = np.histogram2d(g1, g2, bins=k, range=[[0, 1], [0, 1]])
         centres = (np.arange(k) + 0.5) / k
         if hist.max() > 0:
             ax.contour(centres, centres, hist.T / hist.max(), levels=[0.1, 0.3, 0.6], colors="white",
                        linewidths=0.7, alpha=0.8)
-    ax.set_xlabel("cdf(loss)")
-    ax.set_ylabel("cdf($E^r$)")
-    ax.set_title(f"tau over (cdf loss, cdf $E^r$)\n{title}", fontsize=9)
+    ax.set_xlabel(f"cdf({name1})")
+    ax.set_ylabel(f"cdf({name2})")
+    ax.set_title(f"tau over (cdf {name1}, cdf {name2})\n{title}", fontsize=9)
     map_png = _save(fig, folder / f"{stem}_tau_map.png", plt)
 
-    # Fig. 2(b): the crops' loss percentile from their own ranks (ties share the lowest bin).
+    # Fig. 2(b): the crops' f1 percentile from their own ranks (ties share the lowest bin; the
+    # nulls of a per-image feature sort last).
     n = loss.size
-    ranks = np.searchsorted(np.sort(loss), loss, side="left")  # equal losses share a percentile
+    ranks = np.searchsorted(np.sort(loss), loss, side="left")  # equal values share a percentile
     pct = np.minimum(ranks * PERCENTILE_BINS // max(n, 1), PERCENTILE_BINS - 1)
     count = np.bincount(pct, minlength=PERCENTILE_BINS)
     mean_tau = np.bincount(pct, weights=tau, minlength=PERCENTILE_BINS) / np.maximum(count, 1)
@@ -93,12 +100,16 @@ def plot_sampler(sampler_path: str | os.PathLike, store: str | os.PathLike,
     ax.plot(x[has], zero[has], color="tab:red", lw=1.2, label="share with tau = 0")
     ax.set_xlim(0, PERCENTILE_BINS)
     ax.set_ylim(0, 1.02)
-    ax.set_xlabel("loss percentile of the crop (%)")
+    ax.set_xlabel(f"{n1} percentile of the crop (%)")
     ax.set_ylabel("mean sampling probability")
     ax.legend(loc="upper right", fontsize=8)
-    ax.set_title(f"mean tau by loss percentile ({n:,} crops of {layout.root.name})\n{title}", fontsize=9)
-    bars_png = _save(fig, folder / f"{stem}_tau_by_loss.png", plt)
+    ax.set_title(f"mean tau by {n1} percentile ({n:,} crops of {layout.root.name})\n{title}", fontsize=9)
+    bars_png = _save(fig, folder / f"{stem}_tau_by_{n1}.png", plt)
     return [map_png, bars_png]
+
+
+def _label(name: str) -> str:
+    return "$E^r$" if name == "entropy_r" else name
 
 
 def _save(fig, path: Path, plt) -> Path:
