@@ -62,7 +62,7 @@ from swift_sampler.storage import (
     sha256_file,
 )
 from swift_sampler.storage.errors import UsageError
-from swift_sampler.train.checkpoint import CheckpointError, load_checkpoint
+from swift_sampler.train.checkpoint import CheckpointError, check_classes, load_checkpoint
 from swift_sampler.train.distributed import DistInfo, all_reduce_sum, init_distributed
 from swift_sampler.train.evaluate import noise_diagnostics, predict_batches
 from swift_sampler.train.loader import create_loader
@@ -176,6 +176,7 @@ def check_search_inputs(store: str | Path, checkpoint: str | Path) -> dict[str, 
             f"{checkpoint} was trained for {ckpt['num_classes']} classes x {ckpt['in_chans']} "
             f"channels but the store has {classes} classes x {channels} channels; pass the "
             "w_share checkpoint trained on this store")
+    check_classes(ckpt, manifest, str(checkpoint))
     sha = sha256_file(checkpoint)
     if feats.get("checkpoint_sha256") != sha:
         raise StoreError(
@@ -185,7 +186,7 @@ def check_search_inputs(store: str | Path, checkpoint: str | Path) -> dict[str, 
     if ckpt.get("store_id") not in (None, manifest["store_id"]):
         log.warning("%s was trained on another store (store_id %s); using it as w_share anyway",
                     checkpoint, ckpt.get("store_id"))
-    meta = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "rng")}
+    meta = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "rng", "dynamics")}
     return {"store_id": manifest["store_id"], "features_checkpoint_sha256": sha, "checkpoint": meta}
 
 

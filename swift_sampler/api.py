@@ -83,8 +83,8 @@ def build_features(store: PathLike, checkpoint: PathLike, *, features_pair: str 
     (``crops_per_image``, ``grad_norm``, ``seed``, ``quantiles``, ``angles``, ``progress`` ...)."""
     from swift_sampler.pipeline.features.build import build_features as _build
     from swift_sampler.pipeline.sampler.pair import FeaturePair
-    from swift_sampler.storage import sha256_file
-    from swift_sampler.train.checkpoint import load_model
+    from swift_sampler.storage import StoreLayout, read_manifest, sha256_file
+    from swift_sampler.train.checkpoint import check_classes, load_model
     from swift_sampler.train.distributed import pick_device
 
     pair = (FeaturePair.parse(features_pair, cdf_by) if isinstance(features_pair, str)
@@ -92,7 +92,8 @@ def build_features(store: PathLike, checkpoint: PathLike, *, features_pair: str 
     sizes = {k: options.pop(k, None) for k in ("quantiles", "angles")}
     with_tables = options.pop("tables", True)
     device = options.pop("device", None) or pick_device()
-    model, _ = load_model(checkpoint, device)
+    model, meta = load_model(checkpoint, device)
+    check_classes(meta, read_manifest(StoreLayout(store)), str(checkpoint))
     summary = _build(store, model, checkpoint_sha256=sha256_file(checkpoint), device=device,
                      tables=False, **options)
     return {**summary, **store_dynamics_and_tables(store, checkpoint, pair=pair, tables=with_tables, **sizes)}

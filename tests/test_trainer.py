@@ -351,3 +351,23 @@ def test_a_store_that_cannot_be_written_is_named_not_a_traceback(small, monkeypa
     with pytest.raises(OSError):
         main(["train", "--store", str(small), "--name", "ro2", "--model", "digits-net",
               "--epochs", "1", "--batch-size", "8", "--workers", "0"])
+
+
+def test_a_checkpoint_of_other_classes_is_refused_by_name(small, tmp_path, capsys):
+    import swift_sampler as ss
+
+    ckpt = train(tiny_config(small, name="w", epochs=1))["checkpoint"]
+    other = make_store(tmp_path / "other", splits={"train": 32, "val": 16}, classes=4,
+                       shard_size=16)
+    manifest_path = StoreLayout(other).manifest
+    manifest = json.loads(manifest_path.read_text())
+    manifest["classes"] = ["w", "x", "y", "z"]  # as many classes, other ones
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="trained on the classes"):
+        evaluate(other, ckpt, "val", workers=0)
+    with pytest.raises(CheckpointError, match="trained on the classes"):
+        ss.build_features(other, ckpt, crops_per_image=1, progress=False, workers=0)
+    assert main(["pipeline", "build-features", "--store", str(other), "--checkpoint", ckpt]) == 2
+    assert "trained on the classes" in capsys.readouterr().err
+    # the store it was trained on is fine
+    assert 0 <= evaluate(small, ckpt, "val", workers=0)["top1"] <= 1

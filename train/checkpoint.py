@@ -2,7 +2,7 @@
 
 Keys: ``model`` (state dict), ``model_name``, ``num_classes``, ``in_chans``, ``image_size``,
 ``epoch`` (last finished epoch, 0-based), ``optimizer`` (state dict), ``sched`` (schedule name
-and step counter), ``rng`` (torch CPU generator state), ``store_id``, ``config`` (resolved run
+and step counter), ``rng`` (torch CPU generator state), ``store_id``, ``classes`` (the store's class names), ``config`` (resolved run
 configuration, JSON-able), ``dynamics`` (``train.dynamics`` state, named runs). Only tensors,
 numbers, strings, lists and dicts, so loading works with ``torch.load(weights_only=True)``: a
 checkpoint never runs code.
@@ -104,6 +104,21 @@ def load_weights(model: nn.Module, ckpt: dict[str, Any], *, where: str = "checkp
         raise CheckpointError(
             f"{where} does not fit the {bare.model_name!r} architecture: {str(e).splitlines()[0]}"
         ) from None
+
+
+def check_classes(meta: dict[str, Any], manifest: dict[str, Any], where: str) -> None:
+    """Refuse a checkpoint trained on other classes than the store's (by name and order).
+
+    Checkpoints record the class names of the store they were trained on; a store with as many
+    classes but others (or in another order) would be scored silently wrong. Checkpoints
+    written before the names were recorded are checked by count only, where they are used.
+    """
+    trained = meta.get("classes")
+    if trained is not None and list(trained) != list(manifest["classes"]):
+        have = ", ".join(manifest["classes"][:5]) + (" ..." if len(manifest["classes"]) > 5 else "")
+        was = ", ".join(list(trained)[:5]) + (" ..." if len(trained) > 5 else "")
+        raise CheckpointError(f"{where} was trained on the classes {was}, but this store has "
+                              f"{have}; use a checkpoint trained on a store with these classes")
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Classifier, dict[str, Any]]:

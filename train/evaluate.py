@@ -20,7 +20,7 @@ from torch import nn
 
 from swift_sampler.storage import StoreError, StoreLayout, literal, read_manifest, read_view
 
-from .checkpoint import CheckpointError, load_model, unwrap
+from .checkpoint import CheckpointError, check_classes, load_model, unwrap
 from .distributed import pick_device
 from .loader import create_loader
 
@@ -136,6 +136,7 @@ def evaluate(store: str | os.PathLike, checkpoint_or_model: str | os.PathLike | 
     else:
         model, meta = load_model(checkpoint_or_model)
         source = str(checkpoint_or_model)
+        check_classes(meta, manifest, source)
         if meta.get("store_id") not in (None, manifest["store_id"]):
             log.warning("%s was trained on another store (store_id %s, this store %s); "
                         "evaluating it anyway", source, meta.get("store_id"), manifest["store_id"])

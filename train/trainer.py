@@ -228,7 +228,8 @@ def fit(config: TrainConfig, *, sampler: SamplerHook | None = None,
                     save_checkpoint(ckpt_path, model, epoch=epoch, optimizer=optimizer.state_dict(),
                                     sched={"name": config.schedule, "epoch": epoch, "steps": steps},
                                     rng={"torch": torch.get_rng_state()},
-                                    store_id=manifest["store_id"], config=resolved,
+                                    store_id=manifest["store_id"],
+                                    classes=list(manifest["classes"]), config=resolved,
                                     **({"dynamics": dynamics.state_dict()} if dynamics else {}))
                     _keep_checkpoint(ckpt_path, epoch, config)
                     if config.keep_best and is_best_epoch(history):

@@ -57,13 +57,13 @@ def run(args) -> int:
     from swift_sampler.api import store_dynamics_and_tables
     from swift_sampler.pipeline.features.build import build_features
     from swift_sampler.pipeline.sampler.pair import FeaturePair
-    from swift_sampler.storage import sha256_file
+    from swift_sampler.storage import StoreLayout, read_manifest, sha256_file
 
     pair = FeaturePair.parse(args.features_pair, args.cdf_by)  # refuse a bad pair before scoring
     if not os.path.isfile(args.checkpoint):
         raise UserError(f"checkpoint {args.checkpoint} not found")
     try:
-        from swift_sampler.train.checkpoint import load_model
+        from swift_sampler.train.checkpoint import check_classes, load_model
     except ImportError as e:
         raise UserError(f"cannot load checkpoints: {e}") from None
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -79,6 +79,7 @@ def run(args) -> int:
             dist.init_process_group("nccl" if device is not None else "gloo")
             stack.callback(dist.destroy_process_group)
         model, meta = load_model(args.checkpoint)
+        check_classes(meta, read_manifest(StoreLayout(args.store)), args.checkpoint)
         summary = build_features(
             args.store, model, crops_per_image=args.crops_per_image, grad_norm=args.grad_norm,
             seed=args.seed, batch_size=args.batch_size, rank=rank, world_size=world_size,
