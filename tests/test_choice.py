@@ -281,3 +281,21 @@ def test_a_guard_with_its_own_inner_loop_needs_its_objective(tmp_path, tables):
         run_guarded(store, "none", Toy(lambda z: 0.5), None, tables)
     with pytest.raises(UsageError, match="inner loop"):
         GuardSettings(inner_loop="later").check()
+
+
+def test_the_initial_shapes_keep_the_clean_end_of_the_first_feature():
+    from swift_sampler.pipeline.sampler.pair import FeaturePair
+    from swift_sampler.pipeline.sampler.table_build import build_tables
+
+    rng = np.random.default_rng(0)
+    n = 400
+    x1, x2, g = rng.normal(size=n), rng.normal(size=n), rng.uniform(0.1, 1.0, size=n)
+    for first, sign in (("loss_mean", 1.0), ("margin_mean", -1.0), ("entropy_r", -1.0)):
+        pair = FeaturePair((first, "loss" if first != "loss" else "entropy_r"))
+        tables = build_tables(x1, x2, g, pair=pair, quantiles=32, angles=8)
+        shapes = dict(canonical_samplers(tables))
+        assert shapes["step-0.5"].c1 == sign and shapes["ramp"].c1 == sign, first
+        # the step keeps the clean end: low values of a "high is noisy" feature, else high ones
+        tau = shapes["step-0.5"].tau(x1, x2, precise=True)
+        kept, dropped = x1[tau > 0.5], x1[tau < 0.5]
+        assert (kept.mean() < dropped.mean()) == (sign > 0), first

@@ -41,6 +41,14 @@ IMAGE_FEATURES = {
     "disagree_epochs": 1, "learned_epoch": 1,
 }
 FEATURES = CROP_FEATURES + tuple(IMAGE_FEATURES)
+# The same for the per-crop features (a wrong label: a high loss and grad norm, a low E^r: the
+# model puts its mass on one other class).
+CROP_NOISY_END = {"loss": 1, "entropy_r": -1, "grad_norm": 1}
+
+
+def noisy_end(name: str) -> int:
+    """+1 where a high value of feature ``name`` marks a likely wrong label, -1 where a low one does."""
+    return IMAGE_FEATURES.get(name) or CROP_NOISY_END[name]
 # What a frozen model's forward pass gives for a fresh crop (``online`` training).
 ONLINE_FEATURES = ("loss", "entropy_r")
 DEFAULT_FEATURES = ("loss", "entropy_r")
