@@ -107,6 +107,9 @@ def format_results(summary: dict[str, Any]) -> str:
     lines = ["", f"clean-test top-1 on digits with label noise {summary.get('noise', '?')}",
              f"{'method':<10} {'top-1':>7}  what", f"{'-' * 10} {'-' * 7}  {'-' * 40}"]
     lines += [f"{k:<10} {acc[k]:>7.2%}  {what}" for k, what in rows]
+    evidence = _evidence(summary.get("search") or {})
+    if evidence:
+        lines += ["", *evidence]
     lines += ["", "figures:", *[f"  {p}" for p in summary["figures"]],
               f"store: {summary['store']}  (try: swift-sampler sql {summary['store']} "
               "\"SELECT noisy, avg(loss), avg(entropy_r) FROM features GROUP BY noisy\")"]
@@ -121,6 +124,30 @@ def _what_ss_is(found: dict[str, Any]) -> str:
     if check:
         return "w_share (the pick's full run did not beat it on val)"
     return "w_share (the guard found no sampler better than uniform)"
+
+
+def _evidence(found: dict[str, Any]) -> list[str]:
+    """What the search measured against uniform, and how finely it could measure it: the
+    guard's best paired gain against its noise margin, the full-run check's val gain against
+    its standard error. On a small val split a real gain can hide inside the noise; the user
+    should see that rather than read 'uniform' as 'the method does nothing'."""
+    lines = []
+    guard = found.get("guard") or {}
+    gains, margin = guard.get("gains") or {}, guard.get("margin")
+    if gains and margin is not None:
+        best = max(gains.values())
+        lines.append(f"guard: best candidate {best:+.2%} val top-1 over uniform on common seeds; "
+                     f"it must clear the measured noise, {margin:.2%}")
+    check = found.get("confirm") or {}
+    if check.get("sampler_val_top1") is not None and check.get("uniform_val_top1") is not None:
+        gain = check["sampler_val_top1"] - check["uniform_val_top1"]
+        se = check.get("val_gain_se")
+        lines.append(f"full-run check: the learned sampler's run {gain:+.2%} val top-1 over "
+                     f"w_share" + (f" (standard error {se:.2%} over the val images)" if se else ""))
+    if lines and not (check.get("kept")):
+        lines.append("uniform is kept unless a sampler wins by more than the noise: on a val "
+                     "split this small a gain of a point or two cannot be told from chance")
+    return lines
 
 
 def _trial_line(row: dict[str, Any], progress: dict[str, Any], steps: int) -> str:
