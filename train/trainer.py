@@ -234,9 +234,9 @@ def fit(config: TrainConfig, *, sampler: SamplerHook | None = None,
                     _keep_checkpoint(ckpt_path, epoch, config)
                     if config.keep_best and is_best_epoch(history):
                         atomic_write_bytes(best_checkpoint(ckpt_path), ckpt_path.read_bytes())
-                if dynamics is not None:
-                    # After the checkpoint that holds its state: the table never runs ahead.
-                    atomic_write_parquet(run_dir / DYNAMICS_FILE, dynamics.table())
+                    if dynamics is not None:
+                        # After the checkpoint that holds its state: never ahead of it.
+                        atomic_write_parquet(run_dir / DYNAMICS_FILE, dynamics.table())
             barrier(dist)
             if on_epoch_end is not None:
                 on_epoch_end(metrics)
