@@ -107,14 +107,14 @@ def full_run_check(store: str | Path, name: str, objective, make_sampler: Callab
                 task = _task(store, name, recipe, objective.info["features_checkpoint_sha256"])
             except Exception as e:  # the other ranks must not wait for a broadcast forever
                 failure = e
-                task = ("error", isinstance(e, SwiftSamplerError), str(e))
+                task = ("error", str(e)) if isinstance(e, SwiftSamplerError) else ("bug", str(e))
         task = broadcast(task)
-        if task[0] == "error":
-            if failure is not None:
-                raise failure  # rank 0: a user's error as it is, a bug with its traceback
-            if task[1]:
-                raise StoreError(task[2])
-            raise RuntimeError(f"rank 0 failed in the full-run check: {task[2]}")
+        if failure is not None:
+            raise failure  # rank 0: a user's error as it is, a bug with its traceback
+        if task[0] == "bug":
+            raise RuntimeError(f"rank 0 failed in the full-run check: {task[1]}")
+        if task[0] == "error":  # the search's state refuses the check (or rank 0 said so)
+            raise StoreError(task[1])
         if task[0] == "done":
             return task[1] if is_main else None
         _, trial, point, describe = task

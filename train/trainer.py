@@ -286,11 +286,13 @@ def _keep_checkpoint(ckpt_path: Path, epoch: int, config: TrainConfig) -> None:
         atomic_write_bytes(epoch_checkpoint(ckpt_path, done), ckpt_path.read_bytes())
 
 
-# What a resumed run must share with the run it continues: everything that decides its next
-# step (the recipe, the data order and crops, the sampler), not where or how verbosely it runs.
+# What a resumed run must share with the run it continues: the recipe (the global batch, so
+# the number of ranks too) and the sampler, not where or how verbosely it runs. The loader
+# workers are not in it: another count (another machine) changes the data order from the
+# resume on, not the recipe, and is logged.
 RESUME_FIELDS = ("model", "epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay",
                  "schedule", "milestones", "gamma", "warmup", "label_smoothing", "seed",
-                 "shuffle_buffer", "image_size", "augment", "init", "workers", "world_size",
+                 "shuffle_buffer", "image_size", "augment", "init", "world_size",
                  "skip_damaged", "sampler")
 
 
@@ -311,6 +313,10 @@ def check_resumed_recipe(stored: dict[str, Any], now: dict[str, Any], name: str 
         old, new = norm(stored.get(key, defaults.get(key))), norm(now.get(key))
         if old != new:
             differ.append(f"{key}: recorded {old!r}, now {new!r}")
+    if "workers" in stored and stored["workers"] != now.get("workers"):
+        log.warning("run %r resumed with %s loader workers, trained with %s: the data order "
+                    "from here on differs from an uninterrupted run's", name, now.get("workers"),
+                    stored["workers"])
     if differ:
         hint = (" (pass the same --sampler and sampler options)"
                 if any(d.startswith("sampler") for d in differ) else "")
