@@ -280,18 +280,14 @@ class Study:
 
         c = self.config
         start = max(c.epochs - c.finetune_epochs, 1)
-        layout = StoreLayout(self.store)
-        src, run = layout.run("uniform"), layout.run(f"early-{item['name']}-s{seed}")
-        shutil.rmtree(run, ignore_errors=True)  # a killed attempt restarts from the copy
-        run.mkdir(parents=True)
+        src = StoreLayout(self.store).run("uniform")
         kept = epoch_checkpoint(src / "checkpoint.pt", start)
         if not kept.is_file():  # studies begun before the trainer's name was used
             kept = src / f"checkpoint-e{start:02d}.pt"
-        shutil.copyfile(kept, run / "checkpoint.pt")
-        shutil.copyfile(src / "metrics.jsonl", run / "metrics.jsonl")
-        result = fit(self._recipe(run.name, seed, resume=True, save_checkpoints=False),
+        # w_share's run continued with the sampler from that epoch on its own schedule, as the
+        # search's early inner loop does (a resumed run of its own would have to keep its recipe).
+        result = fit(self._recipe(None, seed, continue_from=str(kept), save_checkpoints=False),
                      sampler=self._hook(item, seed))
-        shutil.rmtree(run)
         s = result.summary
         return {**self.scores(result.model), "start_epoch": start, "epochs": c.epochs - start,
                 "kept_fraction": s.get("kept_fraction"), "flipped_kept_share": s.get("flipped_kept_share")}

@@ -68,8 +68,10 @@ def uniform_early(run: SeedRun) -> dict[str, Any]:
     if not summary.get("best_checkpoint"):
         raise UsageError("the uniform run scored no val split per epoch, so it has no best "
                          "epoch; early stopping needs a preset with curves (e.g. cpu-converge)")
-    model, meta = load_model(summary["best_checkpoint"], pick_device())
-    return {**run.scores(model), "seconds": 0.0, "train_runs": 1.0,
+    with run.timed("score:uniform-early"):  # its own work: loading and scoring the checkpoint
+        model, meta = load_model(summary["best_checkpoint"], pick_device())
+        scores = run.scores(model)
+    return {**scores, "seconds": run.seconds("score:uniform-early"), "train_runs": 1.0,
             "best_epoch": int(meta["epoch"]), "kept_fraction": None, "flipped_kept_share": None}
 
 
