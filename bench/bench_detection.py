@@ -29,20 +29,17 @@ import numpy as np
 from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
 
+from swift_sampler.pipeline.sampler.pair import CROP_FEATURES, FEATURES, noisy_end
 from swift_sampler.storage import StoreLayout, read_view
 
 KEEPS = (0.5, 0.6, 0.7)
-# feature -> sign that turns it into a noise score (higher = more likely a wrong label), by
-# what each measures: a wrong label is hard to fit (high loss, low margin and probability of the
-# given label, disagreement, learned late); E^r is low for it (the model is confident in one
-# other class: README, "Inspect with SQL"); cartography's variability is high for ambiguous
-# images and low for both easy and mislabelled ones, so no sign is right a priori: +1 is kept.
-DIRECTIONS = {
-    "loss": 1, "entropy_r": -1, "grad_norm": 1,
-    "loss_mean": 1, "loss_ema": 1, "margin_mean": -1, "prob_mean": -1, "prob_std": 1,
-    "disagree_epochs": 1, "learned_epoch": 1,
-}
-FINAL = ("loss", "entropy_r", "grad_norm")
+# feature -> sign that turns it into a noise score (higher = more likely a wrong label), as the
+# sampler declares it (``pipeline.sampler.pair.noisy_end``, fixed before anything was measured):
+# a wrong label is hard to fit (high loss, low margin and probability of the given label,
+# disagreement, learned late); E^r is low for it; cartography's variability has no a-priori
+# sign (+1 is kept).
+DIRECTIONS = {f: noisy_end(f) for f in FEATURES}
+FINAL = CROP_FEATURES
 
 
 def per_class_percentile(score: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -20,21 +20,11 @@ import sys
 import time
 from pathlib import Path
 
+from benchlib.curves import memorisation
 from swift_sampler.pipeline.ingest.build import ingest
 from swift_sampler.storage import StoreLayout
 from swift_sampler.train.presets import resolve_config
 from swift_sampler.train.trainer import train
-
-
-def curve_summary(rows: list[dict]) -> dict:
-    test = [r["test_accuracy"] for r in rows]
-    val = [r["val_accuracy"] for r in rows]
-    best = max(range(len(test)), key=lambda i: (test[i], -i))
-    best_val = max(range(len(val)), key=lambda i: (val[i], -i))
-    return {"epochs": len(rows), "last_test": test[-1], "best_test": test[best],
-            "best_test_epoch": best, "drop": round(test[best] - test[-1], 4),
-            "best_val_epoch": best_val, "test_at_best_val": test[best_val],
-            "last_train_accuracy": rows[-1]["accuracy"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"bench": "recipe", "run": str(run), "recipe": vars(args),
                       "wall_s": round(time.perf_counter() - t0, 1),
                       "train_seconds": round(sum(r["seconds"] for r in rows), 1),
-                      **curve_summary(rows), "best_epoch": summary.get("best_epoch")}))
+                      **memorisation(rows), "best_epoch": summary.get("best_epoch")}))
     return 0
 
 

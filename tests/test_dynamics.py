@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from test_loader import make_store
+from test_trainer import one_thread, tiny_config  # noqa: F401 - one_thread is an autouse fixture
 
 from swift_sampler.storage import StoreLayout
 from swift_sampler.storage.errors import UsageError
@@ -18,28 +19,13 @@ from swift_sampler.train import dynamics as dyn
 from swift_sampler.train.checkpoint import load_checkpoint
 from swift_sampler.train.distributed import DistInfo
 from swift_sampler.train.evaluate import evaluate
-from swift_sampler.train.presets import resolve_config
 from swift_sampler.train.trainer import fit, train
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
 def small(tmp_path):
     return make_store(tmp_path / "small", splits={"train": 48, "val": 16}, classes=4,
                       shard_size=16, noise=0.25)
-
-
-def tiny_config(store, **kw):
-    base = dict(model="digits-net", epochs=3, batch_size=8, lr=0.05, schedule="cosine",
-                workers=0, progress=False, shuffle_buffer=16)
-    return resolve_config(store, **{**base, **kw})
 
 
 def single() -> DistInfo:

@@ -157,21 +157,25 @@ def gmm_clean_posterior(loss: np.ndarray, *, seed: int = 0) -> np.ndarray:
     return gmm.predict_proba(x)[:, int(np.argmin(gmm.means_.ravel()))]
 
 
-def small_loss_gmm(run: SeedRun) -> dict[str, Any]:
-    run.ensure_features()
-    clean_p = gmm_clean_posterior(crop0_loss(run.noisy), seed=run.seed)
-    weights = (clean_p > 0.5).astype(np.float64)
+def gmm_filter(run: SeedRun, name: str, loss: np.ndarray) -> dict[str, Any]:
+    """Train run ``name`` on the images the loss mixture (``gmm_clean_posterior``) calls clean."""
+    weights = (gmm_clean_posterior(loss, seed=run.seed) > 0.5).astype(np.float64)
     if not weights.any():
         raise UsageError("the loss mixture put every image in the high-loss component; "
                          "w_share may not have trained")
     estimate = float(1.0 - weights.mean())
-    hook = weights_hook(weights, describe={"method": "small-loss-gmm", "estimated_rate": estimate},
+    hook = weights_hook(weights, describe={"method": name, "estimated_rate": estimate},
                         selection=run.config.selection)
-    model, summary = run.train("small-loss-gmm", hook=hook)
+    model, summary = run.train(name, hook=hook)
     flipped = ground_truth(run.noisy)["noisy"]  # diagnostics only
-    return _result(run, model, summary, components=("run:small-loss-gmm",), train_runs=1.0,
+    return _result(run, model, summary, components=(f"run:{name}",), train_runs=1.0,
                    estimated_rate=estimate, dropped=int((weights == 0).sum()),
                    **_detection(weights == 0, flipped))
+
+
+def small_loss_gmm(run: SeedRun) -> dict[str, Any]:
+    run.ensure_features()
+    return gmm_filter(run, "small-loss-gmm", crop0_loss(run.noisy))
 
 
 def loss_mean(store) -> np.ndarray:
@@ -189,19 +193,7 @@ def gmm_dynamics(run: SeedRun) -> dict[str, Any]:
     """``small-loss-gmm`` on the loss averaged over ``w_share``'s epochs instead of its final
     loss: a model that has fit the noise by its last epoch ranks it poorly by its final loss."""
     run.ensure_features()
-    clean_p = gmm_clean_posterior(loss_mean(run.noisy), seed=run.seed)
-    weights = (clean_p > 0.5).astype(np.float64)
-    if not weights.any():
-        raise UsageError("the loss mixture put every image in the high-loss component; "
-                         "w_share may not have trained")
-    estimate = float(1.0 - weights.mean())
-    hook = weights_hook(weights, describe={"method": "gmm-dynamics", "estimated_rate": estimate},
-                        selection=run.config.selection)
-    model, summary = run.train("gmm-dynamics", hook=hook)
-    flipped = ground_truth(run.noisy)["noisy"]  # diagnostics only
-    return _result(run, model, summary, components=("run:gmm-dynamics",), train_runs=1.0,
-                   estimated_rate=estimate, dropped=int((weights == 0).sum()),
-                   **_detection(weights == 0, flipped))
+    return gmm_filter(run, "gmm-dynamics", loss_mean(run.noisy))
 
 
 def co_teaching(run: SeedRun) -> dict[str, Any]:
