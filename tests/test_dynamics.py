@@ -147,6 +147,7 @@ def test_a_resumed_run_gives_the_table_of_an_uninterrupted_one(small):
 
 def test_unnamed_runs_record_nothing_and_the_switch_turns_it_off(small):
     fit(tiny_config(small, epochs=1))  # a search trial: no run folder
+    assert not StoreLayout(small).runs_dir.exists()
     train(tiny_config(small, name="off", epochs=1, record_dynamics=False))
     run = StoreLayout(small).run("off")
     assert not (run / "dynamics.parquet").exists()
