@@ -104,6 +104,16 @@ def test_ingest_rerun_after_kill_between_commit_and_manifest(base, tmp_path):
     check_store(store)
 
 
+def test_ingest_refused_after_kill_between_commit_and_cleanup_removes_the_staging(base, tmp_path):
+    # The state a SIGKILL after ingest's commit leaves (a complete store and the staging folder
+    # not yet removed): the rerun is refused, and clears the dead staging folder on its way out.
+    store = copy_store(base, tmp_path / "store")
+    (store / ".tmp-ingest-0123456789ab" / "shards").mkdir(parents=True)
+    assert run_in_process(*ingest_args(store)) != 0
+    check_store(store)
+    assert temporaries(store) == []
+
+
 # -- build-features ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

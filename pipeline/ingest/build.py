@@ -38,6 +38,7 @@ import pyarrow as pa
 
 from swift_sampler.storage import (
     SPLITS,
+    LockedError,
     StoreError,
     StoreLayout,
     atomic_write_parquet,
@@ -109,7 +110,11 @@ def ingest(source: str, store: str | os.PathLike, *, val_frac: float = 0.1,
     if shard_size < 1:
         raise IngestError(f"--shard-size must be positive, got {shard_size}")
     layout = StoreLayout(store)
-    _check_store(layout, overwrite)  # fail before the slow part; checked again under the lock
+    try:
+        _check_store(layout, overwrite)  # fail before the slow part; checked again under the lock
+    except StoreError:
+        _sweep_staging(layout)
+        raise
     src = open_source(source)
     tsrc = open_source(test_source, split="test") if test_source else None
     label_map = None
@@ -323,6 +328,20 @@ def _check_store(layout: StoreLayout, overwrite: bool, *, clean: bool = False) -
         raise StoreError(f"store {layout.root} already holds data ({', '.join(entries)}); "
                          "pass --overwrite (overwrite=True from Python) to replace it (its "
                          "features, runs and searches go too) or choose another store")
+
+
+def _sweep_staging(layout: StoreLayout) -> None:
+    """Remove the staging folder of an ingest killed after its commit but before its cleanup.
+
+    The store is complete then, so the next ingest is refused; without this sweep the refused
+    rerun would leave the dead staging folder (a full copy of the shards) behind for good. Only
+    under the ingest lock: a live ingest's staging folder looks the same.
+    """
+    if not layout.root.is_dir():
+        return
+    with contextlib.suppress(LockedError, OSError):
+        with exclusive_lock(layout.lock("ingest"), f"store {layout.root}"):
+            remove_stale_temporaries(layout.root, recursive=False)
 
 
 def _leftovers(layout: StoreLayout, entries: list[str]) -> bool:
