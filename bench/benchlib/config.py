@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from swift_sampler.pipeline.ingest.noise import parse_noise
+from swift_sampler.pipeline.sampler.pair import DEFAULT_PAIR, FeaturePair
 from swift_sampler.storage.errors import UsageError
 
 # Order of the results table. ``ss-cdf`` and ``ss-random`` are the paper's ablations (Fig. 3).
@@ -34,7 +35,7 @@ SEARCHES = {"ss": ("ss", "gp-ucb", "cgf"), "ss-cdf": ("ss-cdf", "gp-ucb", "cdf")
 # methods' results stay valid, and each fine-tune recipe gets its own search folder.
 SEARCH_KEYS = ("steps", "finetune_epochs", "finetune_lr_fraction", "finetune_repeats", "trial_seeds",
                "inner_start", "inner_score", "guard", "guard_candidates", "guard_repeats", "confirm",
-               "sampler_features", "guard_inner_loop")
+               "sampler_features", "guard_inner_loop", "features_pair")
 # What the search did before a setting existed: a stored result that lacks the key was made
 # this way (no guard, no noise trials, distinct seeds, fine-tune from w_share's end, top-1).
 LEGACY_SEARCH = {"trial_seeds": "distinct", "inner_start": "final", "inner_score": "top1",
@@ -105,6 +106,10 @@ class BenchConfig:
     # Where the ss methods' sampler stage (search trials and retraining) finds tau: "image"
     # (fresh crops, the image's mean stored tau) or "store" (stored crops, per-crop tau).
     sampler_features: str = "image"
+    # The two features the ss methods' sampler combines, "F1,F2" with an optional ":class" for
+    # a per-class cdf (``pipeline.sampler.pair``); the store's tables are built for it. The
+    # default is the paper's pair, final loss and E^r of w_share.
+    features_pair: str = "loss,entropy_r"
     # The sampler stage's keep rule (train.sampling) for every method that filters: systematic
     # draws an image's two candidates together, so a flat weight shows every image once an epoch.
     selection: str = "systematic"
@@ -146,6 +151,17 @@ class BenchConfig:
         """A stored ``definition()`` with the search and training fields it predates filled in."""
         return {**LEGACY_TRAINING, **BenchConfig.with_defaults(stored)}
 
+    def pair(self) -> FeaturePair:
+        """``features_pair`` parsed ("F1,F2" or "F1,F2:class")."""
+        features, _, cdf_by = self.features_pair.partition(":")
+        return FeaturePair.parse(features, cdf_by or "global")
+
+    def _pair_suffix(self) -> str:
+        pair = self.pair()
+        if pair == DEFAULT_PAIR:
+            return ""
+        return "-" + ".".join(pair.features) + ("-byclass" if pair.cdf_by == "class" else "")
+
     def search_name(self, method: str) -> str:
         """Search folder of an ss method, named by its fine-tune recipe (``ss-e3-lr0.5``).
 
@@ -158,7 +174,8 @@ class BenchConfig:
                          "-crn" if self.trial_seeds == "common" else "",
                          f"-g{self.guard_candidates}x{self.guard_repeats}" if self.guard else
                          (f"-n{self.guard_repeats}" if self.guard_repeats else ""),
-                         f"-{self.sampler_features}" if self.sampler_features != "store" else ""])
+                         f"-{self.sampler_features}" if self.sampler_features != "store" else "",
+                         self._pair_suffix()])
         return (f"{SEARCHES[method][0]}-e{self.finetune_epochs}-lr{self.finetune_lr_fraction:g}"
                 f"{repeats}{inner}")
 
@@ -274,6 +291,7 @@ def check(c: BenchConfig) -> None:
 
     if c.sampler_features not in ("store", "image"):
         raise UsageError(f"--sampler-features must be store or image, got {c.sampler_features!r}")
+    c.pair()  # names the unknown feature or the malformed pair
     if c.selection not in SELECTIONS:
         raise UsageError(f"--selection must be one of {', '.join(SELECTIONS)}, got {c.selection!r}")
     if not 0 < c.finetune_lr_fraction <= 10:

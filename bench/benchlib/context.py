@@ -107,6 +107,7 @@ class SeedRun:
         if layout.features_meta.is_file() and layout.tables_meta.is_file():
             meta = read_features_meta(layout)
             if meta.get("done") and meta.get("checkpoint_sha256") == sha:
+                self._ensure_tables()
                 return meta
         model, _ = load_model(ckpt, pick_device())
         with self.timed("features"):
@@ -114,7 +115,19 @@ class SeedRun:
                                    seed=self.seed, checkpoint_sha256=sha,
                                    workers=self.config.workers, progress=self.config.progress)
         store_dynamics(self.noisy, ckpt)
+        self._ensure_tables()
         return built
+
+    def _ensure_tables(self) -> None:
+        """The store's tables are built for the configured feature pair (cheap: rebuilt when
+        another pair's are there, e.g. after an ss method of another ``features_pair``)."""
+        from swift_sampler.pipeline.sampler.pair import FeaturePair
+        from swift_sampler.pipeline.sampler.table_store import build_store_tables
+
+        layout = StoreLayout(self.noisy)
+        pair = self.config.pair()
+        if FeaturePair.from_record(json.loads(layout.tables_meta.read_text())) != pair:
+            build_store_tables(self.noisy, pair=pair)
 
     # -- scores ----------------------------------------------------------------------------
     def scores(self, model) -> dict[str, Any]:

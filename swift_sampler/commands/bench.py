@@ -95,6 +95,10 @@ def register(sub, groups) -> None:
     p.add_argument("--sampler-features", default=None, choices=("store", "image"),
                    help="where the ss methods' sampler stage finds tau: image (fresh crops, the "
                    "image's mean stored tau; default) or store (stored crops, per-crop tau)")
+    p.add_argument("--features-pair", default=None, metavar="F1,F2[:class]",
+                   help="the two features the ss methods' sampler combines (default "
+                   "loss,entropy_r, the paper's; e.g. loss_mean,loss for the loss averaged over "
+                   "w_share's run and its final loss; ':class' takes the cdf within each label)")
     p.add_argument("--selection", default=None, choices=("systematic", "es"),
                    help="the sampler stage's keep rule for every method that filters (default "
                    "systematic; es: each crop drawn on its own, the rule of earlier results)")
@@ -128,7 +132,7 @@ def run(args) -> int:
         inner_start=args.inner_start, inner_score=args.inner_score, guard=args.guard,
         guard_candidates=args.guard_candidates, guard_repeats=args.guard_repeats,
         guard_inner_loop=args.guard_inner_loop, confirm=args.confirm, selection=args.selection,
-        sampler_features=args.sampler_features, limit=args.limit, val_frac=args.val_frac,
+        sampler_features=args.sampler_features, features_pair=args.features_pair, limit=args.limit, val_frac=args.val_frac,
         test_frac=args.test_frac, epochs=args.epochs,
         cleanlab_folds=args.cleanlab_folds, crops_per_image=args.crops_per_image,
         workers=args.workers, progress=False if (args.no_progress or args.json) else None)
