@@ -393,6 +393,31 @@ def test_image_features_name_a_search_of_their_own(tmp_path):
         resolve_bench(tmp_path, tmp_path / "o", preset="tiny", sampler_features="online")
 
 
+def test_a_feature_pair_names_a_search_of_its_own_and_builds_its_tables(shared_cifar, tmp_path):
+    from benchlib.runner import run_benchmark
+    from swift_sampler.pipeline.sampler.table_store import load_tables
+
+    paper = resolve_bench(tmp_path, tmp_path / "o", preset="tiny")  # the default: the paper's
+    dynamics = resolve_bench(tmp_path, tmp_path / "o", preset="tiny", features_pair="loss_mean,loss")
+    assert dynamics.search_name("ss") == paper.search_name("ss") + "-loss_mean.loss"
+    legacy = {k: v for k, v in paper.search_settings().items() if k != "features_pair"}
+    assert BenchConfig.with_defaults(legacy) == paper.search_settings()  # stored before: the paper's
+    by_class = resolve_bench(tmp_path, tmp_path / "o", preset="tiny", features_pair="loss_mean,loss:class")
+    assert by_class.search_name("ss").endswith("-loss_mean.loss-byclass")
+    with pytest.raises(ValueError, match="unknown feature 'margin'"):
+        resolve_bench(tmp_path, tmp_path / "o", preset="tiny", features_pair="loss,margin")
+
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    config = resolve_bench(shared_cifar, out, preset="tiny", methods="uniform,ss", steps=2,
+                           features_pair="loss_mean,loss", guard=False, progress=False)
+    run_benchmark(config, log=lambda m: None)
+    store = out / "seed-0" / "noisy"
+    search = json.loads((store / "searches" / config.search_name("ss") / "search.json").read_text())
+    assert search["feature_pair"] == {"features": ["loss_mean", "loss"], "cdf_by": "global"}
+    assert load_tables(store).pair.features == ("loss_mean", "loss")
+
+
 def test_a_guard_with_its_own_inner_loop_keeps_the_search_and_counts_its_cost(tmp_path):
     search = resolve_bench(tmp_path, tmp_path / "o", preset="cpu-quick", guard_inner_loop="search")
     early = resolve_bench(tmp_path, tmp_path / "o", preset="cpu-quick")  # the default
