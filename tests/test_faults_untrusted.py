@@ -199,6 +199,9 @@ def test_sampler_file_with_nan_or_garbage_is_refused(tmp_path):
     path.write_bytes(b"\x80\x04\x95 not json")  # a pickle is not a sampler file
     with pytest.raises(SamplerFileError, match="not valid JSON"):
         load_sampler(path)
+    path.write_text("[" * 100_000 + "]" * 100_000)  # deeper than the parser's stack
+    with pytest.raises(SamplerFileError, match="nests too deeply"):
+        load_sampler(path)
 
 
 # -- nothing written outside the store ---------------------------------------------------------

@@ -127,3 +127,10 @@ def test_a_full_epoch_keeps_each_sample_with_its_two_candidates_probability(stor
     np.testing.assert_allclose(counts / passes, pi[0::2] + pi[1::2], atol=0.08)
     with pytest.raises(UsageError, match="epoch_size"):
         swift_sampler.keep_by_tau(ramp(store), store, epoch_size=2)
+
+
+@pytest.mark.parametrize("batch", [2.5, "32", True, 0])
+def test_a_batch_that_is_not_a_positive_integer_is_refused(store, batch):
+    # 2.5 would keep 2 of every 5 candidates: 40%, not the half the stage promises.
+    with pytest.raises(UsageError, match="batch must be an integer >= 1"):
+        swift_sampler.keep_by_tau(ramp(store), store, batch=batch)

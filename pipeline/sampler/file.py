@@ -101,6 +101,8 @@ def load_sampler(path: str | os.PathLike, *, check_zero: bool = True) -> tuple[S
         raise SamplerFileError(f"cannot read sampler file {path}: {e.strerror}") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise SamplerFileError(f"{path} is not valid JSON: {e}") from None
+    except RecursionError:  # nesting deeper than the parser's stack: no sampler file is
+        raise SamplerFileError(f"{path} is not a sampler file: its JSON nests too deeply") from None
     sampler, prov = sampler_from_dict(doc, where=str(path))
     if check_zero:
         check_not_all_zero(sampler)

@@ -26,6 +26,7 @@ with ``swift-sampler sql``); the noise ground truth is never read.
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -147,8 +148,9 @@ class keep_by_tau:  # noqa: N801 - a stage, named like webdataset's stage functi
     def __init__(self, sampler: Sampler | str | os.PathLike, store: str | os.PathLike, *,
                  batch: int = 256, seed: int = 0, unknown: str = "error",
                  selection: str = "systematic", epoch_size: str = "half") -> None:
-        if batch < 1:
-            raise UsageError(f"batch must be >= 1, got {batch}")
+        if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 1:
+            # 2.5 would keep 40% of each window, not half
+            raise UsageError(f"batch must be an integer >= 1, got {batch!r}")
         if unknown not in ("error", "keep"):
             raise UsageError(f"unknown must be 'error' or 'keep', got {unknown!r}")
         if selection not in SELECTIONS:
