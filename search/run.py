@@ -17,6 +17,7 @@ from swift_sampler.pipeline.sampler.function import Sampler
 from swift_sampler.pipeline.sampler.pair import check_online
 from swift_sampler.pipeline.sampler.table_store import load_tables
 from swift_sampler.storage import StoreError
+from swift_sampler.storage.arguments import as_settings, check_call
 from swift_sampler.train.distributed import init_distributed
 
 from .agents import create_agent
@@ -74,6 +75,9 @@ def search(
     settings: both change every trial's score, so resuming with others is refused, naming them
     (a search.json without them, written before they were recorded, is resumed unchecked).
     """
+    finetune = as_settings(FinetuneSettings, finetune, name="finetune")
+    guard = as_settings(GuardSettings, guard, name="guard")
+    check_call(search, locals())
     objective = FinetuneObjective(store, checkpoint, finetune or FinetuneSettings(),
                                   workers=workers, device=device)
     guard = (guard or GuardSettings()).check()

@@ -23,6 +23,7 @@ import re
 import duckdb
 import pyarrow as pa
 
+from .arguments import check_argument
 from .errors import SwiftSamplerError
 from .layout import StoreLayout
 
@@ -115,6 +116,7 @@ def available_views(store) -> list[str]:
 
 def query(store, sql: str, *, con: duckdb.DuckDBPyConnection | None = None) -> pa.Table:
     """Run one read-only query over the store's views and return it in full as Arrow."""
+    check_argument("query", sql, str, where="sql")
     _check_read_only(sql)
     own = con is None
     con = con or connect(store)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from swift_sampler.storage import StoreError, StoreLayout, literal, read_manifest, read_view
+from swift_sampler.storage.arguments import check_call
 
 from .checkpoint import CheckpointError, check_classes, load_model, unwrap
 from .distributed import pick_device
@@ -129,6 +130,7 @@ def evaluate(store: str | os.PathLike, checkpoint_or_model: str | os.PathLike | 
     Raises:
         CheckpointError: the checkpoint's classes or channels do not match the store.
     """
+    check_call(evaluate, locals())
     layout = StoreLayout(store)
     manifest = read_manifest(layout)
     if isinstance(checkpoint_or_model, nn.Module):

@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from swift_sampler.storage.arguments import check_fields
 from swift_sampler.storage.errors import UsageError
 
 from .schedules import SCHEDULES
@@ -127,6 +128,7 @@ def resolve_config(store: str, *, preset: str | None = None, **overrides: Any) -
     unknown = set(overrides) - fields
     if unknown:
         raise UsageError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+    check_fields(TrainConfig, overrides, where="training")
     values: dict[str, Any] = {}
     if preset is not None:
         if preset not in PRESETS:

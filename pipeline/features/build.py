@@ -55,6 +55,7 @@ from swift_sampler.storage import (
     remove_stale_temporaries,
     split_shards,
 )
+from swift_sampler.storage.arguments import check_call
 from swift_sampler.storage.errors import UsageError
 from swift_sampler.storage.schemas import FEATURES
 
@@ -297,6 +298,7 @@ def build_features(store, model: nn.Module, *, crops_per_image: int = 8, grad_no
         StoreError: no train shards, class-count mismatch, features of another provenance,
             a shard that does not match the manifest; ``NonFiniteScoreError`` for NaN/inf scores.
     """
+    check_call(build_features, locals())
     t0 = time.perf_counter()
     layout = StoreLayout(store).require()
     manifest = read_manifest(layout)

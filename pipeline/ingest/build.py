@@ -47,6 +47,7 @@ from swift_sampler.storage import (
     remove_stale_temporaries,
     write_manifest,
 )
+from swift_sampler.storage.arguments import check_call
 from swift_sampler.storage.errors import SwiftSamplerError
 from swift_sampler.storage.schemas import SAMPLES
 
@@ -100,6 +101,7 @@ def ingest(source: str, store: str | os.PathLike, *, val_frac: float = 0.1,
         {"store", "store_id", "source", "classes", "counts" {split: n}, "noise" {spec,
         realised}, "shards", "bytes", "skipped", "seconds", "images_per_s"}.
     """
+    check_call(ingest, locals())
     t0 = time.perf_counter()
     spec = parse_noise(noise)
     if labels is not None and spec.kind != "none":
