@@ -83,6 +83,9 @@ def register(sub, groups) -> None:
                    help="what a search trial scores on val: top-1 or mean label probability")
     p.add_argument("--no-guard", dest="guard", action="store_const", const=False, default=None,
                    help="recommend the best posterior mean without re-checking it against uniform")
+    p.add_argument("--guard", dest="guard", action="store_const", const=True,
+                   help="re-check the best samplers against uniform before retraining (the "
+                   "default of every preset but cpu-converge, where the full-run check decides)")
     p.add_argument("--no-confirm", dest="confirm", action="store_const", const=False, default=None,
                    help="report the retrained sampler even when its full run does not beat "
                         "w_share on val")
