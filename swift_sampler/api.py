@@ -73,46 +73,73 @@ def train_model(store: PathLike, name: str | None, *, sampler: Sampler | PathLik
     return fit(resolve_config(str(store), preset=preset, name=name, **overrides), sampler=hook).summary
 
 
-def build_features(store: PathLike, checkpoint: PathLike, *, features_pair: str | tuple[str, str] = "loss,entropy_r",
-                   cdf_by: str = "global", **options: Any) -> dict[str, Any]:
+def build_features(store: PathLike, checkpoint: PathLike | Any, *,
+                   features_pair: str | tuple[str, str] = "loss,entropy_r", cdf_by: str = "global",
+                   **options: Any) -> dict[str, Any]:
     """Score every train crop with ``checkpoint`` (``w_share``): loss, E^r, grad norm; bring in
     the training dynamics of the checkpoint's run (``dynamics`` view); then build the cdf/cgf
     tables for ``features_pair`` (``"f1,f2"`` or a tuple; per-crop or per-image features, see
     ``pipeline.sampler.pair``), each feature's cdf over all crops or, with ``cdf_by="class"``,
     within each given label. Options as ``swift-sampler pipeline build-features``
-    (``crops_per_image``, ``grad_norm``, ``seed``, ``quantiles``, ``angles``, ``progress`` ...)."""
+    (``crops_per_image``, ``grad_norm``, ``seed``, ``quantiles``, ``angles``, ``progress`` ...).
+
+    ``checkpoint`` may also be a model trained elsewhere: any ``torch.nn.Module`` whose last
+    ``nn.Linear`` is its head (``train.models.as_classifier`` says what it is fed). It has no
+    training dynamics, so only per-crop features (``loss``, ``entropy_r``, ``grad_norm``) can
+    form the pair; the search trains its trials by a model name, so learn the sampler from a
+    checkpoint of ``train`` (``--model torchvision:<arch>``, ``--pretrained``)."""
+    from torch import nn
+
     from swift_sampler.pipeline.features.build import build_features as _build
     from swift_sampler.pipeline.sampler.pair import FeaturePair
     from swift_sampler.storage import StoreLayout, read_manifest, sha256_file
+    from swift_sampler.storage.errors import UsageError
     from swift_sampler.train.checkpoint import check_classes, load_model
     from swift_sampler.train.distributed import pick_device
+    from swift_sampler.train.models import classifier_for_store
 
     pair = (FeaturePair.parse(features_pair, cdf_by) if isinstance(features_pair, str)
             else FeaturePair(tuple(features_pair), cdf_by))
     sizes = {k: options.pop(k, None) for k in ("quantiles", "angles")}
     with_tables = options.pop("tables", True)
     device = options.pop("device", None) or pick_device()
-    model, meta = load_model(checkpoint, device)
-    check_classes(meta, read_manifest(StoreLayout(store)), str(checkpoint))
-    summary = _build(store, model, checkpoint_sha256=sha256_file(checkpoint), device=device,
-                     tables=False, **options)
+    manifest = read_manifest(StoreLayout(store))
+    if isinstance(checkpoint, nn.Module):
+        if pair.image_features and with_tables:
+            raise UsageError(
+                f"{', '.join(pair.image_features)}: training dynamics, which a model passed as a "
+                "module does not have; choose per-crop features (features_pair='loss,entropy_r') "
+                "or pass the checkpoint of a `train` run")
+        model, checksum, checkpoint = classifier_for_store(checkpoint, manifest), None, None
+    else:
+        model, meta = load_model(checkpoint, device)
+        check_classes(meta, manifest, str(checkpoint))
+        checksum = sha256_file(checkpoint)
+    summary = _build(store, model, checkpoint_sha256=checksum, device=device, tables=False, **options)
     return {**summary, **store_dynamics_and_tables(store, checkpoint, pair=pair, tables=with_tables, **sizes)}
 
 
-def store_dynamics_and_tables(store: PathLike, checkpoint: PathLike, *, pair=None, tables: bool = True,
-                              quantiles: int | None = None, angles: int | None = None) -> dict[str, Any]:
+def store_dynamics_and_tables(store: PathLike, checkpoint: PathLike | None, *, pair=None,
+                              tables: bool = True, quantiles: int | None = None,
+                              angles: int | None = None) -> dict[str, Any]:
     """After scoring: the checkpoint's training dynamics into the store, then the tables for
     ``pair`` (``pipeline.sampler.pair.FeaturePair``, default the paper's), in that order so that
     a per-image feature is read from the dynamics of the same checkpoint. Returns the summary's
-    ``dynamics``/``dynamics_epochs`` (when the run recorded them) and ``tables``."""
+    ``dynamics``/``dynamics_epochs`` (when the run recorded them) and ``tables``. Without a
+    checkpoint (features of a model trained elsewhere) the store keeps no dynamics."""
     from swift_sampler.pipeline.sampler.pair import DEFAULT_PAIR
     from swift_sampler.pipeline.sampler.table_store import build_store_tables
     from swift_sampler.storage import StoreLayout, exclusive_lock
     from swift_sampler.train.dynamics import store_dynamics
 
     # The features' lock: another build-features must not swap features or tables meanwhile.
-    with exclusive_lock(StoreLayout(store).lock("features"), "build-features"):
-        out = dict(store_dynamics(store, checkpoint) or {})
+    layout = StoreLayout(store)
+    with exclusive_lock(layout.lock("features"), "build-features"):
+        if checkpoint is None:  # never pair these features with another checkpoint's dynamics
+            layout.dynamics.unlink(missing_ok=True)
+            out = {}
+        else:
+            out = dict(store_dynamics(store, checkpoint) or {})
         if tables:
             sizes = {k: v for k, v in (("quantiles", quantiles), ("angles", angles)) if v is not None}
             out["tables"] = build_store_tables(store, pair=pair or DEFAULT_PAIR, **sizes)
@@ -145,8 +172,9 @@ def load_sampler(path: Sampler | PathLike) -> Sampler:
     return _load(Path(path))[0]
 
 
-def evaluate(store: PathLike, checkpoint: PathLike, split: str = "test", **options: Any) -> dict[str, Any]:
-    """Top-1 (and top-5) of a checkpoint or model on ``split``."""
+def evaluate(store: PathLike, checkpoint: PathLike | Any, split: str = "test", **options: Any) -> dict[str, Any]:
+    """Top-1 (and top-5) of a checkpoint or model on ``split``: a model of ``train`` or any
+    ``torch.nn.Module`` whose last ``nn.Linear`` is its head (see ``build_features``)."""
     from swift_sampler.train.evaluate import evaluate as _evaluate
 
     return _evaluate(store, checkpoint, split, **options)

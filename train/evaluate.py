@@ -24,6 +24,7 @@ from swift_sampler.storage.arguments import check_call
 from .checkpoint import CheckpointError, check_classes, load_model, unwrap
 from .distributed import pick_device
 from .loader import create_loader
+from .models import classifier_for_store
 
 
 @torch.no_grad()
@@ -127,14 +128,22 @@ def evaluate(store: str | os.PathLike, checkpoint_or_model: str | os.PathLike | 
     A damaged shard stops it (``ShardReadError``) unless ``skip_damaged``; then ``lost`` counts
     the samples of the split that were not scored.
 
+    Args:
+        checkpoint_or_model: a checkpoint file, or a model: one of ``train.models`` or any
+            ``nn.Module`` whose last ``nn.Linear`` is its head (a torchvision or timm network,
+            your own), which gets pixels in [0, 1] normalised as ``train.models.as_classifier``
+            says.
+
     Raises:
         CheckpointError: the checkpoint's classes or channels do not match the store.
+        UsageError: a model that ``as_classifier`` cannot take (it says why).
     """
     check_call(evaluate, locals())
     layout = StoreLayout(store)
     manifest = read_manifest(layout)
     if isinstance(checkpoint_or_model, nn.Module):
-        model, source = checkpoint_or_model, "model"
+        # A model built elsewhere (torchvision, timm, the user's own) gets the interface here.
+        model, source = classifier_for_store(unwrap(checkpoint_or_model), manifest), "model"
     else:
         model, meta = load_model(checkpoint_or_model)
         source = str(checkpoint_or_model)

@@ -28,6 +28,8 @@ class TrainConfig:
     name: str | None = None
     preset: str | None = None
     model: str = "tiny-cnn"
+    # torchvision:<arch> only: start from torchvision's default weights (a new head).
+    pretrained: bool = False
     epochs: int = 15
     batch_size: int = 256
     lr: float = 0.1

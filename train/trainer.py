@@ -118,6 +118,9 @@ def fit(config: TrainConfig, *, sampler: SamplerHook | None = None,
     in_chans = int(image.get("channels") or 3)
     num_classes = len(manifest["classes"])
 
+    if config.pretrained and (config.init or config.continue_from):
+        raise UsageError("--pretrained and --init (or continue_from) both choose the starting "
+                         "weights: pass one of them")
     init_ckpt = load_checkpoint(config.init) if config.init else None
     continued = load_checkpoint(config.continue_from) if config.continue_from else None
     model_name = config.model
@@ -136,7 +139,11 @@ def fit(config: TrainConfig, *, sampler: SamplerHook | None = None,
     val = _eval_loader(layout, manifest, config.val_split, config, dist, ds.image_size)
     diagnostic = _eval_loader(layout, manifest, config.diagnostic_split, config, dist, ds.image_size)
 
-    model = create_model(model_name, num_classes, in_chans, ds.image_size)
+    # Pretrained weights only start a fresh run: --init, continue_from and a resume bring their own.
+    fresh = init_ckpt is None and continued is None and not (
+        config.resume and config.name and layout.run(config.name).joinpath("checkpoint.pt").is_file())
+    model = create_model(model_name, num_classes, in_chans, ds.image_size,
+                         pretrained=config.pretrained and fresh)
     if init_ckpt is not None:
         load_weights(model, init_ckpt, where=f"--init {config.init}")
         if init_ckpt.get("store_id") not in (None, manifest["store_id"]):

@@ -153,7 +153,9 @@ def assemble(batches: list[dict[str, np.ndarray]]) -> pa.Table:
 def _check_model(model: nn.Module, manifest: dict) -> None:
     head = getattr(model, "head", None)
     if not isinstance(head, nn.Linear) or not callable(getattr(model, "features", None)):
-        raise ValueError("the model must have .features(x) -> (B, D) and a linear .head (train.models contract)")
+        raise ValueError("the model must have .features(x) -> (B, D) and a linear .head (train.models "
+                         "contract): pass it through swift_sampler.train.models.as_classifier, or "
+                         "call swift_sampler.build_features, which does")
     if head.out_features != num_classes(manifest):
         raise StoreError(
             f"the checkpoint predicts {head.out_features} classes but the store has "

@@ -24,6 +24,9 @@ def register(sub, groups) -> None:
     p.add_argument("--model", default=None,
                    help="resnet18 | tiny-cnn | digits-net | torchvision:<arch> (default: preset's, "
                    "or the --init checkpoint's)")
+    p.add_argument("--pretrained", action="store_true",
+                   help="torchvision:<arch> only: start from torchvision's default weights, read "
+                   "from torch's hub cache (TORCH_HOME) or downloaded into it (default: random init)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=None, help="per rank")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate")
@@ -117,7 +120,7 @@ def run_train(args) -> int:
         schedule=args.schedule, milestones=milestones, seed=args.seed, workers=args.workers,
         image_size=args.image_size, val_split=args.val_split,
         diagnostic_split=args.diagnostic_split, warmup=args.warmup, augment=args.augment,
-        device=args.device,
+        device=args.device, pretrained=args.pretrained or None,
         resume=args.resume or None, init=args.init, skip_damaged=args.skip_damaged or None,
         save_checkpoints=False if args.no_checkpoints else None, progress=not args.json)
     dist = init_distributed(config.device)
