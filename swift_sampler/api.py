@@ -147,7 +147,7 @@ def store_dynamics_and_tables(store: PathLike, checkpoint: PathLike | None, *, p
 
 
 def learn_sampler(store: PathLike, checkpoint: PathLike, *, name: str = "ss", steps: int = 40,
-                  confirm: bool = True, **options: Any) -> dict[str, Any]:
+                  confirm: bool = True, progress: bool = True, **options: Any) -> dict[str, Any]:
     """Search the 10 parameters (GP-UCB; resumable) and write ``best_sampler.json``.
 
     Options as ``search.run.search``: ``agent``, ``transform``, ``seed``, ``finetune``
@@ -157,10 +157,24 @@ def learn_sampler(store: PathLike, checkpoint: PathLike, *, name: str = "ss", st
     summary's ``confirm`` holds the verdict and that run's checkpoint. ``best_sampler`` is the
     recommended sampler file and ``choice`` says how it was chosen (``guard``, ``uniform``,
     ``posterior-mean``).
+
+    Each finished trial is logged at INFO (logger ``swift_sampler.search``: score, best, ETA);
+    ``progress`` also shows a bar over the trials and the full-run check's training bars. An
+    ``on_trial`` of your own replaces both.
     """
+    from swift_sampler.search.progress import TrialProgress
     from swift_sampler.search.run import search
 
-    return search(store, checkpoint, name=name, steps=steps, confirm=confirm, **options)
+    if "on_trial" in options:
+        return search(store, checkpoint, name=name, steps=steps, confirm=confirm,
+                      progress=progress, **options)
+    report = TrialProgress(name, bar=progress)
+    options.setdefault("announce", report.announce)
+    try:
+        return search(store, checkpoint, name=name, steps=steps, confirm=confirm,
+                      progress=progress, on_trial=report, **options)
+    finally:
+        report.close()
 
 
 def load_sampler(path: Sampler | PathLike) -> Sampler:
@@ -172,12 +186,15 @@ def load_sampler(path: Sampler | PathLike) -> Sampler:
     return _load(Path(path))[0]
 
 
-def evaluate(store: PathLike, checkpoint: PathLike | Any, split: str = "test", **options: Any) -> dict[str, Any]:
+def evaluate(store: PathLike, checkpoint: PathLike | Any, split: str = "test", *,
+             progress: bool = True, **options: Any) -> dict[str, Any]:
     """Top-1 (and top-5) of a checkpoint or model on ``split``: a model of ``train`` or any
-    ``torch.nn.Module`` whose last ``nn.Linear`` is its head (see ``build_features``)."""
+    ``torch.nn.Module`` whose last ``nn.Linear`` is its head (see ``build_features``).
+    Options as ``swift-sampler evaluate`` (``batch_size``, ``workers``, ``device``,
+    ``skip_damaged``); ``progress`` shows a bar over the split's samples."""
     from swift_sampler.train.evaluate import evaluate as _evaluate
 
-    return _evaluate(store, checkpoint, split, **options)
+    return _evaluate(store, checkpoint, split, progress=progress, **options)
 
 
 def dropped(sampler: Sampler | PathLike, store: PathLike, *, below: float | None = None):

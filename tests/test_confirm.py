@@ -4,6 +4,7 @@ trains once, compares with w_share on val, resumes, and refuses a foreign run fo
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -183,3 +184,20 @@ def test_a_bug_in_the_check_keeps_its_traceback_a_user_error_stays_one(tmp_path,
     monkeypatch.setattr(confirm, "_task", mistake)
     with pytest.raises(StoreError, match="damaged"):
         confirm.full_run_check(tmp_path, "s", objective, lambda p: None)
+
+
+def test_learn_sampler_reports_each_trial_through_logging(digits, caplog):
+    """Python users see the search move: one INFO line per trial with the best so far and an
+    ETA (the bar is tqdm's, on stderr), the same trials the CLI's table lists."""
+    store, ckpt = digits
+    with caplog.at_level(logging.INFO, logger="swift_sampler.search"):
+        _learn(store, ckpt, name="logged")
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("swift_sampler.search")]
+    trials = read_trials(StoreLayout(store).search("logged") / "trials.parquet")
+    per_trial = [line for line in lines if line.startswith("search logged: trial ")]
+    assert len(per_trial) == len(trials) > 0
+    last = trials[-1]
+    assert f"trial {last['trial']} ({last['phase']}) val top-1 {100 * last['score']:.2f}%" in per_trial[-1]
+    assert per_trial[-1].split("; ")[-1].startswith("0 to go, ETA ")
+    after = lines[lines.index(per_trial[-1]) + 1:]
+    assert any(line.startswith("full-run check: training") for line in after), lines

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from swift_sampler.storage import StoreError, StoreLayout, literal, read_manifest, read_view
 from swift_sampler.storage.arguments import check_call
@@ -29,9 +31,11 @@ from .models import classifier_for_store
 
 @torch.no_grad()
 def predict_batches(model: nn.Module, loader, device: torch.device, *, amp: bool | None = None,
-                    features: bool = False) -> dict[str, np.ndarray]:
+                    features: bool = False, progress: str | None = None,
+                    total: int | None = None) -> dict[str, np.ndarray]:
     """Run ``model`` (eval mode) over ``loader``; concatenate ``index``, ``label``, ``logits``
-    (float32 ``(N, C)``) and, with ``features``, the penultimate ``features`` ``(N, D)``."""
+    (float32 ``(N, C)``) and, with ``features``, the penultimate ``features`` ``(N, D)``.
+    ``progress``: the label of a tqdm bar over the ``total`` samples (None: no bar)."""
     bare = unwrap(model)
     was_training = bare.training
     bare.eval()
@@ -39,7 +43,9 @@ def predict_batches(model: nn.Module, loader, device: torch.device, *, amp: bool
     out: dict[str, list] = {"index": [], "label": [], "logits": []}
     if features:
         out["features"] = []
+    bar = tqdm(total=total, desc=progress, unit="img", disable=progress is None, leave=False)
     for batch in loader:
+        bar.update(len(batch["index"]))
         x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             h = bare.features(x)
@@ -49,6 +55,7 @@ def predict_batches(model: nn.Module, loader, device: torch.device, *, amp: bool
         out["logits"].append(logits.float().cpu().numpy())
         if features:
             out["features"].append(h.float().cpu().numpy())
+    bar.close()
     bare.train(was_training)
     return {k: (np.concatenate(v) if v else np.zeros((0,), np.float32)) for k, v in out.items()}
 
@@ -57,8 +64,10 @@ log = logging.getLogger(__name__)
 
 def predict(store: str | os.PathLike, model: nn.Module, split: str = "test", *,
             batch_size: int = 512, workers: int = 2, device: str | torch.device | None = None,
-            features: bool = False, skip_damaged: bool = False) -> dict[str, np.ndarray]:
-    """Logits of ``model`` for every sample of ``split``, sorted by sample index.
+            features: bool = False, skip_damaged: bool = False,
+            progress: bool = False) -> dict[str, np.ndarray]:
+    """Logits of ``model`` for every sample of ``split``, sorted by sample index (``progress``:
+    a bar over the samples).
 
     Returns:
         ``index`` int64 ``(N,)``, ``label`` int64 ``(N,)`` (the training label), ``logits``
@@ -70,7 +79,9 @@ def predict(store: str | os.PathLike, model: nn.Module, split: str = "test", *,
     loader, _ = create_loader(store, split, batch_size=batch_size, train=False,
                               num_workers=workers, rank=0, world_size=1,
                               image_size=unwrap(model).image_size, skip_damaged=skip_damaged)
-    out = predict_batches(model, loader, device, features=features)
+    total = (read_manifest(StoreLayout(store))["splits"].get(split) or {}).get("count")
+    out = predict_batches(model, loader, device, features=features, total=total,
+                          progress=f"{split} ({Path(str(store)).name})" if progress else None)
     order = np.argsort(out["index"], kind="stable")
     return {k: v[order] for k, v in out.items()}
 
@@ -121,7 +132,8 @@ def noise_diagnostics(store: str | os.PathLike, split: str, index: np.ndarray,
 
 def evaluate(store: str | os.PathLike, checkpoint_or_model: str | os.PathLike | nn.Module,
              split: str = "test", *, batch_size: int = 512, workers: int = 2,
-             device: str | torch.device | None = None, skip_damaged: bool = False) -> dict[str, Any]:
+             device: str | torch.device | None = None, skip_damaged: bool = False,
+             progress: bool = False) -> dict[str, Any]:
     """Top-1 (and top-5 when C > 5) accuracy and mean loss of a model on ``split``; with noise
     ground truth in the store, accuracy on the clean and on the flipped samples of that split.
 
@@ -162,7 +174,7 @@ def evaluate(store: str | os.PathLike, checkpoint_or_model: str | os.PathLike | 
     if split not in manifest["splits"] or not manifest["splits"][split].get("shards"):
         raise StoreError(f"store {layout.root} has no {split!r} split to evaluate")
     out = predict(store, model, split, batch_size=batch_size, workers=workers, device=device,
-                  skip_damaged=skip_damaged)
+                  skip_damaged=skip_damaged, progress=progress)
     logits, labels = out["logits"], out["label"]
     loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
     pred = logits.argmax(1)

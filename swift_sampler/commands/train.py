@@ -187,7 +187,8 @@ def run_evaluate(args) -> int:
     if not os.path.isfile(args.checkpoint):
         raise UserError(f"checkpoint {args.checkpoint} not found")
     result = evaluate(args.store, args.checkpoint, args.split, batch_size=args.batch_size,
-                      workers=args.workers, device=args.device, skip_damaged=args.skip_damaged)
+                      workers=args.workers, device=args.device, skip_damaged=args.skip_damaged,
+                      progress=not args.json)
     lost = f" ({result['lost']} samples of damaged shards LOST)" if result.get("lost") else ""
     lines = [f"{result['split']}: {result['count']} samples{lost}, top-1 {result['top1']:.2%}"
              + (f", top-5 {result['top5']:.2%}" if "top5" in result else "")
