@@ -28,8 +28,9 @@ def ingest(source: str, store: PathLike, **options: Any) -> dict[str, Any]:
 
 
 def train_model(store: PathLike, name: str | None, *, sampler: Sampler | PathLike | None = None,
-          preset: str | None = None, features: str | None = None, selection: str | None = None,
-          **overrides: Any) -> dict[str, Any]:
+                preset: str | None = None, features: str | None = None,
+                selection: str | None = None, allow_foreign: bool = False,
+                **overrides: Any) -> dict[str, Any]:
     """Train a model on the store's train split; ``STORE/runs/NAME/`` holds the checkpoint.
 
     (Not called ``train``: ``swift_sampler.train`` is the training package.)
@@ -41,6 +42,9 @@ def train_model(store: PathLike, name: str | None, *, sampler: Sampler | PathLik
             ``systematic`` or ``es``), as ``swift-sampler train --features/--selection``; None:
             what a sampler file records its search used (``store``, ``systematic`` for a
             ``Sampler`` object or a file that records nothing).
+        allow_foreign: accept a sampler file learned on another store or other features
+            (refused by default, as ``train --sampler`` refuses it without
+            ``--allow-foreign-tables``).
         preset: a training preset (``digits``, ``cpu-quick``, ``paper-cifar``); None picks one
             from the image size and the hardware.
         overrides: any ``TrainConfig`` field (``epochs``, ``lr``, ``seed``, ``workers`` ...).
@@ -64,9 +68,11 @@ def train_model(store: PathLike, name: str | None, *, sampler: Sampler | PathLik
 
         provenance = None
         if not isinstance(sampler, Sampler):
+            from swift_sampler.pipeline.sampler.file import check_provenance
             from swift_sampler.pipeline.sampler.file import load_sampler as _load
 
             sampler, provenance = _load(Path(sampler))
+            check_provenance(provenance, store, allow_foreign=allow_foreign)
         features, selection = sampler_stage(provenance, features, selection)
         hook = create_sampler_hook(store, sampler, features=features, selection=selection,
                                    seed=int(overrides.get("seed", 0)))
@@ -197,7 +203,8 @@ def evaluate(store: PathLike, checkpoint: PathLike | Any, split: str = "test", *
     return _evaluate(store, checkpoint, split, progress=progress, **options)
 
 
-def dropped(sampler: Sampler | PathLike, store: PathLike, *, below: float | None = None):
+def dropped(sampler: Sampler | PathLike, store: PathLike, *, below: float | None = None,
+            allow_foreign: bool = False):
     """The train images a sampler drops or down-weights, least kept first: a list to inspect or
     relabel, ranked as cleanlab's ``find_label_issues`` ranks label issues.
 
@@ -207,6 +214,7 @@ def dropped(sampler: Sampler | PathLike, store: PathLike, *, below: float | None
         below: list the images whose weight is below this. None (default): below the largest
             weight of any image, i.e. every image kept less often than the sampler's
             favourites; a tiny positive value lists only the images never kept.
+        allow_foreign: accept a sampler file learned on another store or other features.
 
     Returns:
         A ``pyarrow.Table``, one row per listed image, sorted by ``weight`` ascending (ties by
@@ -233,7 +241,7 @@ def dropped(sampler: Sampler | PathLike, store: PathLike, *, below: float | None
                                   and below > 0):
         raise UsageError(f"below must be a positive number (a weight), got {below!r}; "
                          "leave it out to list every image kept less than the most kept")
-    weights = sampler_weights(sampler, store).weights
+    weights = sampler_weights(sampler, store, allow_foreign=allow_foreign).weights
     images = read_view(store, "samples", ["index", "key", "source", "label"],
                        where="split = 'train'", order_by='"index"')
     listed = np.flatnonzero(weights < (weights.max() if below is None else below))

@@ -60,3 +60,36 @@ def test_dropped_never_reads_the_noise_ground_truth(scored_digits, tmp_path):
     pq.write_table(samples.drop_columns(list(GROUND_TRUTH_COLUMNS)), StoreLayout(blind).samples)
     assert (ss.dropped(step(blind), blind).to_pylist()
             == ss.dropped(step(scored_digits), scored_digits).to_pylist())
+
+
+def test_a_sampler_file_of_another_store_is_refused_everywhere_unless_allowed(scored_digits, tmp_path):
+    """One rule for a sampler file, as `train --sampler` applies it: learned on another store
+    (or other features) it is refused by name, unless allowed; a Sampler object has no origin."""
+    from swift_sampler.pipeline.sampler.file import SamplerFileError, save_sampler
+    from swift_sampler.pipeline.sampler.image_weights import keep_by_tau
+    from swift_sampler.storage import read_features_meta, read_manifest
+
+    layout = StoreLayout(scored_digits)
+    mine = {"store_id": read_manifest(layout)["store_id"],
+            "features_checkpoint_sha256": read_features_meta(layout)["checkpoint_sha256"]}
+    own = save_sampler(tmp_path / "own.json", step(scored_digits), mine)
+    other_store = save_sampler(tmp_path / "store.json", step(scored_digits), {**mine, "store_id": "x"})
+    other_features = save_sampler(tmp_path / "features.json", step(scored_digits),
+                                  {**mine, "features_checkpoint_sha256": "0" * 64})
+    expected = ss.sampler_weights(step(scored_digits), scored_digits).by_key()
+    uses = {
+        "sampler_weights": lambda f, **kw: ss.sampler_weights(f, scored_digits, **kw).by_key(),
+        "keep_by_tau": lambda f, **kw: keep_by_tau(f, scored_digits, **kw).tau,
+        "dropped": lambda f, **kw: dict(zip(*ss.dropped(f, scored_digits, **kw)
+                                            .select(["key", "weight"]).to_pydict().values())),
+        "train_model": lambda f, **kw: ss.train_model(scored_digits, None, sampler=f, epochs=1,
+                                                      workers=0, progress=False, **kw),
+    }
+    for use in uses.values():
+        for foreign, field in ((other_store, "store_id"), (other_features, "features_checkpoint_sha256")):
+            with pytest.raises(SamplerFileError, match=rf"provenance\.{field}.*allow_foreign=True"):
+                use(foreign)
+    assert uses["sampler_weights"](own) == expected
+    assert uses["keep_by_tau"](other_store, allow_foreign=True) == expected
+    listed = uses["dropped"](other_features, allow_foreign=True)
+    assert listed and listed == {k: w for k, w in expected.items() if w < max(expected.values())}

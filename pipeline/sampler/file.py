@@ -237,11 +237,16 @@ def sampler_stage(provenance: dict | None, features: str | None = None,
     return chosen["features"], chosen["selection"]
 
 
+_ALLOW = "pass --allow-foreign-tables (allow_foreign=True from Python)"
+
+
 def check_provenance(provenance: dict, store, allow_foreign: bool = False) -> None:
     """Refuse a sampler whose tables came from another store or other features.
 
     Compares ``store_id`` with the store's manifest and ``features_checkpoint_sha256`` with
-    ``features.json`` (when the store has features). ``allow_foreign`` skips both.
+    ``features.json`` (when the store has features). ``allow_foreign`` skips both. The one rule
+    for every way a sampler file is used (``train --sampler``, ``train_model``,
+    ``sampler_weights``, ``keep_by_tau``, ``dropped``); a ``Sampler`` object has no provenance.
     """
     if allow_foreign:
         return
@@ -252,14 +257,14 @@ def check_provenance(provenance: dict, store, allow_foreign: bool = False) -> No
     if theirs != mine:
         raise SamplerFileError(
             f"provenance.store_id: the sampler was built on store {theirs!r}, this store is {mine!r}; "
-            "pass --allow-foreign-tables to use it anyway")
+            f"{_ALLOW} to use it anyway")
     if layout.features_meta.is_file():
         sha = read_features_meta(layout).get("checkpoint_sha256")
         if provenance.get("features_checkpoint_sha256") != sha:
             raise SamplerFileError(
                 "provenance.features_checkpoint_sha256: the sampler was built from features of "
                 f"checkpoint {provenance.get('features_checkpoint_sha256')!r}, the store's features come "
-                f"from {sha!r}; pass --allow-foreign-tables to use it anyway")
+                f"from {sha!r}; {_ALLOW} to use it anyway")
 
 
 def check_not_all_zero(sampler: Sampler, store=None, *, grid: int = 129) -> None:

@@ -65,28 +65,33 @@ class ImageWeights:
         return dict(zip(self.keys.tolist(), self.weights.tolist()))
 
 
-def _sampler(sampler: Sampler | str | os.PathLike) -> Sampler:
+def _sampler(sampler: Sampler | str | os.PathLike, store, allow_foreign: bool) -> Sampler:
     if isinstance(sampler, Sampler):
         return sampler
-    from .file import load_sampler
+    from .file import check_provenance, load_sampler
 
-    return load_sampler(sampler)[0]
+    sampler, provenance = load_sampler(sampler)
+    check_provenance(provenance, store, allow_foreign=allow_foreign)
+    return sampler
 
 
-def image_tau(sampler: Sampler | str | os.PathLike, store: str | os.PathLike) -> ImageWeights:
+def image_tau(sampler: Sampler | str | os.PathLike, store: str | os.PathLike, *,
+              allow_foreign: bool = False) -> ImageWeights:
     """Mean tau over each train image's scored crops, from the store's ``feature_parts`` view
     (and its ``dynamics`` view for a per-image feature of the sampler's pair).
 
     Args:
         sampler: a ``Sampler`` or the path of a sampler file (``best_sampler.json``).
         store: the store whose features the sampler was learned on.
+        allow_foreign: use a sampler file learned on another store or other features
+            (refused by default, as ``train --sampler`` refuses it).
 
     Raises:
         StoreError: the store has no features, lacks a feature of the sampler (named), or a
             train image has none.
-        SamplerFileError: an invalid sampler file.
+        SamplerFileError: an invalid sampler file, or one of another store or other features.
     """
-    sampler = _sampler(sampler)
+    sampler = _sampler(sampler, store, allow_foreign)
     crops = read_pair_columns(store, sampler.pair, ("index",))
     keys = read_view(store, "samples", ["index", "key"], where="split = 'train'", order_by='"index"')
     n = keys.num_rows
@@ -100,7 +105,8 @@ def image_tau(sampler: Sampler | str | os.PathLike, store: str | os.PathLike) ->
     return ImageWeights(keys=keys.column("key").to_numpy(zero_copy_only=False), weights=weights)
 
 
-def sampler_weights(sampler: Sampler | str | os.PathLike, store: str | os.PathLike) -> ImageWeights:
+def sampler_weights(sampler: Sampler | str | os.PathLike, store: str | os.PathLike, *,
+                    allow_foreign: bool = False) -> ImageWeights:
     """Weights for ``torch.utils.data.WeightedRandomSampler``, one per train image.
 
     ``weights[i]`` belongs to the image of index ``i`` (key ``keys[i]``); reorder by key to
@@ -108,8 +114,9 @@ def sampler_weights(sampler: Sampler | str | os.PathLike, store: str | os.PathLi
 
     Raises:
         StoreError: as ``image_tau``; every weight is 0 (nothing would be trained on).
+        SamplerFileError: as ``image_tau`` (``allow_foreign`` as there).
     """
-    w = image_tau(sampler, store)
+    w = image_tau(sampler, store, allow_foreign=allow_foreign)
     if not (w.weights > 0).any():
         raise StoreError("the sampler gives weight 0 to every image: nothing would be trained on")
     return w
@@ -140,6 +147,7 @@ class keep_by_tau:  # noqa: N801 - a stage, named like webdataset's stage functi
             draws two per image: a pass emits exactly as many samples as it reads, one that
             tau favours may come twice (as a separate dict; augment after the stage), one of
             tau 0 never, and under equal tau each exactly once).
+        allow_foreign: accept a sampler file learned on another store or other features.
 
     The stage reads ``__key__`` only, so it can sit before decoding: samples it drops are
     never decoded. A window at the end of the stream keeps half of its candidates.
@@ -147,7 +155,8 @@ class keep_by_tau:  # noqa: N801 - a stage, named like webdataset's stage functi
 
     def __init__(self, sampler: Sampler | str | os.PathLike, store: str | os.PathLike, *,
                  batch: int = 256, seed: int = 0, unknown: str = "error",
-                 selection: str = "systematic", epoch_size: str = "half") -> None:
+                 selection: str = "systematic", epoch_size: str = "half",
+                 allow_foreign: bool = False) -> None:
         if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 1:
             # 2.5 would keep 40% of each window, not half
             raise UsageError(f"batch must be an integer >= 1, got {batch!r}")
@@ -158,7 +167,7 @@ class keep_by_tau:  # noqa: N801 - a stage, named like webdataset's stage functi
         if epoch_size not in EPOCH_SIZES:
             raise UsageError(f"epoch_size must be 'half' or 'full', got {epoch_size!r}")
         self.selection, self.epoch_size = selection, epoch_size
-        self.tau = sampler_weights(sampler, store).by_key()
+        self.tau = sampler_weights(sampler, store, allow_foreign=allow_foreign).by_key()
         self.batch, self.seed, self.unknown = batch, seed, unknown
         self.unknown_count = 0
         # The epoch lives in shared memory so that persistent DataLoader workers see set_epoch
