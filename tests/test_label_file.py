@@ -132,3 +132,45 @@ def test_labels_from_the_command_line_and_sql_shows_the_diagnostics(folder, tmp_
     assert main(["pipeline", "ingest", "--source", f"imagefolder:{folder}", "--store",
                  str(tmp_path / "s2"), "--labels", str(tmp_path / "nope.csv")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_a_flat_folder_takes_its_classes_and_labels_from_the_file(folder, tmp_path):
+    """Images with no class subfolders plus `path,label`: classes are the file's sorted names,
+    each image keeps its row's label on every split, and nothing is marked noisy."""
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    rows = []
+    for name in names(folder):
+        cls, file = name.split("/")
+        (flat / f"{cls}-{file}").write_bytes((folder / name).read_bytes())
+        rows.append((f"{cls}-{file}", cls.upper()))
+    labels = write_csv(tmp_path / "labels.csv", rows[::-1])  # row order does not matter
+    store = tmp_path / "store"
+    ingest(f"imagefolder:{flat}", store, labels=labels, val_frac=0.2, test_frac=0.2, seed=0,
+           progress=False)
+    assert read_manifest(StoreLayout(store))["classes"] == ["CAT", "DOG", "FOX"]
+    got = query(store, "SELECT source, label, true_label, noisy, split FROM samples").to_pylist()
+    want = {file: ["CAT", "DOG", "FOX"].index(label) for file, label in rows}
+    assert sorted(r["source"] for r in got) == sorted(want)
+    assert all(r["label"] == r["true_label"] == want[r["source"]] and not r["noisy"] for r in got)
+    assert {r["split"] for r in got} == {"train", "val", "test"}
+
+
+def test_a_flat_folder_without_labels_or_with_an_unlabelled_image_is_refused(folder, tmp_path):
+    from swift_sampler.pipeline.ingest.sources import SourceError
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    files = names(folder)
+    for name in files:
+        (flat / name.replace("/", "-")).write_bytes((folder / name).read_bytes())
+    with pytest.raises(SourceError, match=r"no class subfolders: give their labels .*--labels FILE"):
+        ingest(f"imagefolder:{flat}", tmp_path / "a", progress=False)
+    partial = write_csv(tmp_path / "partial.csv",
+                        [(n.replace("/", "-"), n.split("/")[0]) for n in files[1:]])
+    with pytest.raises(LabelFileError, match=r"no row for 1 image\(s\) .*" + files[0].replace("/", "-")):
+        ingest(f"imagefolder:{flat}", tmp_path / "b", labels=partial, progress=False)
+    one_class = write_csv(tmp_path / "one.csv", [(n.replace("/", "-"), "cat") for n in files])
+    with pytest.raises(LabelFileError, match="names 1 class"):
+        ingest(f"imagefolder:{flat}", tmp_path / "c", labels=one_class, progress=False)
+    assert not any((tmp_path / s).exists() for s in "abc")

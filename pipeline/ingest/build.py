@@ -92,7 +92,8 @@ def ingest(source: str, store: str | os.PathLike, *, val_frac: float = 0.1,
         labels: a CSV or Parquet file ``path,label`` (``pipeline.ingest.label_file``) whose labels
             replace the source's for train and val; the source's labels stay as ``true_label``
             / ``noisy`` for diagnostics (as with injected noise) and label the test split.
-            Cannot be combined with ``noise``.
+            Cannot be combined with ``noise``. A flat ``imagefolder:DIR`` (images, no class
+            subfolders) takes its classes and every label, the test split's too, from it.
         overwrite: replace a store that already holds data (including its features, runs and
             searches, which belong to the old data).
         progress: show tqdm progress bars on stderr.
@@ -117,7 +118,7 @@ def ingest(source: str, store: str | os.PathLike, *, val_frac: float = 0.1,
     except StoreError:
         _sweep_staging(layout)
         raise
-    src = open_source(source)
+    src = open_source(source, labels=labels)
     tsrc = open_source(test_source, split="test") if test_source else None
     label_map = None
     if labels is not None:

@@ -1,8 +1,9 @@
 """Labels from a file (``ingest --labels FILE``): the noisy labels a practitioner actually has.
 
 ``FILE`` is CSV or Parquet with the columns ``path`` (relative to the ``imagefolder:`` root,
-``class/file.jpg``) and ``label`` (a class name): what an annotation tool exports, or
-CIFAR-10N's files. Every image of the source needs exactly one row: a missing image is refused
+``class/file.jpg``, or ``file.jpg`` in a flat folder) and ``label`` (a class name): what an
+annotation tool exports, or CIFAR-10N's files. A flat folder (images, no class subfolders)
+takes its classes and labels from the file alone. Every image of the source needs exactly one row: a missing image is refused
 rather than silently dropped (its absence would change the data set without a trace; make the
 file complete, or build the source folder from the images you have labels for). A header that
 names ``path`` or ``label`` twice is refused too (which column is meant cannot be told). Each
@@ -75,6 +76,16 @@ def read_label_file(path: str | os.PathLike, *, classes: Sequence[str],
     return out, sha
 
 
+def read_label_rows(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """The ``(path, label)`` rows of a label file as written (paths with ``/``), unchecked
+    against any source: what a flat image folder takes its classes from."""
+    path = Path(path)
+    if not path.is_file():
+        raise LabelFileError(f"--labels {path}: no such file")
+    return [(str(p).strip().replace("\\", "/"), str(label).strip())
+            for p, label in _rows(path, path.read_bytes())]
+
+
 def _rows(path: Path, data: bytes) -> list[tuple[str, str]]:
     if path.suffix.lower() in (".parquet", ".pq"):
         import pyarrow as pa
@@ -131,4 +142,4 @@ def _check_columns(path: Path, columns: Sequence[str]) -> None:
                              "keep one `path` and one `label` column")
 
 
-__all__ = ["COLUMNS", "LabelFileError", "read_label_file"]
+__all__ = ["COLUMNS", "LabelFileError", "read_label_file", "read_label_rows"]

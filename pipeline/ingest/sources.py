@@ -70,14 +70,15 @@ class Source:
         return np.fromiter((it.label for it in self.items), dtype=np.int64, count=len(self.items))
 
 
-def open_source(spec: str, *, split: str = "train") -> Source:
+def open_source(spec: str, *, split: str = "train", labels: str | os.PathLike | None = None) -> Source:
     """Resolve a source spec to its class names and items (nothing is decoded yet).
 
     ``torchvision:NAME`` gives the set's training part; ``torchvision:NAME:test`` its test part.
+    ``labels`` (a label file) is what a flat image folder takes its classes and labels from.
     """
     kind, _, arg = spec.partition(":")
     if kind == "imagefolder":
-        return imagefolder(arg, spec=spec)
+        return imagefolder(arg, spec=spec, labels=labels)
     if kind == "digits" and not arg:
         return digits()
     if kind == "torchvision":
@@ -87,8 +88,13 @@ def open_source(spec: str, *, split: str = "train") -> Source:
                       "torchvision:cifar10|cifar100")
 
 
-def imagefolder(folder: str | os.PathLike, *, spec: str | None = None) -> Source:
-    """One subfolder per class (sorted names become labels 0..C-1); every file is an item."""
+def imagefolder(folder: str | os.PathLike, *, spec: str | None = None,
+                labels: str | os.PathLike | None = None) -> Source:
+    """One subfolder per class (sorted names become labels 0..C-1); every file is an item.
+
+    A flat folder (files, no class subfolders) needs ``labels``, a label file: its sorted
+    class names become labels 0..C-1 and each file's row gives its label.
+    """
     root = Path(folder).expanduser()
     if not str(folder):
         raise SourceError("imagefolder: needs a folder, e.g. imagefolder:data/train")
@@ -96,8 +102,7 @@ def imagefolder(folder: str | os.PathLike, *, spec: str | None = None) -> Source
         raise SourceError(f"source folder {root} does not exist (or is not a folder)")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
-        raise SourceError(f"source folder {root} has no class subfolders; expected "
-                          f"{root}/<class>/<image> (one subfolder per class)")
+        return _flat_folder(root, spec or f"imagefolder:{root}", labels)
     items = []
     for label, name in enumerate(classes):
         # Plain strings, not Path objects: listing 50,000 files is otherwise a visible cost.
@@ -108,6 +113,33 @@ def imagefolder(folder: str | os.PathLike, *, spec: str | None = None) -> Source
         raise SourceError(f"source folder {root} holds no files in its class subfolders "
                           f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})")
     return Source(spec or f"imagefolder:{root}", classes, items)
+
+
+def _flat_folder(root: Path, spec: str, labels: str | os.PathLike | None) -> Source:
+    from .label_file import LabelFileError, read_label_rows
+
+    with os.scandir(root) as entries:
+        files = sorted((e.name, e.path) for e in entries
+                       if e.is_file() and not e.name.startswith("."))
+    if not files:
+        raise SourceError(f"source folder {root} has no class subfolders and no images; expected "
+                          f"{root}/<class>/<image>, or images with a label file (--labels FILE)")
+    if labels is None:
+        raise SourceError(f"source folder {root} has images but no class subfolders: give their "
+                          "labels in a file `path,label` (--labels FILE, labels=FILE from Python), "
+                          f"or sort them into {root}/<class>/<image>")
+    label_of = dict(read_label_rows(labels))
+    classes = sorted(set(label_of.values()))
+    if len(classes) < 2:
+        raise LabelFileError(f"--labels {labels} names {len(classes)} class(es); a classifier "
+                             "needs at least 2")
+    index = {c: i for i, c in enumerate(classes)}
+    missing = [name for name, _ in files if name not in label_of]
+    if missing:  # read_label_file names the rest (unknown or repeated paths)
+        raise LabelFileError(f"--labels {labels} has no row for {len(missing)} image(s) of the "
+                             f"source (e.g. {missing[0]!r}); every image needs a label: add the "
+                             "rows, or leave the unlabelled images out of the source folder")
+    return Source(spec, classes, [Item(name, index[label_of[name]], path) for name, path in files])
 
 
 def digits() -> Source:

@@ -14,7 +14,8 @@ def register(sub, groups) -> None:
         "shards. Corrupt images are skipped and named in the manifest.",
     )
     p.add_argument("--source", required=True,
-                   help="imagefolder:DIR (one subfolder per class), digits, or "
+                   help="imagefolder:DIR (one subfolder per class, or a flat folder of images "
+                   "with --labels), digits, or "
                    "torchvision:cifar10|cifar100 (downloads when online)")
     p.add_argument("--store", required=True, help="store directory to create")
     p.add_argument("--test-source", default=None,
@@ -29,7 +30,8 @@ def register(sub, groups) -> None:
     p.add_argument("--labels", default=None, metavar="FILE",
                    help="CSV or Parquet `path,label` (path relative to the imagefolder root, label a "
                    "class name) whose labels replace the source's for train and val; the source's "
-                   "stay for diagnostics and the test split. Every image needs a row.")
+                   "stay for diagnostics and the test split. Every image needs a row. For a flat "
+                   "folder (no class subfolders) the file gives the classes and every label.")
     p.add_argument("--seed", type=int, default=0, help="seed of subset, splits, shuffle, noise")
     p.add_argument("--shard-size", type=int, default=5000, help="samples per shard (5000)")
     p.add_argument("--overwrite", action="store_true",
