@@ -14,26 +14,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from .agents import AGENTS, create_agent
-from .loop import (
-    GuardSettings,
-    TrialResult,
-    best_so_far,
-    best_trial,
-    read_settings,
-    read_trials,
-    run_search,
-    summarize,
-)
-
-_LAZY = {"FinetuneObjective", "FinetuneSettings", "check_search_inputs"}
+# Every name loads on first use (PEP 562): the command line reads ``search.settings`` while
+# building its parser, and must not pay for scikit-learn (agents) or torch (objective) there.
+_HOME = {
+    "AGENTS": "agents", "create_agent": "agents",
+    "TrialResult": "loop", "best_so_far": "loop", "best_trial": "loop", "read_settings": "loop",
+    "read_trials": "loop", "run_search": "loop", "summarize": "loop",
+    "FinetuneSettings": "settings", "GuardSettings": "settings",
+    "FinetuneObjective": "objective", "check_search_inputs": "objective",
+}
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        from . import objective
+    if name in _HOME:
+        import importlib
 
-        return getattr(objective, name)
+        return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
     raise AttributeError(f"module 'search' has no attribute {name!r}")
 
 

@@ -76,6 +76,7 @@ from swift_sampler.storage.schemas import TRIALS
 
 from .agents import create_agent
 from .choice import guard_decision, measured_noise, rank_candidates
+from .settings import GUARD_INNER_LOOPS, GuardSettings
 
 log = logging.getLogger(__name__)
 TRIAL_SEEDS = ("common", "distinct")
@@ -86,53 +87,11 @@ CONFIRM_FILE = "confirm.json"
 # records "guard-START" trials (START: its start, e.g. "guard-early").
 PHASES = ("search", "noise", "guard")
 # The inner loops a guard may compare with: the search's own, or one of the objective's starts.
-GUARD_INNER_LOOPS = ("search", "final", "early", "scratch")
 # Guard settings that act only after the last search trial, so a resumed search may change them.
 GUARD_MAY_CHANGE = ("enabled", "candidates", "inner_loop")
 # Settings that search.json records only since searches started recording them: one without
 # them was made with values no one knows, so they are not checked (and are recorded from then).
 RECORDED_LATER = ("workers", "world_size")
-
-
-@dataclass(frozen=True)
-class GuardSettings:
-    """The noise measurement and the no-harm guard (see the module docstring).
-
-    Attributes:
-        enabled: re-evaluate the top candidates against uniform before recommending one.
-        candidates: how many (by posterior mean) the guard re-evaluates.
-        repeats: fresh seeds per compared sampler; the uniform sampler is evaluated on them
-            even without the guard, to measure the noise (0: no noise trials, no guard).
-        inner_loop: a start of ``search.objective``, by default "early" (w_share's own run
-            resumed for its last epochs: no short-horizon bias toward filters that merely learn
-            fast), the uniform sampler's evaluations included; or "search" (the search's inner
-            loop, reusing the noise trials).
-    """
-
-    enabled: bool = True
-    candidates: int = 2
-    repeats: int = 3
-    inner_loop: str = "early"
-
-    def check(self) -> GuardSettings:
-        if int(self.repeats) < 0 or int(self.candidates) < 1:
-            raise UsageError(f"guard repeats must be >= 0 and candidates >= 1, got "
-                             f"{self.repeats}, {self.candidates}")
-        if self.enabled and int(self.repeats) < 2:
-            raise UsageError("the guard compares samplers on >= 2 seeds; pass --guard-repeats 2 "
-                             "or more, or --no-guard")
-        if self.inner_loop not in GUARD_INNER_LOOPS:
-            raise UsageError(f"guard inner loop must be one of {', '.join(GUARD_INNER_LOOPS)}, "
-                             f"got {self.inner_loop!r}")
-        return self
-
-    def to_json(self) -> dict[str, Any]:
-        out = {"enabled": bool(self.enabled), "candidates": int(self.candidates),
-               "repeats": int(self.repeats)}
-        # Written only when set, so search.json of a search made before the field reads the same.
-        if self.inner_loop != "search":
-            out["inner_loop"] = self.inner_loop
-        return out
 
 
 @dataclass(frozen=True)

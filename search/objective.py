@@ -44,7 +44,6 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +51,6 @@ import numpy as np
 import torch
 
 from swift_sampler.pipeline.sampler.file import SamplerFileError, check_not_all_zero
-from swift_sampler.pipeline.sampler.filter import SELECTIONS
 from swift_sampler.pipeline.sampler.function import Sampler
 from swift_sampler.storage import (
     StoreError,
@@ -61,90 +59,17 @@ from swift_sampler.storage import (
     read_manifest,
     sha256_file,
 )
-from swift_sampler.storage.errors import UsageError
 from swift_sampler.train.checkpoint import CheckpointError, check_classes, load_checkpoint
 from swift_sampler.train.distributed import DistInfo, all_reduce_sum, init_distributed
 from swift_sampler.train.evaluate import noise_diagnostics, predict_batches
 from swift_sampler.train.loader import create_loader
 from swift_sampler.train.presets import resolve_config
-from swift_sampler.train.schedules import SCHEDULES
 from swift_sampler.train.trainer import SamplerHook, TrainingDiverged, fit
 
 from .loop import TrialResult
+from .settings import FEATURE_MODES, SCORES, STARTS, FinetuneSettings
 
 log = logging.getLogger(__name__)
-FEATURE_MODES = ("store", "image", "online")
-STARTS = ("final", "early", "scratch")
-SCORES = ("top1", "prob")
-
-
-@dataclass(frozen=True)
-class FinetuneSettings:
-    """How one trial fine-tunes ``w_share`` (all of it goes into ``search.json``).
-
-    Attributes:
-        epochs: E_f, epochs per trial (>= 1; 3, the horizon the inner-loop study measured).
-        lr: peak learning rate; None: ``lr_fraction`` x the checkpoint's peak lr.
-        lr_fraction: used when ``lr`` is None.
-        schedule: one of ``train.schedules.SCHEDULES`` (default cosine to 0).
-        warmup: linear warm-up in epochs (cosine and multistep).
-        batch_size: per rank; None: the checkpoint's.
-        repeats: fine-tunes per trial with different seeds; the score is their mean.
-        features: "image" (default: fresh crops, as uniform training cuts them, each with its
-            image's mean stored tau), "store" (stored crops replayed with their own features)
-            or "online" (fresh crops scored by w_share).
-        start: where a trial starts. "final": w_share's last checkpoint, ``epochs`` of the
-            ``schedule`` from ``lr_fraction`` x its peak lr (the paper's fine-tune). "early":
-            w_share's own run resumed from its checkpoint ``epochs`` before the end (kept by the
-            trainer), continuing that run's schedule with the sampler: the last epochs of a
-            from-scratch run, which is where a network fits (or is kept from) the noisy labels.
-            "scratch": ``epochs`` from a fresh model on w_share's recipe compressed to them.
-        score: "top1" (val top-1) or "prob" (mean predicted probability of the val label: the
-            same labels, a smoother score).
-        selection: the filter's keep rule (``train.sampling``): "systematic" (default: the two
-            crops of an image drawn together, every image once per epoch under equal tau) or
-            "es" (each crop on its own; the rule of searches recorded without this field).
-    """
-
-    epochs: int = 3
-    lr: float | None = None
-    lr_fraction: float = 1.0
-    schedule: str = "cosine"
-    warmup: float = 0.0
-    batch_size: int | None = None
-    repeats: int = 1
-    # Fresh crops: what the benchmark's picks trained best through at 40% noise
-    # (results/README.md), and the unit of the sampler a user's own loader gets (``image_tau``).
-    features: str = "image"
-    # The inner loop the study in results/inner-loop/ picked (Spearman 0.96 with training from
-    # scratch over the sensible panel on the truth's seed 0, against 0.92 for "early" and 0.84
-    # for "final", the paper's), on common random numbers (``search.run.search``'s default).
-    start: str = "scratch"
-    score: str = "top1"
-    selection: str = "systematic"
-
-    def check(self) -> FinetuneSettings:
-        if int(self.epochs) < 1:
-            raise UsageError(f"--finetune-epochs must be >= 1, got {self.epochs}")
-        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
-            raise UsageError(f"--finetune-lr must be positive, got {self.lr}")
-        if not 0 < self.lr_fraction <= 10:
-            raise UsageError(f"lr_fraction must be in (0, 10], got {self.lr_fraction}")
-        if self.schedule not in SCHEDULES:
-            raise UsageError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        if self.batch_size is not None and int(self.batch_size) < 1:
-            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if int(self.repeats) < 1:
-            raise UsageError(f"--repeats must be >= 1, got {self.repeats}")
-        if self.start not in STARTS:
-            raise UsageError(f"start must be one of {', '.join(STARTS)}, got {self.start!r}")
-        if self.score not in SCORES:
-            raise UsageError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
-        if self.features not in FEATURE_MODES:
-            raise UsageError(f"features must be one of {', '.join(FEATURE_MODES)}, got {self.features!r}")
-        if self.selection not in SELECTIONS:
-            raise UsageError(f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
-        return self
 
 
 def check_search_inputs(store: str | Path, checkpoint: str | Path) -> dict[str, Any]:

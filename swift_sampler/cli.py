@@ -80,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
 def add_store_option(parser: argparse.ArgumentParser, *, positional: bool = False) -> None:
     """``--store STORE`` as on every command; ``positional`` also takes it as the first
     argument (``sql STORE "SELECT ..."``, and the older form of the plot commands)."""
-    parser.add_argument("--store", dest="store_opt", metavar="STORE", default=None, help="store directory")
+    parser.add_argument("--store", dest="store_opt", metavar="STORE", default=None,
+                        help="store directory (default: the first argument)" if positional
+                        else "store directory (default: none: required)")
     if positional:
         parser.add_argument("store_pos", nargs="?", metavar="STORE", default=None,
                             help="store directory (or --store)")

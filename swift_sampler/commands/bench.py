@@ -51,36 +51,40 @@ def register(sub, groups) -> None:
         "command again skips finished methods and resumes the rest.",
     )
     p.add_argument("--data", default="../shared/datasets/cifar10/train",
-                   help="image folder with one sub-folder per class (default ../shared/datasets/cifar10/train)")
-    p.add_argument("--out", default="results/noisy-cifar", help="results folder (default results/noisy-cifar)")
+                   help="image folder with one sub-folder per class (default: ../shared/datasets/cifar10/train)")
+    p.add_argument("--out", default="results/noisy-cifar", help="results folder (default: results/noisy-cifar)")
     p.add_argument("--noise", default=None,
-                   help="label noise on train and val: symmetric:R, asymmetric:R or 0 (default "
+                   help="label noise on train and val: symmetric:R, asymmetric:R or 0 (default: "
                         "symmetric:0.4; none with --labels)")
     p.add_argument("--preset", default="cpu-quick", choices=sorted(PRESETS),
-                   help="cpu-quick (tiny-cnn, ~1 h on 2 cores), paper (ResNet-18, the paper's recipe, GPU), "
-                   "tiny (seconds, for tests)")
+                   help="cpu-quick (tiny-cnn, 12 epochs, ~1 h on 2 cores), cpu-converge (cnn-fc "
+                   "trained to convergence, 40 epochs: uniform fits the noise; ~1 h per method and "
+                   "seed), paper (ResNet-18, the paper's recipe, GPU), tiny (seconds, for tests) "
+                   "(default: %(default)s)")
     p.add_argument("--tiny", action="store_true", help="same as --preset tiny")
     p.add_argument("--methods", default=None,
                    help=f"comma-separated, or all: {','.join(METHODS)} (default: all but "
                    "uniform-stage and the ss ablations)")
-    p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (data, noise, init, search); mean ± std")
+    p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (data, noise, init, search); mean ± std (default: 1)")
     p.add_argument("--verify-ranks", type=int, default=None, metavar="M",
-                   help="retrain the last M samplers of the ss search from scratch; report SR and TR")
-    p.add_argument("--steps", type=int, default=None, help="search trials E_o (preset)")
-    p.add_argument("--finetune-epochs", type=int, default=None, help="E_f (preset)")
+                   help="retrain the last M samplers of the ss search from scratch; report SR and TR (default: 0)")
+    p.add_argument("--steps", type=int, default=None, help="search trials E_o (default: the preset's)")
+    p.add_argument("--finetune-epochs", type=int, default=None, help="E_f (default: the preset's)")
     p.add_argument("--finetune-lr-fraction", type=float, default=None, metavar="F",
-                   help="fine-tune peak lr as a fraction of the training lr (preset)")
+                   help="fine-tune peak lr as a fraction of the training lr (default: the preset's)")
     p.add_argument("--finetune-repeats", type=int, default=None, metavar="R",
-                   help="fine-tunes per search trial, scores averaged (default 1)")
+                   help="fine-tunes per search trial, scores averaged (default: 1)")
     p.add_argument("--labels", default=None, metavar="FILE",
                    help="label file for train and val instead of injected noise (CSV/Parquet "
-                   "path,label, e.g. ../shared/datasets/cifar10n/random1.csv); the test split stays clean")
+                   "path,label, e.g. ../shared/datasets/cifar10n/random1.csv); the test split stays clean (default: none)")
     p.add_argument("--trial-seeds", default=None, choices=("distinct", "common"),
                    help="seeds of the search trials (default: the preset's)")
     p.add_argument("--inner-start", default=None, choices=("final", "early", "scratch"),
-                   help="where a search trial starts: w_share's end, its early checkpoint, or scratch")
+                   help="where a search trial starts: w_share's end, its early checkpoint, or scratch "
+                   "(default: the preset's)")
     p.add_argument("--inner-score", default=None, choices=("top1", "prob"),
-                   help="what a search trial scores on val: top-1 or mean label probability")
+                   help="what a search trial scores on val: top-1 or mean label probability "
+                   "(default: the preset's)")
     p.add_argument("--no-guard", dest="guard", action="store_const", const=False, default=None,
                    help="recommend the best posterior mean without re-checking it against uniform")
     p.add_argument("--guard", dest="guard", action="store_const", const=True,
@@ -89,32 +93,32 @@ def register(sub, groups) -> None:
     p.add_argument("--no-confirm", dest="confirm", action="store_const", const=False, default=None,
                    help="report the retrained sampler even when its full run does not beat "
                         "w_share on val")
-    p.add_argument("--guard-candidates", type=int, default=None, help="candidates the guard re-evaluates (preset)")
-    p.add_argument("--guard-repeats", type=int, default=None, help="seeds of the guard and noise trials (preset)")
+    p.add_argument("--guard-candidates", type=int, default=None, help="candidates the guard re-evaluates (default: the preset's)")
+    p.add_argument("--guard-repeats", type=int, default=None, help="seeds of the guard and noise trials (default: the preset's)")
     p.add_argument("--guard-inner-loop", default=None, choices=("search", "final", "early", "scratch"),
                    help="how the guard compares its candidates with uniform: a start of its own, "
-                   "by default early (w_share's run resumed --finetune-epochs before its end), or "
-                   "search (the search's inner loop); a finished search is guarded again")
+                   "early (w_share's run resumed --finetune-epochs before its end), or search (the "
+                   "search's inner loop); a finished search is guarded again (default: the preset's)")
     p.add_argument("--sampler-features", default=None, choices=("store", "image"),
                    help="where the ss methods' sampler stage finds tau: image (fresh crops, the "
-                   "image's mean stored tau; default) or store (stored crops, per-crop tau)")
+                   "image's mean stored tau) or store (stored crops, per-crop tau) (default: image)")
     p.add_argument("--features-pair", default=None, metavar="F1,F2[:class]",
-                   help="the two features the ss methods' sampler combines (default "
+                   help="the two features the ss methods' sampler combines (default: "
                    "loss,entropy_r, the paper's; e.g. loss_mean,loss for the loss averaged over "
                    "w_share's run and its final loss; ':class' takes the cdf within each label)")
     p.add_argument("--selection", default=None, choices=("systematic", "es"),
-                   help="the sampler stage's keep rule for every method that filters (default "
+                   help="the sampler stage's keep rule for every method that filters (default: "
                    "systematic; es: each crop drawn on its own, the rule of earlier results)")
-    p.add_argument("--limit", type=int, default=None, help="images taken from --data (preset)")
+    p.add_argument("--limit", type=int, default=None, help="images taken from --data (default: the preset's)")
     p.add_argument("--val-frac", type=float, default=None,
                    help="per-class share of the images for val, the split every choice is made on "
-                   "(preset; cpu-quick: 5/35, i.e. 5,000 of 35,000)")
+                   "(default: the preset's; cpu-quick: 5/35, i.e. 5,000 of 35,000)")
     p.add_argument("--test-frac", type=float, default=None,
-                   help="per-class share of the images for the clean test split (preset)")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs of every method (preset)")
-    p.add_argument("--cleanlab-folds", type=int, default=None, help="k of cleanlab's cross-validation (preset)")
-    p.add_argument("--crops-per-image", type=int, default=None, help="K crops scored per image (preset)")
-    p.add_argument("--workers", type=int, default=None, help="loader workers (preset)")
+                   help="per-class share of the images for the clean test split (default: the preset's)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs of every method (default: the preset's)")
+    p.add_argument("--cleanlab-folds", type=int, default=None, help="k of cleanlab's cross-validation (default: the preset's)")
+    p.add_argument("--crops-per-image", type=int, default=None, help="K crops scored per image (default: the preset's)")
+    p.add_argument("--workers", type=int, default=None, help="loader workers (default: the preset's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: write results.json/.md from the methods of --methods already "

@@ -15,11 +15,11 @@ def register(sub, groups) -> None:
         "features and tables, search a sampler with GP-UCB, retrain with it, train on clean "
         "labels, and print clean-test accuracy of uniform / SS / clean with the figure paths.",
     )
-    p.add_argument("--workdir", default="demo-store", help="folder for the stores (default demo-store)")
+    p.add_argument("--workdir", default="demo-store", help="folder for the stores (default: %(default)s)")
     p.add_argument("--noise", default="symmetric:0.4",
                    help="label noise on train and val: none, symmetric:R or asymmetric:R (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=12, help="search trials (12)")
-    p.add_argument("--finetune-epochs", type=int, default=5, help="fine-tune epochs per trial (5)")
+    p.add_argument("--steps", type=int, default=12, help="search trials (default: %(default)s)")
+    p.add_argument("--finetune-epochs", type=int, default=5, help="epochs per search trial (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of every stage (default: 0)")
     add_json_flag(p)
     p.set_defaults(func=run)

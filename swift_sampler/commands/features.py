@@ -26,23 +26,23 @@ def register(sub, groups) -> None:
     p.add_argument("--store", required=True, help="store directory")
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt of a model trained on this store")
     p.add_argument("--crops-per-image", type=int, default=8, metavar="K",
-                   help="crops per image; crop 0 is the plain view (default 8)")
+                   help="crops per image; crop 0 is the plain view (default: %(default)s)")
     p.add_argument("--grad-norm", choices=("last-layer", "full"), default="last-layer",
-                   help="last-layer: exact for the linear head, nearly free (default); "
-                   "full: exact over all parameters, many times slower")
+                   help="last-layer: exact for the linear head, nearly free; "
+                   "full: exact over all parameters, many times slower (default: %(default)s)")
     p.add_argument("--quantiles", type=int, help="quantile knots per table (default: the tables' default)")
     p.add_argument("--angles", type=int, help="angles of (c1, c2) for the cgf table (default: the tables' default)")
     p.add_argument("--features-pair", default=",".join(DEFAULT_FEATURES), metavar="F1,F2",
                    help="the two features the sampler combines, G = c1*cdf(F1) + c2*cdf(F2), and "
-                   f"the tables are built for (default {','.join(DEFAULT_FEATURES)}, the paper's). "
+                   f"the tables are built for (default: %(default)s, the paper's). "
                    f"Per crop: {', '.join(CROP_FEATURES)}; per image, from the checkpoint run's "
                    f"training dynamics: {', '.join(IMAGE_FEATURES)}")
     p.add_argument("--cdf-by", default="global", choices=CDF_BY,
-                   help="each feature's cdf over all crops (global, default) or among the crops "
+                   help="each feature's cdf over all crops (global) or among the crops "
                    "of the same given label (class: a class whose images are all hard is not "
-                   "dropped wholesale)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random crops (default 0)")
-    p.add_argument("--batch-size", type=int, default=512, help="crops per forward pass (default 512)")
+                   "dropped wholesale) (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random crops (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=512, help="crops per forward pass (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace features built from another checkpoint or configuration (the "
                    "old ones stay in place until the new ones are all written and checked)")

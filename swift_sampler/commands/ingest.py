@@ -19,21 +19,21 @@ def register(sub, groups) -> None:
                    "torchvision:cifar10|cifar100 (downloads when online)")
     p.add_argument("--store", required=True, help="store directory to create")
     p.add_argument("--test-source", default=None,
-                   help="separate test set (e.g. imagefolder:DIR); needs --test-frac 0")
-    p.add_argument("--val-frac", type=float, default=0.1, help="per-class val fraction (0.1)")
+                   help="separate test set (e.g. imagefolder:DIR); needs --test-frac 0 (default: none)")
+    p.add_argument("--val-frac", type=float, default=0.1, help="per-class val fraction (default: %(default)s)")
     p.add_argument("--test-frac", type=float, default=None,
-                   help="per-class test fraction (0.1, or 0 with --test-source)")
+                   help="per-class test fraction (default: 0.1, or 0 with --test-source)")
     p.add_argument("--noise", default="none",
-                   help="none | symmetric:R | asymmetric:R (train and val only; default none)")
+                   help="none | symmetric:R | asymmetric:R, on train and val only (default: %(default)s)")
     p.add_argument("--limit", type=int, default=None,
-                   help="keep a seeded stratified subset of N source images")
+                   help="keep a seeded stratified subset of N source images (default: all)")
     p.add_argument("--labels", default=None, metavar="FILE",
                    help="CSV or Parquet `path,label` (path relative to the imagefolder root, label a "
                    "class name) whose labels replace the source's for train and val; the source's "
                    "stay for diagnostics and the test split. Every image needs a row. For a flat "
-                   "folder (no class subfolders) the file gives the classes and every label.")
-    p.add_argument("--seed", type=int, default=0, help="seed of subset, splits, shuffle, noise")
-    p.add_argument("--shard-size", type=int, default=5000, help="samples per shard (5000)")
+                   "folder (no class subfolders) the file gives the classes and every label (default: none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of subset, splits, shuffle, noise (default: %(default)s)")
+    p.add_argument("--shard-size", type=int, default=5000, help="samples per shard (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a store that already holds data (its runs and searches too)")
     add_json_flag(p)

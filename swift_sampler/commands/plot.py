@@ -12,7 +12,7 @@ def register(sub, groups) -> None:
 
     p = plot.add_parser("noise-density", help="Fig. 1(a): density of flipped samples over (cdf loss, cdf E^r)")
     add_store_option(p, positional=True)
-    p.add_argument("--out", help="PNG path (default STORE/figures/noise_density.png)")
+    p.add_argument("--out", help="PNG path (default: STORE/figures/noise_density.png)")
     add_json_flag(p)
     p.set_defaults(func=_run("noise_density", "plot_noise_density", lambda a: dict(store=a.store, out=a.out)))
 
@@ -27,7 +27,7 @@ def register(sub, groups) -> None:
     p = plot.add_parser("search", help="Fig. 3: best-so-far score by trial for one or more searches")
     add_store_option(p, positional=True)
     p.add_argument("names", nargs="+", help="search names")
-    p.add_argument("--out", help="PNG path (default STORE/figures/search.png)")
+    p.add_argument("--out", help="PNG path (default: STORE/figures/search.png)")
     add_json_flag(p)
     p.set_defaults(func=_run("search", "plot_search", lambda a: dict(store=a.store, names=a.names, out=a.out)))
 

@@ -11,6 +11,16 @@ from ..cli import UserError, add_json_flag, emit
 
 
 def register(sub, groups) -> None:
+    from swift_sampler.pipeline.sampler.filter import SELECTIONS
+    from swift_sampler.search.settings import (
+        FEATURE_MODES,
+        GUARD_INNER_LOOPS,
+        SCORES,
+        STARTS,
+        FinetuneSettings,
+        GuardSettings,
+    )
+
     search = groups["search"]
     p = search.add_parser(
         "run",
@@ -31,60 +41,66 @@ def register(sub, groups) -> None:
     p.add_argument("--store", required=True, help="store directory with features and tables")
     p.add_argument("--checkpoint", required=True, help="w_share: the checkpoint the features were built from")
     p.add_argument("--name", required=True, help="search name (folder STORE/searches/NAME)")
-    p.add_argument("--steps", type=int, default=40, help="E_o, search trials (40; the noise and guard trials come on top); may "
-                   "grow on resume")
-    p.add_argument("--finetune-epochs", type=int, default=3,
-                   help="E_f, epochs per trial (3: the inner-loop study measured the default --start scratch at 3)")
-    p.add_argument("--agent", default="gp-ucb", help="gp-ucb | random")
-    p.add_argument("--transform", default="cgf", choices=("cgf", "cdf"), help="T of the sampler (cgf)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the agent and of the fine-tunes")
+    p.add_argument("--steps", type=int, default=40, help="E_o, search trials; the noise and guard trials come on top; may "
+                   "grow on resume (default: %(default)s)")
+    p.add_argument("--finetune-epochs", type=int, default=FinetuneSettings.epochs,
+                   help="E_f, epochs per trial (default: %(default)s, the horizon at which the inner-loop "
+                   "study measured the default --start scratch)")
+    p.add_argument("--agent", default="gp-ucb", help="gp-ucb | random (default: %(default)s)")
+    p.add_argument("--transform", default="cgf", choices=("cgf", "cdf"), help="T of the sampler (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the agent and of the trials (default: %(default)s)")
     p.add_argument("--trial-seeds", default="common", choices=("distinct", "common"),
                    help="common: every trial uses --seed (common random numbers: same data order, "
-                   "augmentation and filter keys; default); distinct: trial n uses --seed + n")
+                   "augmentation and filter keys); distinct: trial n uses --seed + n (default: %(default)s)")
     p.add_argument("--finetune-lr", type=float, default=None,
                    help="peak lr of a trial (default: w_share's; with --start final, "
                    "--lr-fraction x w_share's)")
     p.add_argument("--lr-fraction", type=float, default=None,
-                   help="--start final only: fine-tune peak lr as a fraction of the checkpoint's (1.0)")
+                   help="--start final only: fine-tune peak lr as a fraction of the checkpoint's "
+                   f"(default: {FinetuneSettings.lr_fraction})")
     p.add_argument("--schedule", default=None,
-                   help="--start final only: fine-tune schedule (cosine); other starts follow "
-                   "w_share's")
+                   help="--start final only: fine-tune schedule; other starts follow w_share's "
+                   f"(default: {FinetuneSettings.schedule})")
     p.add_argument("--batch-size", type=int, default=None, help="per rank (default: the checkpoint's)")
     p.add_argument("--repeats", type=int, default=None,
-                   help="fine-tunes per trial with different seeds, scores averaged (1)")
-    p.add_argument("--start", default=None, choices=("final", "early", "scratch"),
-                   help="where a trial starts: scratch (default: a fresh model trained "
+                   help="trials per proposal with different seeds, scores averaged "
+                   f"(default: {FinetuneSettings.repeats})")
+    p.add_argument("--start", default=None, choices=STARTS,
+                   help=f"where a trial starts (default: {FinetuneSettings.start}): scratch (a fresh model trained "
                    "--finetune-epochs on w_share's recipe), early (w_share's own run resumed "
                    "--finetune-epochs before its end, continuing its schedule; needs the checkpoints "
                    "`train` keeps of its last epochs), final (w_share's checkpoint, the paper's "
                    "fine-tune)")
-    p.add_argument("--score", default=None, choices=("top1", "prob"),
-                   help="what a trial scores on val: top1, or prob (mean probability of the label)")
-    p.add_argument("--features", default=None, choices=("store", "image", "online"),
+    p.add_argument("--score", default=None, choices=SCORES,
+                   help="what a trial scores on val: top1, or prob (mean probability of the label) "
+                   f"(default: {FinetuneSettings.score})")
+    p.add_argument("--features", default=None, choices=FEATURE_MODES,
                    help="where the filter finds crop features: image (fresh crops with their "
-                   "image's mean stored tau; default), store (stored crops replayed with their own "
-                   "features) or online; recorded in the sampler file, which `train` follows")
-    p.add_argument("--selection", default=None, choices=("systematic", "es"),
-                   help="how the filter keeps half of the candidates: systematic (default: the two "
+                   "image's mean stored tau), store (stored crops replayed with their own "
+                   "features) or online; recorded in the sampler file, which `train` follows "
+                   f"(default: {FinetuneSettings.features})")
+    p.add_argument("--selection", default=None, choices=SELECTIONS,
+                   help="how the filter keeps half of the candidates: systematic (the two "
                    "crops of an image drawn together, every image once per epoch when tau is "
-                   "flat) or es (each crop on its own, Efraimidis-Spirakis keys)")
+                   "flat) or es (each crop on its own, Efraimidis-Spirakis keys) "
+                   f"(default: {FinetuneSettings.selection})")
     p.add_argument("--no-guard", dest="guard", action="store_false",
                    help="recommend the best posterior mean without re-checking it against uniform")
-    p.add_argument("--guard-candidates", type=int, default=2,
-                   help="candidates (by posterior mean) the guard re-evaluates (default: 2)")
-    p.add_argument("--guard-repeats", type=int, default=3,
+    p.add_argument("--guard-candidates", type=int, default=GuardSettings.candidates,
+                   help="candidates (by posterior mean) the guard re-evaluates (default: %(default)s)")
+    p.add_argument("--guard-repeats", type=int, default=GuardSettings.repeats,
                    help="seeds on which uniform and the candidates are compared; also measures "
-                   "the noise (default: 3)")
-    p.add_argument("--guard-inner-loop", default="early", choices=("search", "final", "early", "scratch"),
+                   "the noise (default: %(default)s)")
+    p.add_argument("--guard-inner-loop", default=GuardSettings.inner_loop, choices=GUARD_INNER_LOOPS,
                    help="how the guard compares the candidates with uniform: a --start of its own, "
-                   "by default early (w_share's run resumed --finetune-epochs before its end: no "
+                   "early (w_share's run resumed --finetune-epochs before its end: no "
                    "short-horizon bias toward filters that learn fast; needs the checkpoints "
                    "`train` keeps of its last epochs), or search (the search's inner loop). May "
-                   "change when a finished search is resumed: the guard runs again")
+                   "change when a finished search is resumed: the guard runs again (default: %(default)s)")
     p.add_argument("--no-confirm", dest="confirm", action="store_false",
                    help="skip the full-run check (the recommendation is then the guard's, "
                    "checked at the inner loop's horizon only)")
-    p.add_argument("--workers", type=int, default=2, help="loader workers per rank (default: 2)")
+    p.add_argument("--workers", type=int, default=2, help="loader workers per rank (default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if present)")
     add_json_flag(p)
     p.set_defaults(func=run_search_command)

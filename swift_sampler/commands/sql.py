@@ -20,7 +20,7 @@ def register(sub, groups) -> None:
     add_store_option(p, positional=True)
     p.add_argument("query", help='SQL, e.g. "SELECT split, count(*) FROM samples GROUP BY split"')
     p.add_argument("--json", action="store_true", help="print the rows as JSON lines, then the summary")
-    p.add_argument("--limit", type=int, default=50, help="rows to print as a table (default 50)")
+    p.add_argument("--limit", type=int, default=50, help="rows to print as a table (default: %(default)s)")
     p.set_defaults(func=run)
 
 

@@ -9,6 +9,10 @@ from ..cli import UserError, add_json_flag, emit
 
 
 def register(sub, groups) -> None:
+    from swift_sampler.train.models import MODEL_NAMES
+    from swift_sampler.train.presets import PRESETS, TrainConfig
+    from swift_sampler.train.schedules import SCHEDULES
+
     p = sub.add_parser(
         "train",
         help="train a model on a store (writes STORE/runs/NAME)",
@@ -20,22 +24,24 @@ def register(sub, groups) -> None:
     )
     p.add_argument("--store", required=True, help="store directory")
     p.add_argument("--name", required=True, help="run name (folder STORE/runs/NAME)")
-    p.add_argument("--preset", default=None, help="paper-cifar | cpu-quick | digits")
+    p.add_argument("--preset", default=None, choices=tuple(PRESETS),
+                   help="the recipe (default: digits for tiny images, else paper-cifar on a GPU and "
+                   "cpu-quick on a CPU)")
     p.add_argument("--model", default=None,
-                   help="resnet18 | tiny-cnn | digits-net | torchvision:<arch> (default: preset's, "
-                   "or the --init checkpoint's)")
+                   help=f"{' | '.join(MODEL_NAMES)} (default: the preset's, or the --init "
+                   "checkpoint's)")
     p.add_argument("--pretrained", action="store_true",
                    help="torchvision:<arch> only: start from torchvision's default weights, read "
                    "from torch's hub cache (TORCH_HOME) or downloaded into it (default: random init)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: the preset's)")
-    p.add_argument("--batch-size", type=int, default=None, help="per rank")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    p.add_argument("--batch-size", type=int, default=None, help="per rank (default: the preset's)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
     p.add_argument("--weight-decay", type=float, default=None, help="SGD weight decay (default: the preset's)")
-    p.add_argument("--schedule", default=None, help="multistep | cosine | one-cycle | constant")
-    p.add_argument("--milestones", default=None, help="multistep epochs, comma-separated (e.g. 40)")
-    p.add_argument("--seed", type=int, default=None, help="seed of init, crops and order (default: 0)")
-    p.add_argument("--workers", type=int, default=None, help="loader workers per rank (2)")
-    p.add_argument("--image-size", type=int, default=None, help="crop side for large images")
+    p.add_argument("--schedule", default=None, choices=SCHEDULES, help="the lr schedule (default: the preset's)")
+    p.add_argument("--milestones", default=None, help="multistep epochs, comma-separated, e.g. 40 (default: the preset's)")
+    p.add_argument("--seed", type=int, default=None, help=f"seed of init, crops and order (default: {TrainConfig.seed})")
+    p.add_argument("--workers", type=int, default=None, help=f"loader workers per rank (default: {TrainConfig.workers})")
+    p.add_argument("--image-size", type=int, default=None, help="crop side for large images (default: 224 for large or mixed sizes, else the images' own)")
     p.add_argument("--val-split", default=None,
                    help="split validated each epoch; its best epoch is kept as "
                    "checkpoint-best.pt (default: val)")
@@ -51,21 +57,22 @@ def register(sub, groups) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run from its checkpoint")
     p.add_argument("--skip-damaged", action="store_true",
                    help="train on without the samples of a damaged shard (default: stop, naming it)")
-    p.add_argument("--init", default=None, help="start from this checkpoint's weights (fine-tune)")
+    p.add_argument("--init", default=None, help="start from this checkpoint's weights, to fine-tune (default: none)")
     p.add_argument("--no-checkpoints", action="store_true",
                    help="write checkpoint.pt only after the last epoch")
     p.add_argument("--sampler", default=None,
-                   help="train with a sampler file (best_sampler.json): 2x oversample, keep half by tau")
+                   help="train with a sampler file (best_sampler.json): 2x oversample, keep half by tau "
+                   "(default: none, uniform sampling)")
     p.add_argument("--selection", default=None, choices=("systematic", "es"),
                    help="how the filter keeps half of the candidates: systematic (the two crops of "
                    "an image drawn together, every image once per epoch when tau is flat) or es "
-                   "(each crop on its own); default: the rule the sampler was searched with, as "
-                   "its file records (systematic for files that do not)")
+                   "(each crop on its own) (default: the rule the sampler was searched with, as "
+                   "its file records; systematic for files that do not)")
     p.add_argument("--features", default=None, choices=("store", "image", "online"),
                    help="store: candidates are stored crops with stored features; "
                    "image: fresh crops, each with its image's mean stored tau; "
                    "online: fresh crops scored by the pretrained model (--scorer or --init); "
-                   "default: what the sampler was searched with, as its file records (store "
+                   "(default: what the sampler was searched with, as its file records; store "
                    "for files that do not)")
     p.add_argument("--scorer", default=None,
                    help="checkpoint that scores crops in --features online (default: --init)")
@@ -82,7 +89,7 @@ def register(sub, groups) -> None:
     )
     e.add_argument("--store", required=True, help="store directory")
     e.add_argument("--checkpoint", required=True, help="checkpoint.pt")
-    e.add_argument("--split", default="test", help="train | val | test (default test)")
+    e.add_argument("--split", default="test", help="train | val | test (default: %(default)s)")
     e.add_argument("--batch-size", type=int, default=512, help="images per forward pass (default: 512)")
     e.add_argument("--workers", type=int, default=2, help="loader workers (default: 2)")
     e.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if present)")
