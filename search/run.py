@@ -57,7 +57,8 @@ def search(
     compares the best candidates with it (``loop.GuardSettings``; with ``guard.inner_loop``
     "early" it compares them by resuming w_share's run for its last ``finetune.epochs`` epochs,
     the same fine-tune settings otherwise). With ``confirm``, the
-    recommended sampler is then trained as ``w_share`` was and kept only if it beats it on val
+    recommended sampler is then trained as ``w_share`` was and kept only if it beats it on val by more than
+    one standard error (``search.confirm.keeps_sampler``)
     (``confirm.full_run_check``: one training run more; ``progress`` shows its bars, ``announce``
     gets a line before it starts). Returns ``loop.summarize``'s
     dict plus ``model`` (the checkpoint to use with the recommendation: ``checkpoint`` itself

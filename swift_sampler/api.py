@@ -159,7 +159,8 @@ def learn_sampler(store: PathLike, checkpoint: PathLike, *, name: str = "ss", st
     Options as ``search.run.search``: ``agent``, ``transform``, ``seed``, ``finetune``
     (``FinetuneSettings``), ``trial_seeds``, ``guard`` (``GuardSettings``), ``workers`` ...
     With ``confirm`` (as ``search run`` without ``--no-confirm``) the recommended sampler is
-    trained from scratch with ``checkpoint``'s recipe and kept only if it beats it on val; the
+    trained from scratch with ``checkpoint``'s recipe and kept only if it beats it on val by more than one
+    standard error (``search.confirm.keeps_sampler``); the
     summary's ``confirm`` holds the verdict and that run's checkpoint. ``best_sampler`` is the
     recommended sampler file and ``choice`` says how it was chosen (``guard``, ``uniform``,
     ``posterior-mean``).

@@ -14,7 +14,7 @@ import swift_sampler
 from swift_sampler.pipeline.sampler.file import load_sampler
 from swift_sampler.pipeline.sampler.function import uniform_sampler
 from swift_sampler.search import FinetuneSettings, GuardSettings
-from swift_sampler.search.confirm import confirm_run_name, full_run_recipe
+from swift_sampler.search.confirm import confirm_run_name, full_run_recipe, keeps_sampler
 from swift_sampler.search.loop import CONFIRM_FILE, read_settings, read_trials, recommend, summarize
 from swift_sampler.storage import StoreError, StoreLayout
 from swift_sampler.storage.errors import UsageError
@@ -96,7 +96,6 @@ def test_full_run_check_trains_once_compares_on_val_and_resumes(digits):
     uniform_val = swift_sampler.evaluate(store, ckpt, "val", workers=0)["top1"]
     assert check["sampler_val_top1"] == pytest.approx(sampler_val)
     assert check["uniform_val_top1"] == pytest.approx(uniform_val)
-    assert check["kept"] == (sampler_val > uniform_val)
     # ... and its standard error over the val images, against the per-image 0/1 difference.
     correct = []
     for path in (ckpt, check["checkpoint"]):
@@ -106,6 +105,8 @@ def test_full_run_check_trains_once_compares_on_val_and_resumes(digits):
     assert d.mean() == pytest.approx(sampler_val - uniform_val)
     assert check["val_gain_se"] == pytest.approx(d.std(ddof=1) / np.sqrt(len(d)))
     assert f"± {100 * check['val_gain_se']:.2f} points over the {len(d)} val images" in check["reason"]
+    # Kept only when the gain is more than one standard error above nothing.
+    assert check["kept"] == keeps_sampler(sampler_val - uniform_val, check["val_gain_se"])
     sampler, prov = load_sampler(found["best_sampler"])
     # The file says which stage the sampler was chosen through: `train --sampler` uses it.
     stage = FinetuneSettings()
@@ -201,3 +202,12 @@ def test_learn_sampler_reports_each_trial_through_logging(digits, caplog):
     assert per_trial[-1].split("; ")[-1].startswith("0 to go, ETA ")
     after = lines[lines.index(per_trial[-1]) + 1:]
     assert any(line.startswith("full-run check: training") for line in after), lines
+
+
+def test_the_full_run_check_keeps_only_a_gain_above_one_standard_error():
+    """A val gain the val images cannot tell from none is not handed on (CIFAR-10N random1 in
+    the convergence regime: +0.10 +- 0.6 points kept a sampler 0.5 points worse on test)."""
+    assert keeps_sampler(0.02, 0.006) and keeps_sampler(0.0061, 0.006)
+    assert not keeps_sampler(0.001, 0.006) and not keeps_sampler(0.006, 0.006)
+    assert not keeps_sampler(-0.01, 0.006) and not keeps_sampler(0.0, 0.0)
+    assert keeps_sampler(0.001, float("nan")) and keeps_sampler(0.001, None)  # one val image

@@ -89,7 +89,7 @@ def swift_sampler(run: SeedRun, method: str) -> dict[str, Any]:
         model, summary = run.train(retrain, hook=_sampler_hook(run, sampler))
         scores, confirm = run.scores(model), None
         if run.config.confirm:
-            scores, confirm = _confirm(run, scores)
+            scores, confirm = _confirm(run, scores, model)
         seconds = found["trial_seconds"] + run.seconds(f"run:{retrain}")
     return {**scores, "confirm": confirm, "seconds": round(seconds, 2),
             "search_settings": run.config.search_settings(), "run": retrain,
@@ -104,19 +104,41 @@ def swift_sampler(run: SeedRun, method: str) -> dict[str, Any]:
             "flipped_kept_share": summary.get("flipped_kept_share")}
 
 
-def _confirm(run: SeedRun, scores: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _confirm(run: SeedRun, scores: dict[str, Any], model) -> tuple[dict[str, Any], dict[str, Any]]:
     """Keep the learned sampler's model only if it beats w_share on val (noisy val labels: the
-    only score a user has); else the result is w_share's, and the sampler's run a diagnostic.
-    Costs nothing extra: both runs are trained anyway."""
-    uniform = run.scores(run.w_share()[0])
-    kept = scores["val_top1"] > uniform["val_top1"]
+    only score a user has) by the library's rule (``search.confirm.keeps_sampler``: more than
+    one standard error of the paired per-image difference); else the result is w_share's, and
+    the sampler's run a diagnostic. Costs nothing extra: both runs are trained anyway."""
+    from swift_sampler.search.confirm import keeps_sampler
+
+    w_share = run.w_share()[0]
+    uniform = run.scores(w_share)
+    gain, se = paired_val_gain(run, w_share, model)
+    kept = keeps_sampler(gain, se)
     confirm = {"kept": kept, "sampler_val_top1": scores["val_top1"],
                "uniform_val_top1": uniform["val_top1"], "sampler_test_top1": scores["test_top1"],
+               "val_gain_se": se,
                "reason": (f"the learned sampler's full run scored {scores['val_top1']:.2%} on val "
-                          f"against w_share's {uniform['val_top1']:.2%}: "
+                          f"against w_share's {uniform['val_top1']:.2%} (gain {100 * gain:+.2f} ± "
+                          f"{100 * se:.2f} points): "
                           + ("kept" if kept else "the uniform sampler (w_share) is returned"))}
     run.log(f"[seed {run.seed}] confirm: {confirm['reason']}")
     return (scores if kept else uniform), confirm
+
+
+def paired_val_gain(run: SeedRun, reference, model) -> tuple[float, float]:
+    """Val top-1 of ``model`` minus ``reference``'s on the same images and its standard error
+    over the images (as ``search.objective.FinetuneObjective.paired_gain``)."""
+    import numpy as np
+
+    from swift_sampler.train.evaluate import predict
+
+    correct = []
+    for m in (reference, model):
+        out = predict(run.noisy, m, "val", workers=run.config.workers)
+        correct.append((out["logits"].argmax(1) == out["label"]).astype(np.float64))
+    d = correct[1] - correct[0]
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
 
 
 def verify_ranks(run: SeedRun, m: int) -> dict[str, Any]:
