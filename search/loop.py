@@ -44,6 +44,7 @@ Under torchrun, rank 0 alone reads and writes the folder and runs the agent; eve
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -222,7 +223,7 @@ def run_search(
     settings = _jsonable({**settings, "agent": agent, "seed": int(seed), "trial_seeds": trial_seeds,
                           "guard": guard.to_json(),
                           "baseline": None if baseline is None else baseline.tolist()})
-    with exclusive_lock(folder / ".lock", f"search {name!r}") if is_main else _Null():
+    with exclusive_lock(folder / ".lock", f"search {name!r}") if is_main else contextlib.nullcontext():
         trials: list[dict[str, Any]] = []
         bot = None
         error = None
@@ -594,14 +595,6 @@ def _fixed(key: str, settings: dict[str, Any]):
     if key == "guard" and isinstance(value, dict):
         return {k: v for k, v in value.items() if k not in GUARD_MAY_CHANGE}
     return None if key == "guard_finetune" else value
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 __all__ = ["GUARD_INNER_LOOPS", "PHASES", "GuardSettings", "Objective", "TrialResult", "best_so_far", "best_trial",
