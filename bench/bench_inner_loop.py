@@ -54,10 +54,10 @@ def default_proxy() -> str:
     search's own defaults so that the two cannot drift apart."""
     import inspect
 
-    from swift_sampler.search.objective import FinetuneSettings
+    from swift_sampler.search.objective import InnerLoopSettings
     from swift_sampler.search.run import search
 
-    s = FinetuneSettings()
+    s = InnerLoopSettings()
     common = inspect.signature(search).parameters["trial_seeds"].default == "common"
     loop = {"final": "finetune", "early": "early", "scratch": "scratch"}[s.start]
     return f"{loop}{'-crn' if common else ''}:{s.score}"
@@ -262,12 +262,12 @@ class Study:
         return self.unit(f"{proxy}-{item['name']}-s{seed}", lambda: getattr(self, "_" + proxy.split("-")[0])(item, seed))
 
     def _finetune(self, item, seed):
-        from swift_sampler.search.objective import FinetuneObjective, FinetuneSettings
+        from swift_sampler.search.objective import InnerLoopObjective, InnerLoopSettings
         from swift_sampler.storage import StoreLayout
 
         c = self.config
-        objective = FinetuneObjective(self.store, StoreLayout(self.store).run("uniform") / "checkpoint.pt",
-                                      FinetuneSettings(epochs=c.finetune_epochs,
+        objective = InnerLoopObjective(self.store, StoreLayout(self.store).run("uniform") / "checkpoint.pt",
+                                      InnerLoopSettings(epochs=c.finetune_epochs,
                                                        lr_fraction=c.finetune_lr_fraction,
                                                        selection=self.args.selection),
                                       workers=c.workers)

@@ -36,7 +36,7 @@ import numpy as np
 
 from swift_sampler.pipeline.sampler.function import Sampler, uniform_sampler
 from swift_sampler.pipeline.sampler.table_store import load_tables
-from swift_sampler.search.objective import FinetuneObjective, FinetuneSettings
+from swift_sampler.search.objective import InnerLoopObjective, InnerLoopSettings
 from swift_sampler.search.space import sobol_points
 
 
@@ -111,9 +111,9 @@ def main(argv=None) -> dict:
         store, ckpt = build_digits(Path(args.digits))
     else:
         store, ckpt = Path(args.store), Path(args.checkpoint)
-    settings = FinetuneSettings(epochs=args.epochs, lr=args.lr, lr_fraction=args.lr_fraction,
+    settings = InnerLoopSettings(epochs=args.epochs, lr=args.lr, lr_fraction=args.lr_fraction,
                                 schedule=args.schedule, repeats=args.repeats)
-    objective = FinetuneObjective(store, ckpt, settings, workers=args.workers, device=args.device)
+    objective = InnerLoopObjective(store, ckpt, settings, workers=args.workers, device=args.device)
     samplers = panel(load_tables(store), args.transform, args.sobol)
     if args.only:
         samplers = {k: v for k, v in samplers.items() if k in args.only.split(",")}

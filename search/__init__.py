@@ -1,7 +1,7 @@
 """search: the outer loop of the Swift Sampler (arXiv 2410.05578, §3.3-3.4, Algorithm 1).
 
-    from swift_sampler.search import FinetuneObjective, FinetuneSettings, run_search
-    objective = FinetuneObjective(store, "STORE/runs/w_share/checkpoint.pt", FinetuneSettings(epochs=5))
+    from swift_sampler.search import InnerLoopObjective, InnerLoopSettings, run_search
+    objective = InnerLoopObjective(store, "STORE/runs/w_share/checkpoint.pt", InnerLoopSettings(epochs=5))
     summary = run_search(store, "ss", objective, make_sampler, settings=..., steps=40)
 
 ``agents`` (GP-UCB, random; ask/tell over [0,1]^10), ``space`` (the cube), ``objective`` (the
@@ -20,8 +20,8 @@ _HOME = {
     "AGENTS": "agents", "create_agent": "agents",
     "TrialResult": "loop", "best_so_far": "loop", "best_trial": "loop", "read_settings": "loop",
     "read_trials": "loop", "run_search": "loop", "summarize": "loop",
-    "FinetuneSettings": "settings", "GuardSettings": "settings",
-    "FinetuneObjective": "objective", "check_search_inputs": "objective",
+    "InnerLoopSettings": "settings", "GuardSettings": "settings",
+    "InnerLoopObjective": "objective", "check_search_inputs": "objective",
 }
 
 
@@ -33,6 +33,6 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'search' has no attribute {name!r}")
 
 
-__all__ = ["AGENTS", "FinetuneObjective", "FinetuneSettings", "GuardSettings", "TrialResult", "best_so_far",
+__all__ = ["AGENTS", "InnerLoopObjective", "InnerLoopSettings", "GuardSettings", "TrialResult", "best_so_far",
            "best_trial", "check_search_inputs", "create_agent", "read_settings", "read_trials",
            "run_search", "summarize"]

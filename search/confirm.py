@@ -78,7 +78,7 @@ def full_run_check(store: str | Path, name: str, objective, make_sampler: Callab
     """Check search ``name``'s recommendation by a full run (see the module docstring).
 
     Args:
-        objective: the search's ``FinetuneObjective`` (its checkpoint is ``w_share``; its val
+        objective: the search's ``InnerLoopObjective`` (its checkpoint is ``w_share``; its val
             scoring and feature source are reused).
         make_sampler: the search's point -> ``Sampler`` map.
         provenance: as for ``loop.run_search`` (goes into a rewritten ``best_sampler.json``).

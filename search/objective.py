@@ -67,7 +67,7 @@ from swift_sampler.train.presets import resolve_config
 from swift_sampler.train.trainer import SamplerHook, TrainingDiverged, fit
 
 from .loop import TrialResult
-from .settings import FEATURE_MODES, SCORES, STARTS, FinetuneSettings
+from .settings import FEATURE_MODES, SCORES, STARTS, InnerLoopSettings
 
 log = logging.getLogger(__name__)
 
@@ -115,13 +115,13 @@ def check_search_inputs(store: str | Path, checkpoint: str | Path) -> dict[str, 
     return {"store_id": manifest["store_id"], "features_checkpoint_sha256": sha, "checkpoint": meta}
 
 
-class FinetuneObjective:
+class InnerLoopObjective:
     """``objective(sampler, seed) -> TrialResult``: fine-tune ``w_share``, score top-1 on val.
 
     Args:
         store: store directory with features and tables built from ``checkpoint``.
         checkpoint: ``w_share`` (``runs/NAME/checkpoint.pt``).
-        settings: ``FinetuneSettings``.
+        settings: ``InnerLoopSettings``.
         workers: loader workers per rank; device: None (cuda when present) or a torch device.
         val_split: split scored.
         hook_factory: builds the loader's sampler stage, called as ``hook_factory(store,
@@ -129,13 +129,13 @@ class FinetuneObjective:
             ``train.sampling.create_sampler_hook``.
     """
 
-    def __init__(self, store: str | Path, checkpoint: str | Path, settings: FinetuneSettings | None = None,
+    def __init__(self, store: str | Path, checkpoint: str | Path, settings: InnerLoopSettings | None = None,
                  *, workers: int = 2, device: str | None = None, val_split: str = "val",
                  hook_factory: Callable[..., SamplerHook] | None = None) -> None:
         self.hook_factory = hook_factory
         self.store = str(StoreLayout(store).require().root)
         self.checkpoint = str(checkpoint)
-        self.settings = (settings or FinetuneSettings()).check()
+        self.settings = (settings or InnerLoopSettings()).check()
         self.info = check_search_inputs(store, checkpoint)
         self.workers, self.device, self.val_split = workers, device, val_split
         manifest = read_manifest(StoreLayout(store))
@@ -174,7 +174,7 @@ class FinetuneObjective:
             self.recipe["augment"] = recipe["augment"]
         self._frozen = None  # w_share for online features, loaded on first use
 
-    def _run_recipe(self, meta: dict[str, Any], recipe: dict[str, Any], s: FinetuneSettings) -> dict[str, Any]:
+    def _run_recipe(self, meta: dict[str, Any], recipe: dict[str, Any], s: InnerLoopSettings) -> dict[str, Any]:
         """w_share's own schedule, for the "early" and "scratch" starts."""
         run_epochs = int(recipe.get("epochs") or 0)
         # w_share's own peak lr, unless one is given explicitly (``lr_fraction`` belongs to the
@@ -354,5 +354,5 @@ def _dist(device: str | None) -> DistInfo:
     return init_distributed(device)
 
 
-__all__ = ["FEATURE_MODES", "SCORES", "STARTS", "FinetuneObjective", "FinetuneSettings",
+__all__ = ["FEATURE_MODES", "SCORES", "STARTS", "InnerLoopObjective", "InnerLoopSettings",
            "check_search_inputs"]

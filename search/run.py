@@ -24,7 +24,7 @@ from .agents import create_agent
 from .confirm import full_run_check, full_run_recipe
 from .design import DESIGN_VERSION, initial_design
 from .loop import GuardSettings, read_trials, run_search, summarize
-from .objective import FinetuneObjective, FinetuneSettings
+from .objective import InnerLoopObjective, InnerLoopSettings
 
 
 def search(
@@ -36,7 +36,7 @@ def search(
     agent: str = "gp-ucb",
     transform: str = "cgf",
     seed: int = 0,
-    finetune: FinetuneSettings | None = None,
+    finetune: InnerLoopSettings | None = None,
     trial_seeds: str = "common",
     guard: GuardSettings | None = None,
     workers: int = 2,
@@ -76,10 +76,10 @@ def search(
     settings: both change every trial's score, so resuming with others is refused, naming them
     (a search.json without them, written before they were recorded, is resumed unchecked).
     """
-    finetune = as_settings(FinetuneSettings, finetune, name="finetune")
+    finetune = as_settings(InnerLoopSettings, finetune, name="finetune")
     guard = as_settings(GuardSettings, guard, name="guard")
     check_call(search, locals())
-    objective = FinetuneObjective(store, checkpoint, finetune or FinetuneSettings(),
+    objective = InnerLoopObjective(store, checkpoint, finetune or InnerLoopSettings(),
                                   workers=workers, device=device)
     guard = (guard or GuardSettings()).check()
     guard_objective = None
@@ -87,8 +87,8 @@ def search(
         # Built now, so a w_share without the checkpoint an "early" guard needs is refused
         # before the search rather than after it.
         try:
-            guard_objective = FinetuneObjective(store, checkpoint,
-                                                replace(finetune or FinetuneSettings(), start=guard.inner_loop),
+            guard_objective = InnerLoopObjective(store, checkpoint,
+                                                replace(finetune or InnerLoopSettings(), start=guard.inner_loop),
                                                 workers=workers, device=device)
         except StoreError as e:
             raise StoreError(f"the guard's inner loop: {e} (--guard-inner-loop; search: the "

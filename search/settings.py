@@ -1,7 +1,7 @@
 """The settings of a search's inner loop and of its guard: frozen records, light to import.
 
 The command line takes its defaults from here, so a default is written once; ``search.json``
-records both (``FinetuneSettings`` as ``finetune``, ``GuardSettings`` as ``guard``).
+records both (``InnerLoopSettings`` as ``finetune``, ``GuardSettings`` as ``guard``).
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ GUARD_INNER_LOOPS = ("search", *STARTS)
 
 
 @dataclass(frozen=True)
-class FinetuneSettings:
-    """How one trial fine-tunes ``w_share`` (all of it goes into ``search.json``).
+class InnerLoopSettings:
+    """The inner loop: how one trial trains with a proposed sampler and is scored (all of it
+    goes into ``search.json``, as ``finetune``; the API's ``finetune=`` argument takes it).
 
     Attributes:
         epochs: E_f, epochs per trial (>= 1; 3, the horizon the inner-loop study measured).
@@ -65,7 +66,7 @@ class FinetuneSettings:
     score: str = "top1"
     selection: str = "systematic"
 
-    def check(self) -> FinetuneSettings:
+    def check(self) -> InnerLoopSettings:
         if int(self.epochs) < 1:
             raise UsageError(f"--finetune-epochs must be >= 1, got {self.epochs}")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
@@ -130,4 +131,4 @@ class GuardSettings:
         return out
 
 
-__all__ = ["FEATURE_MODES", "GUARD_INNER_LOOPS", "SCORES", "STARTS", "FinetuneSettings", "GuardSettings"]
+__all__ = ["FEATURE_MODES", "GUARD_INNER_LOOPS", "SCORES", "STARTS", "InnerLoopSettings", "GuardSettings"]

@@ -52,7 +52,7 @@ def check_fields(cls: type, values: Mapping[str, Any], *, where: str = "") -> No
 def as_settings(cls: type[T], value: T | Mapping[str, Any] | None, *, name: str) -> T | None:
     """A settings dataclass from an instance (as is), a dict of its fields, or None.
 
-    ``finetune={"epochs": 2}`` reads as ``FinetuneSettings(epochs=2)``; an unknown key or a
+    ``finetune={"epochs": 2}`` reads as ``InnerLoopSettings(epochs=2)``; an unknown key or a
     wrongly typed value is refused by name.
     """
     if value is None or isinstance(value, cls):

@@ -3,14 +3,14 @@
 The whole method on scikit-learn's digits (40% of the labels flipped), as plain functions:
 
 >>> import tempfile, swift_sampler as ss
->>> from swift_sampler.search import FinetuneSettings, GuardSettings
+>>> from swift_sampler.search import InnerLoopSettings, GuardSettings
 >>> store = tempfile.mkdtemp() + "/digits"
 >>> info = ss.ingest("digits", store, noise="symmetric:0.4", val_frac=0.2, test_frac=0.2,
 ...                  progress=False)
 >>> w_share = ss.train_model(store, "w_share", epochs=4, workers=0, progress=False)["checkpoint"]
 >>> feats = ss.build_features(store, w_share, crops_per_image=2, progress=False, device="cpu")
 >>> found = ss.learn_sampler(store, w_share, steps=3, workers=0,
-...                          finetune=FinetuneSettings(epochs=1),
+...                          finetune=InnerLoopSettings(epochs=1),
 ...                          guard=GuardSettings(candidates=1, repeats=2))
 >>> found["choice"] in ("guard", "uniform")      # never worse than uniform by the noise
 True

@@ -157,7 +157,7 @@ def learn_sampler(store: PathLike, checkpoint: PathLike, *, name: str = "ss", st
     """Search the 10 parameters (GP-UCB; resumable) and write ``best_sampler.json``.
 
     Options as ``search.run.search``: ``agent``, ``transform``, ``seed``, ``finetune``
-    (``FinetuneSettings``), ``trial_seeds``, ``guard`` (``GuardSettings``), ``workers`` ...
+    (``InnerLoopSettings``), ``trial_seeds``, ``guard`` (``GuardSettings``), ``workers`` ...
     With ``confirm`` (as ``search run`` without ``--no-confirm``) the recommended sampler is
     trained from scratch with ``checkpoint``'s recipe and kept only if it beats it on val by more than one
     standard error (``search.confirm.keeps_sampler``); the

@@ -39,7 +39,7 @@ def run_demo(config: DemoConfig = DemoConfig(), log=print) -> dict[str, Any]:
     from swift_sampler.figures.search import plot_search
     from swift_sampler.pipeline.features.build import build_features
     from swift_sampler.pipeline.ingest.build import ingest
-    from swift_sampler.search.objective import FinetuneSettings
+    from swift_sampler.search.objective import InnerLoopSettings
     from swift_sampler.search.run import search
     from swift_sampler.storage import StoreLayout, sha256_file
     from swift_sampler.train.evaluate import evaluate
@@ -67,7 +67,7 @@ def run_demo(config: DemoConfig = DemoConfig(), log=print) -> dict[str, Any]:
         # the retraining: ``found["model"]`` is what a user of the search gets.
         found = search(noisy, w_share, name="ss", steps=config.steps, agent="gp-ucb",
                        transform="cgf", seed=config.seed, workers=config.workers,
-                       finetune=FinetuneSettings(epochs=config.finetune_epochs), confirm=True,
+                       finetune=InnerLoopSettings(epochs=config.finetune_epochs), confirm=True,
                        progress=config.progress, announce=log,
                        on_trial=lambda row, p: log(_trial_line(row, p, config.steps)))
         sampler_path = Path(found["best_sampler"])

@@ -12,7 +12,7 @@ import torch
 
 import swift_sampler as ss
 from swift_sampler.search.loop import GuardSettings
-from swift_sampler.search.objective import FinetuneSettings
+from swift_sampler.search.objective import InnerLoopSettings
 from swift_sampler.storage.arguments import as_settings, check_argument
 from swift_sampler.storage.errors import UsageError
 
@@ -38,14 +38,14 @@ def test_values_of_another_type_are_refused_by_name(value, hint, said):
 
 
 def test_a_dict_stands_for_a_settings_dataclass():
-    assert as_settings(FinetuneSettings, {"epochs": 2}, name="finetune") == FinetuneSettings(epochs=2)
+    assert as_settings(InnerLoopSettings, {"epochs": 2}, name="finetune") == InnerLoopSettings(epochs=2)
     same = GuardSettings(enabled=False)
     assert as_settings(GuardSettings, same, name="guard") is same
     assert as_settings(GuardSettings, None, name="guard") is None
     with pytest.raises(UsageError, match="finetune: unknown field.*epoch;"):
-        as_settings(FinetuneSettings, {"epoch": 2}, name="finetune")
+        as_settings(InnerLoopSettings, {"epoch": 2}, name="finetune")
     with pytest.raises(UsageError, match="finetune: lr_fraction must be a number"):
-        as_settings(FinetuneSettings, {"lr_fraction": "0.5"}, name="finetune")
+        as_settings(InnerLoopSettings, {"lr_fraction": "0.5"}, name="finetune")
     with pytest.raises(UsageError, match="guard must be a GuardSettings or a dict"):
         as_settings(GuardSettings, [False], name="guard")
 

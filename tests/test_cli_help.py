@@ -13,7 +13,7 @@ from swift_sampler.cli import build_parser
 # Options the parser leaves at None so that a dataclass decides: the stated default must be
 # that dataclass's (or a recipe's, named as such).
 DECIDED_BY = {
-    ("search", "run"): "swift_sampler.search.settings:FinetuneSettings",
+    ("search", "run"): "swift_sampler.search.settings:InnerLoopSettings",
     ("train",): "swift_sampler.train.presets:TrainConfig",
 }
 SEARCH_FIELDS = {"finetune_lr": "lr", "lr_fraction": "lr_fraction", "schedule": "schedule",
@@ -73,9 +73,9 @@ def _states(stated: str, value) -> bool:
 
 
 def test_the_search_and_train_defaults_are_the_dataclasses():
-    from swift_sampler.search.settings import FinetuneSettings, GuardSettings
+    from swift_sampler.search.settings import GuardSettings, InnerLoopSettings
 
     args = build_parser().parse_args(["search", "run", "--store", "s", "--checkpoint", "c", "--name", "n"])
-    assert args.finetune_epochs == FinetuneSettings.epochs
+    assert args.finetune_epochs == InnerLoopSettings.epochs
     assert (args.guard_candidates, args.guard_repeats, args.guard_inner_loop) == (
         GuardSettings.candidates, GuardSettings.repeats, GuardSettings.inner_loop)

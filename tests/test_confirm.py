@@ -13,7 +13,7 @@ from test_search_loop import FakeObjective, make_store, search
 import swift_sampler
 from swift_sampler.pipeline.sampler.file import load_sampler
 from swift_sampler.pipeline.sampler.function import uniform_sampler
-from swift_sampler.search import FinetuneSettings, GuardSettings
+from swift_sampler.search import GuardSettings, InnerLoopSettings
 from swift_sampler.search.confirm import confirm_run_name, full_run_recipe, keeps_sampler
 from swift_sampler.search.loop import CONFIRM_FILE, read_settings, read_trials, recommend, summarize
 from swift_sampler.storage import StoreError, StoreLayout
@@ -72,7 +72,7 @@ def digits(tmp_path_factory):
 def _learn(store, ckpt, name="c"):
     # Without the guard the recommendation is a searched sampler, so the check has work to do.
     return swift_sampler.learn_sampler(store, ckpt, name=name, steps=3, workers=0,
-                                       finetune=FinetuneSettings(epochs=1),
+                                       finetune=InnerLoopSettings(epochs=1),
                                        guard=GuardSettings(enabled=False, repeats=2))
 
 
@@ -109,7 +109,7 @@ def test_full_run_check_trains_once_compares_on_val_and_resumes(digits):
     assert check["kept"] == keeps_sampler(sampler_val - uniform_val, check["val_gain_se"])
     sampler, prov = load_sampler(found["best_sampler"])
     # The file says which stage the sampler was chosen through: `train --sampler` uses it.
-    stage = FinetuneSettings()
+    stage = InnerLoopSettings()
     assert prov["learned_with"] == {"features": stage.features, "selection": stage.selection}
     if check["kept"]:
         assert found["choice"] == "posterior-mean" and found["model"] == check["checkpoint"]

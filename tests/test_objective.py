@@ -14,7 +14,11 @@ from swift_sampler.pipeline.sampler.file import check_provenance, load_sampler
 from swift_sampler.pipeline.sampler.function import Sampler, uniform_sampler
 from swift_sampler.pipeline.sampler.table_store import load_tables
 from swift_sampler.search.loop import GuardSettings, read_trials, run_search
-from swift_sampler.search.objective import FinetuneObjective, FinetuneSettings, check_search_inputs
+from swift_sampler.search.objective import (
+    InnerLoopObjective,
+    InnerLoopSettings,
+    check_search_inputs,
+)
 from swift_sampler.storage import StoreError, StoreLayout, sha256_file
 from swift_sampler.storage.errors import UsageError
 from swift_sampler.train.checkpoint import CheckpointError, save_checkpoint
@@ -63,7 +67,7 @@ def test_checkpoint_and_store_mismatches_are_refused(store, tmp_path):
 
 
 def test_same_seed_same_score_and_recipe_from_the_checkpoint(store):
-    objective = FinetuneObjective(store, ckpt_of(store), FinetuneSettings(epochs=1), workers=0)
+    objective = InnerLoopObjective(store, ckpt_of(store), InnerLoopSettings(epochs=1), workers=0)
     recipe = objective.describe()
     assert recipe["model"] == "digits-net" and recipe["batch_size"] == 32
     assert recipe["lr"] == pytest.approx(0.1)  # lr_fraction (1.0) x the digits preset's lr
@@ -77,7 +81,7 @@ def test_diverged_and_empty_samplers_fail_without_stopping_the_search(store, tmp
     work = tmp_path / "store"
     shutil.copytree(store, work)
     tables = load_tables(work)
-    objective = FinetuneObjective(work, ckpt_of(work), FinetuneSettings(epochs=1, lr=1e12), workers=0)
+    objective = InnerLoopObjective(work, ckpt_of(work), InnerLoopSettings(epochs=1, lr=1e12), workers=0)
     result = objective(uniform_sampler(tables), 0)
     assert math.isnan(result.score) and "loss became" in result.error
     empty = Sampler((0, 0.25, 0.5, 0.75, 1), (0, 0, 0, 0, 0), 0.3, 0.2, "cgf", tables)
@@ -168,7 +172,7 @@ def test_real_search_resumes_to_the_same_trials(store, tmp_path):
     work = tmp_path / "store"
     shutil.copytree(store, work)
     tables = load_tables(work)
-    objective = FinetuneObjective(work, ckpt_of(work), FinetuneSettings(epochs=1), workers=0)
+    objective = InnerLoopObjective(work, ckpt_of(work), InnerLoopSettings(epochs=1), workers=0)
     calls = []
 
     def flaky(sampler, seed):
@@ -217,13 +221,13 @@ def test_continuing_from_a_kept_checkpoint_equals_the_uninterrupted_run(store):
 
 @pytest.mark.parametrize("start", ["early", "scratch"])
 def test_early_and_scratch_starts_are_deterministic_and_score_prob(store, start):
-    settings = FinetuneSettings(epochs=1, start=start, score="prob")
-    objective = FinetuneObjective(store, ckpt_of(store), settings, workers=0, device="cpu")
+    settings = InnerLoopSettings(epochs=1, start=start, score="prob")
+    objective = InnerLoopObjective(store, ckpt_of(store), settings, workers=0, device="cpu")
     assert objective.describe()["start"] == start
     sampler = uniform_sampler(load_tables(store), "cgf")
     a, b = objective(sampler, 0), objective(sampler, 0)
     assert a.score == b.score and 0 < a.score < 1 and a.epochs == 1
-    top1 = FinetuneObjective(store, ckpt_of(store), FinetuneSettings(epochs=1, start=start),
+    top1 = InnerLoopObjective(store, ckpt_of(store), InnerLoopSettings(epochs=1, start=start),
                              workers=0, device="cpu")(sampler, 0)
     assert top1.score != a.score  # a probability, not the top-1 of the same model
 
@@ -232,28 +236,28 @@ def test_early_start_without_the_kept_checkpoint_says_what_to_do(store, tmp_path
     bare = tmp_path / "store"
     shutil.copytree(store, bare, ignore=shutil.ignore_patterns("checkpoint-e*.pt"))
     with pytest.raises(StoreError, match="early-checkpoint inner loop needs w_share's checkpoint"):
-        FinetuneObjective(bare, ckpt_of(bare), FinetuneSettings(epochs=1, start="early"), workers=0)
+        InnerLoopObjective(bare, ckpt_of(bare), InnerLoopSettings(epochs=1, start="early"), workers=0)
 
 
 def test_image_features_and_the_keep_rule_are_part_of_the_recipe(store):
     from swift_sampler.train.sampling import ImageTauCrops, StoredCrops, tau_filter, tau_filter_es
 
     sampler = uniform_sampler(load_tables(store))
-    image = FinetuneObjective(store, ckpt_of(store), FinetuneSettings(epochs=1, features="image"),
+    image = InnerLoopObjective(store, ckpt_of(store), InnerLoopSettings(epochs=1, features="image"),
                               workers=0, device="cpu")
     assert image.describe()["features"] == "image" and image.describe()["selection"] == "systematic"
     hook = image.hook(sampler, 0)
     assert isinstance(hook.crop_stage, ImageTauCrops) and hook.batch_filter is tau_filter
     a, b = image(sampler, 3), image(sampler, 3)
     assert a.score == b.score and 0 < a.score <= 1 and a.kept_fraction == pytest.approx(0.5)
-    es = FinetuneObjective(store, ckpt_of(store), FinetuneSettings(epochs=1, selection="es", features="store"),
+    es = InnerLoopObjective(store, ckpt_of(store), InnerLoopSettings(epochs=1, selection="es", features="store"),
                            workers=0)
     # a search recorded before the rule was a setting has no field, and that meant es
     assert "selection" not in es.describe()
     hook = es.hook(sampler, 0)
     assert isinstance(hook.crop_stage, StoredCrops) and hook.batch_filter is tau_filter_es
     with pytest.raises(UsageError, match="selection"):
-        FinetuneSettings(selection="nearest").check()
+        InnerLoopSettings(selection="nearest").check()
 
 
 def test_search_run_with_an_early_guard_compares_by_resuming_w_shares_run(store, tmp_path, capsys):
@@ -273,7 +277,7 @@ def test_search_run_with_an_early_guard_compares_by_resuming_w_shares_run(store,
     assert settings["guard_finetune"]["start"] == "early" and settings["finetune"]["start"] == "scratch"
     # The guard's uniform evaluations resume w_share's run: same seed, same score as the
     # early objective gives.
-    early = FinetuneObjective(work, ckpt_of(work), FinetuneSettings(epochs=1, start="early"), workers=0)
+    early = InnerLoopObjective(work, ckpt_of(work), InnerLoopSettings(epochs=1, start="early"), workers=0)
     uniform = uniform_sampler(load_tables(work))
     first = next(r for r in rows if r["phase"] == "guard-early")
     np.testing.assert_allclose(first["point"], uniform.to_point())

@@ -86,7 +86,7 @@ class BenchConfig:
     # Fine-tunes per trial (different seeds), scores averaged: the objective's seed noise falls
     # by sqrt(repeats) at repeats x the search cost.
     finetune_repeats: int = 1
-    # The inner loop (search.objective.FinetuneSettings ``start``/``score``), its trial seeds,
+    # The inner loop (search.objective.InnerLoopSettings ``start``/``score``), its trial seeds,
     # and the no-harm guard (search.loop.GuardSettings); see results/inner-loop/.
     trial_seeds: str = "common"
     inner_start: str = "scratch"

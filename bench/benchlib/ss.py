@@ -42,7 +42,7 @@ def _sampler_hook(run: SeedRun, sampler: Sampler):
 def run_search(run: SeedRun, name: str, agent: str, transform: str) -> dict[str, Any]:
     """Run (or resume, or extend) search ``name``; return ``search.run.search``'s summary."""
     from swift_sampler.search.loop import GuardSettings, read_trials
-    from swift_sampler.search.objective import FinetuneSettings
+    from swift_sampler.search.objective import InnerLoopSettings
     from swift_sampler.search.run import search
 
     c = run.config
@@ -61,7 +61,7 @@ def run_search(run: SeedRun, name: str, agent: str, transform: str) -> dict[str,
 
     return search(run.noisy, run.checkpoint("uniform"), name=name, steps=c.steps, agent=agent,
                   transform=transform, seed=run.seed,
-                  finetune=FinetuneSettings(epochs=c.finetune_epochs, lr_fraction=c.finetune_lr_fraction,
+                  finetune=InnerLoopSettings(epochs=c.finetune_epochs, lr_fraction=c.finetune_lr_fraction,
                                             repeats=c.finetune_repeats, start=c.inner_start,
                                             score=c.inner_score, selection=c.selection,
                                             features=c.sampler_features),
@@ -128,7 +128,7 @@ def _confirm(run: SeedRun, scores: dict[str, Any], model) -> tuple[dict[str, Any
 
 def paired_val_gain(run: SeedRun, reference, model) -> tuple[float, float]:
     """Val top-1 of ``model`` minus ``reference``'s on the same images and its standard error
-    over the images (as ``search.objective.FinetuneObjective.paired_gain``)."""
+    over the images (as ``search.objective.InnerLoopObjective.paired_gain``)."""
     import numpy as np
 
     from swift_sampler.train.evaluate import predict

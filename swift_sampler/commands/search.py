@@ -17,8 +17,8 @@ def register(sub, groups) -> None:
         GUARD_INNER_LOOPS,
         SCORES,
         STARTS,
-        FinetuneSettings,
         GuardSettings,
+        InnerLoopSettings,
     )
 
     search = groups["search"]
@@ -43,7 +43,7 @@ def register(sub, groups) -> None:
     p.add_argument("--name", required=True, help="search name (folder STORE/searches/NAME)")
     p.add_argument("--steps", type=int, default=40, help="E_o, search trials; the noise and guard trials come on top; may "
                    "grow on resume (default: %(default)s)")
-    p.add_argument("--finetune-epochs", type=int, default=FinetuneSettings.epochs,
+    p.add_argument("--finetune-epochs", type=int, default=InnerLoopSettings.epochs,
                    help="E_f, epochs per trial (default: %(default)s, the horizon at which the inner-loop "
                    "study measured the default --start scratch)")
     p.add_argument("--agent", default="gp-ucb", help="gp-ucb | random (default: %(default)s)")
@@ -57,33 +57,33 @@ def register(sub, groups) -> None:
                    "--lr-fraction x w_share's)")
     p.add_argument("--lr-fraction", type=float, default=None,
                    help="--start final only: fine-tune peak lr as a fraction of the checkpoint's "
-                   f"(default: {FinetuneSettings.lr_fraction})")
+                   f"(default: {InnerLoopSettings.lr_fraction})")
     p.add_argument("--schedule", default=None,
                    help="--start final only: fine-tune schedule; other starts follow w_share's "
-                   f"(default: {FinetuneSettings.schedule})")
+                   f"(default: {InnerLoopSettings.schedule})")
     p.add_argument("--batch-size", type=int, default=None, help="per rank (default: the checkpoint's)")
     p.add_argument("--repeats", type=int, default=None,
                    help="trials per proposal with different seeds, scores averaged "
-                   f"(default: {FinetuneSettings.repeats})")
+                   f"(default: {InnerLoopSettings.repeats})")
     p.add_argument("--start", default=None, choices=STARTS,
-                   help=f"where a trial starts (default: {FinetuneSettings.start}): scratch (a fresh model trained "
+                   help=f"where a trial starts (default: {InnerLoopSettings.start}): scratch (a fresh model trained "
                    "--finetune-epochs on w_share's recipe), early (w_share's own run resumed "
                    "--finetune-epochs before its end, continuing its schedule; needs the checkpoints "
                    "`train` keeps of its last epochs), final (w_share's checkpoint, the paper's "
                    "fine-tune)")
     p.add_argument("--score", default=None, choices=SCORES,
                    help="what a trial scores on val: top1, or prob (mean probability of the label) "
-                   f"(default: {FinetuneSettings.score})")
+                   f"(default: {InnerLoopSettings.score})")
     p.add_argument("--features", default=None, choices=FEATURE_MODES,
                    help="where the filter finds crop features: image (fresh crops with their "
                    "image's mean stored tau), store (stored crops replayed with their own "
                    "features) or online; recorded in the sampler file, which `train` follows "
-                   f"(default: {FinetuneSettings.features})")
+                   f"(default: {InnerLoopSettings.features})")
     p.add_argument("--selection", default=None, choices=SELECTIONS,
                    help="how the filter keeps half of the candidates: systematic (the two "
                    "crops of an image drawn together, every image once per epoch when tau is "
                    "flat) or es (each crop on its own, Efraimidis-Spirakis keys) "
-                   f"(default: {FinetuneSettings.selection})")
+                   f"(default: {InnerLoopSettings.selection})")
     p.add_argument("--no-guard", dest="guard", action="store_false",
                    help="recommend the best posterior mean without re-checking it against uniform")
     p.add_argument("--guard-candidates", type=int, default=GuardSettings.candidates,
@@ -119,7 +119,7 @@ def run_search_command(args) -> int:
 
     from swift_sampler.search.agents import AGENTS
     from swift_sampler.search.loop import GuardSettings
-    from swift_sampler.search.objective import FinetuneSettings
+    from swift_sampler.search.objective import InnerLoopSettings
     from swift_sampler.search.run import search
     from swift_sampler.storage import StoreLayout, check_name
     from swift_sampler.train.distributed import broadcast_object, init_distributed, shutdown
@@ -136,7 +136,7 @@ def run_search_command(args) -> int:
                  schedule=args.schedule, batch_size=args.batch_size, repeats=args.repeats,
                  features=args.features, start=args.start, score=args.score,
                  selection=args.selection)
-    settings = dataclasses.replace(FinetuneSettings(), **{k: v for k, v in given.items() if v is not None})
+    settings = dataclasses.replace(InnerLoopSettings(), **{k: v for k, v in given.items() if v is not None})
     ignored = [flag for flag, value in (("--lr-fraction", args.lr_fraction),
                                         ("--schedule", args.schedule)) if value is not None]
     if ignored and settings.start != "final":
