@@ -94,7 +94,8 @@ def _search(c: dict) -> str:
         if c["guard_inner_loop"] != "search":
             text += f", by the {c['guard_inner_loop']} inner loop"
     if c["confirm"]:
-        text += "; the retrained sampler kept only if its full run beats w_share on val"
+        text += ("; the retrained sampler kept only if its full run beats w_share on val by more "
+                 "than one standard error")
     return text
 
 
