@@ -23,6 +23,7 @@ from benchlib.report import gap_share, paired_gap_share, spread
 from benchlib.ss import rank_agreement
 from benchlib.weights import ImageWeights, SubsetCrops
 from swift_sampler.cli import main
+from swift_sampler.search.confirm import keeps_sampler
 
 # ----------------------------------------------------------------------------- pieces
 
@@ -226,9 +227,18 @@ def test_tiny_benchmark_end_to_end_and_resume(shared_cifar, tmp_path, capsys):
             continue
         check = r["confirm"]
         assert check["uniform_val_top1"] == uniform["val_top1"]
-        assert check["kept"] == (check["sampler_val_top1"] > uniform["val_top1"])
+        # the library's rule: a val gain above one standard error of the paired difference
+        assert check["kept"] == keeps_sampler(check["sampler_val_top1"] - uniform["val_top1"],
+                                              check["val_gain_se"])
         got = check["sampler_test_top1"] if check["kept"] else uniform["test_top1"]
         assert r["test_top1"] == got and r["val_top1"] >= uniform["val_top1"]
+    # The search ran the preset's inner loop, and its search.json says so.
+    recorded = json.loads((out / "seed-0" / "noisy" / "searches" / config.search_name("ss")
+                           / "search.json").read_text())
+    inner = recorded["finetune"]
+    assert (inner["start"], inner["epochs"], inner["features"], recorded["trial_seeds"]) == (
+        config.inner_start, config.finetune_epochs, config.sampler_features, config.trial_seeds)
+    assert recorded["feature_pair"]["features"] == list(config.pair().features)
     v = doc["verify_ranks"]["per_seed"][0]
     assert v["samplers"] == 2 and v["tr"] in (1, 2) and (v["sr"] is None or abs(v["sr"]) <= 1)
     table = (out / "results.md").read_text()
