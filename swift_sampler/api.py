@@ -72,7 +72,7 @@ def train_model(store: PathLike, name: str | None, *, sampler: Sampler | PathLik
             from swift_sampler.pipeline.sampler.file import load_sampler as _load
 
             sampler, provenance = _load(Path(sampler))
-            check_provenance(provenance, store, allow_foreign=allow_foreign)
+            check_provenance(provenance, store, allow_foreign=allow_foreign, recorded_only=True)
         features, selection = sampler_stage(provenance, features, selection)
         hook = create_sampler_hook(store, sampler, features=features, selection=selection,
                                    seed=int(overrides.get("seed", 0)))

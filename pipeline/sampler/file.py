@@ -240,27 +240,35 @@ def sampler_stage(provenance: dict | None, features: str | None = None,
 _ALLOW = "pass --allow-foreign-tables (allow_foreign=True from Python)"
 
 
-def check_provenance(provenance: dict, store, allow_foreign: bool = False) -> None:
+def check_provenance(provenance: dict, store, allow_foreign: bool = False, *,
+                     recorded_only: bool = False) -> None:
     """Refuse a sampler whose tables came from another store or other features.
 
     Compares ``store_id`` with the store's manifest and ``features_checkpoint_sha256`` with
     ``features.json`` (when the store has features). ``allow_foreign`` skips both. The one rule
     for every way a sampler file is used (``train --sampler``, ``train_model``,
     ``sampler_weights``, ``keep_by_tau``, ``dropped``); a ``Sampler`` object has no provenance.
+    ``recorded_only`` (the Python API) checks only the fields the file records, so a file saved
+    from a ``Sampler`` without provenance is taken as the object would be.
     """
     if allow_foreign:
         return
+    if recorded_only:  # the Python API: a file that records no origin is taken as a Sampler is
+        provenance = provenance or {}
+        if provenance.get("store_id") is None and provenance.get("features_checkpoint_sha256") is None:
+            return
     layout = StoreLayout(store).require()
     manifest = read_manifest(layout)
     mine = manifest.get("store_id")
     theirs = provenance.get("store_id")
-    if theirs != mine:
+    if theirs != mine and not (recorded_only and theirs is None):
         raise SamplerFileError(
             f"provenance.store_id: the sampler was built on store {theirs!r}, this store is {mine!r}; "
             f"{_ALLOW} to use it anyway")
     if layout.features_meta.is_file():
         sha = read_features_meta(layout).get("checkpoint_sha256")
-        if provenance.get("features_checkpoint_sha256") != sha:
+        if provenance.get("features_checkpoint_sha256") != sha and not (
+                recorded_only and provenance.get("features_checkpoint_sha256") is None):
             raise SamplerFileError(
                 "provenance.features_checkpoint_sha256: the sampler was built from features of "
                 f"checkpoint {provenance.get('features_checkpoint_sha256')!r}, the store's features come "

@@ -71,7 +71,7 @@ def _sampler(sampler: Sampler | str | os.PathLike, store, allow_foreign: bool) -
     from .file import check_provenance, load_sampler
 
     sampler, provenance = load_sampler(sampler)
-    check_provenance(provenance, store, allow_foreign=allow_foreign)
+    check_provenance(provenance, store, allow_foreign=allow_foreign, recorded_only=True)
     return sampler
 
 

@@ -4,6 +4,7 @@ and ``train.evaluate.evaluate``. Under torchrun every rank trains; rank 0 alone 
 from __future__ import annotations
 
 import os
+import sys
 
 from ..cli import UserError, add_json_flag, emit
 
@@ -195,7 +196,7 @@ def run_evaluate(args) -> int:
         raise UserError(f"checkpoint {args.checkpoint} not found")
     result = evaluate(args.store, args.checkpoint, args.split, batch_size=args.batch_size,
                       workers=args.workers, device=args.device, skip_damaged=args.skip_damaged,
-                      progress=not args.json)
+                      progress=not args.json and sys.stderr.isatty())
     lost = f" ({result['lost']} samples of damaged shards LOST)" if result.get("lost") else ""
     lines = [f"{result['split']}: {result['count']} samples{lost}, top-1 {result['top1']:.2%}"
              + (f", top-5 {result['top5']:.2%}" if "top5" in result else "")
