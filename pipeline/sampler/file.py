@@ -253,22 +253,25 @@ def check_provenance(provenance: dict, store, allow_foreign: bool = False, *,
     """
     if allow_foreign:
         return
-    if recorded_only:  # the Python API: a file that records no origin is taken as a Sampler is
-        provenance = provenance or {}
-        if provenance.get("store_id") is None and provenance.get("features_checkpoint_sha256") is None:
-            return
+    provenance = provenance or {}
+
+    def differs(field: str, mine: Any) -> bool:
+        # The Python API compares only what the file records (a file saved from a Sampler
+        # without provenance is taken as the object is); the CLI compares every field.
+        theirs = provenance.get(field)
+        return theirs != mine and not (recorded_only and theirs is None)
+
     layout = StoreLayout(store).require()
     manifest = read_manifest(layout)
     mine = manifest.get("store_id")
     theirs = provenance.get("store_id")
-    if theirs != mine and not (recorded_only and theirs is None):
+    if differs("store_id", mine):
         raise SamplerFileError(
             f"provenance.store_id: the sampler was built on store {theirs!r}, this store is {mine!r}; "
             f"{_ALLOW} to use it anyway")
     if layout.features_meta.is_file():
         sha = read_features_meta(layout).get("checkpoint_sha256")
-        if provenance.get("features_checkpoint_sha256") != sha and not (
-                recorded_only and provenance.get("features_checkpoint_sha256") is None):
+        if differs("features_checkpoint_sha256", sha):
             raise SamplerFileError(
                 "provenance.features_checkpoint_sha256: the sampler was built from features of "
                 f"checkpoint {provenance.get('features_checkpoint_sha256')!r}, the store's features come "
